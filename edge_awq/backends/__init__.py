@@ -1,0 +1,1 @@
+"""Compute backends behind ``edge_awq.ops.Backend``."""

@@ -1,0 +1,74 @@
+"""The numpy reference backend: slow, plain and obviously correct.
+
+Every other backend is tested against it. Arithmetic is float32; weights stored
+as float16 are widened per call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..model import Dense
+
+
+def _f32(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float32)
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def embed(self, table, tokens) -> np.ndarray:
+        return _f32(table[np.asarray(tokens, dtype=np.int64)])
+
+    def rmsnorm(self, x, weight, eps: float) -> np.ndarray:
+        x = _f32(x)
+        ms = np.mean(x * x, axis=-1, keepdims=True)  # (T, 1)
+        return x / np.sqrt(ms + eps) * _f32(weight)
+
+    def linear(self, x, w) -> np.ndarray:
+        if not isinstance(w, Dense):
+            raise TypeError(f"reference linear takes Dense weights, got {type(w).__name__}")
+        y = _f32(x) @ _f32(w.weight).T  # (T, out)
+        if w.bias is not None:
+            y += _f32(w.bias)
+        return y
+
+    def rope(self, x, pos: int, inv_freq, interleaved: bool) -> np.ndarray:
+        T, _, hd = x.shape
+        angles = np.arange(pos, pos + T, dtype=np.float64)[:, None] * inv_freq[None, :]  # (T, hd/2)
+        cos = np.cos(angles).astype(np.float32)[:, None, :]  # (T, 1, hd/2)
+        sin = np.sin(angles).astype(np.float32)[:, None, :]
+        out = np.empty_like(_f32(x))
+        if interleaved:
+            x0, x1 = x[..., 0::2], x[..., 1::2]
+            out[..., 0::2] = x0 * cos - x1 * sin
+            out[..., 1::2] = x0 * sin + x1 * cos
+        else:
+            x0, x1 = x[..., : hd // 2], x[..., hd // 2 :]
+            out[..., : hd // 2] = x0 * cos - x1 * sin
+            out[..., hd // 2 :] = x1 * cos + x0 * sin
+        return out
+
+    def attention(self, q, k, v, cache, layer: int, pos: int) -> np.ndarray:
+        T, n_heads, hd = q.shape
+        n_kv = k.shape[1]
+        group = n_heads // n_kv
+        cache.k[layer, :, pos : pos + T] = k.transpose(1, 0, 2)
+        cache.v[layer, :, pos : pos + T] = v.transpose(1, 0, 2)
+        keys = _f32(cache.k[layer, :, : pos + T])  # (n_kv, S, hd)
+        values = _f32(cache.v[layer, :, : pos + T])  # (n_kv, S, hd)
+        qg = _f32(q).reshape(T, n_kv, group, hd).transpose(1, 2, 0, 3)  # (n_kv, group, T, hd)
+        scores = np.einsum("hgtd,hsd->hgts", qg, keys) / np.sqrt(hd)  # (n_kv, group, T, S)
+        S = pos + T
+        future = np.arange(S)[None, :] > (pos + np.arange(T))[:, None]  # (T, S)
+        scores[..., future] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        p = np.exp(scores)
+        p /= p.sum(axis=-1, keepdims=True)
+        out = np.einsum("hgts,hsd->hgtd", p, values)  # (n_kv, group, T, hd)
+        return out.transpose(2, 0, 1, 3).reshape(T, n_heads * hd)
+
+    def silu_mul(self, gate, up) -> np.ndarray:
+        gate = _f32(gate)
+        return gate * (0.5 * (1.0 + np.tanh(0.5 * gate))) * _f32(up)  # sigmoid via tanh: no overflow

@@ -1,0 +1,198 @@
+"""One description of the LLaMA-family architecture, shared by the runtime and the quantizer.
+
+``ModelArgs`` is built from a Hugging Face ``config.json`` (or the equivalent
+metadata of a GGUF or llama2.c file) and is what the ``.eawq`` file stores.
+LLaMA variants differ only in these fields, never by subclassing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Hugging Face architecture name -> family. Everything else is refused.
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Frequency rescaling of RoPE for long contexts ("linear" or Llama 3's "llama3")."""
+
+    kind: str  # "linear" | "llama3"
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Shapes and constants of one LLaMA-family decoder."""
+
+    arch: str  # "llama" | "mistral" | "qwen2"
+    dim: int  # hidden size
+    hidden_dim: int  # FFN inner size
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int  # < n_heads: grouped-query attention
+    head_dim: int
+    vocab_size: int
+    max_seq_len: int  # longest context the model may be run at
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    # Q/K rows paired for rotation as (2i, 2i+1) (Meta/llama.cpp layout) rather
+    # than (i, i + head_dim/2) (Hugging Face layout): set by the loader.
+    rope_interleaved: bool = False
+    tied_embeddings: bool = False
+    qkv_bias: bool = False  # qwen2: q, k and v projections carry a bias
+
+    def __post_init__(self):
+        checks = [
+            (self.dim > 0 and self.n_layers > 0 and self.vocab_size > 0, "dim, n_layers and vocab_size must be positive"),
+            (self.n_heads > 0 and self.n_kv_heads > 0, "head counts must be positive"),
+            (self.n_heads % self.n_kv_heads == 0, f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}"),
+            (self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for RoPE"),
+        ]
+        for ok, what in checks:
+            if not ok:
+                raise ConfigError(f"bad model configuration: {what}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        """Inverse of ``to_dict`` (as stored in an ``.eawq`` file)."""
+        d = dict(d)
+        try:
+            if d.get("rope_scaling") is not None:
+                d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"bad stored model configuration: {e}") from None
+
+
+def _family(cfg: dict) -> str:
+    archs = cfg.get("architectures") or []
+    for a in archs:
+        if a in ARCHITECTURES:
+            return ARCHITECTURES[a]
+    mt = cfg.get("model_type")
+    if not archs and mt in MODEL_TYPES:
+        return MODEL_TYPES[mt]
+    what = ", ".join(archs) if archs else f"model_type {mt!r}"
+    raise ConfigError(
+        f"unsupported architecture {what}: edge-awq runs {', '.join(ARCHITECTURES)} "
+        "(LLaMA, Mistral and Qwen2 decoders)"
+    )
+
+
+def _rope_scaling(cfg: dict) -> RopeScaling | None:
+    rs = cfg.get("rope_scaling")
+    if not rs:
+        return None
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind == "linear":
+        return RopeScaling("linear", float(rs["factor"]))
+    if kind == "llama3":
+        return RopeScaling(
+            "llama3",
+            float(rs["factor"]),
+            float(rs.get("low_freq_factor", 1.0)),
+            float(rs.get("high_freq_factor", 4.0)),
+            int(rs.get("original_max_position_embeddings", 8192)),
+        )
+    raise ConfigError(f"unsupported rope_scaling type {kind!r}: edge-awq supports 'linear' and 'llama3'")
+
+
+def _refuse_unsupported(cfg: dict, family: str) -> None:
+    if any(k in cfg for k in ("num_local_experts", "num_experts", "n_routed_experts")):
+        raise ConfigError("mixture-of-experts models are not supported: edge-awq runs dense decoders only")
+    if cfg.get("mlp_bias"):
+        raise ConfigError("mlp_bias=true is not supported: edge-awq expects bias-free MLP projections")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"hidden_act {cfg['hidden_act']!r} is not supported: edge-awq implements SwiGLU (silu)")
+    if family == "llama" and cfg.get("attention_bias"):
+        raise ConfigError("attention_bias=true is not supported for llama: edge-awq expects bias-free attention")
+
+
+def _context(cfg: dict, family: str) -> int:
+    n_ctx = int(cfg.get("max_position_embeddings", 2048))
+    window = cfg.get("sliding_window")
+    in_use = window is not None and (
+        cfg.get("use_sliding_window", False) if family == "qwen2" else int(window) < n_ctx
+    )
+    if in_use:
+        # Within the window, sliding-window attention is plain causal attention:
+        # cap the context there rather than run a mask edge-awq does not implement.
+        log.warning("sliding-window attention (%d) in use: context capped at %d tokens", window, window)
+        n_ctx = min(n_ctx, int(window))
+    return n_ctx
+
+
+def _require(cfg: dict, key: str):
+    if key not in cfg:
+        raise ConfigError(f"config.json lacks {key!r}: is this a causal language model config?")
+    return cfg[key]
+
+
+def from_hf_config(cfg: dict) -> ModelArgs:
+    """Build ``ModelArgs`` from a Hugging Face ``config.json`` dict (refuses what it cannot run)."""
+    family = _family(cfg)
+    _refuse_unsupported(cfg, family)
+    dim = int(_require(cfg, "hidden_size"))
+    n_heads = int(_require(cfg, "num_attention_heads"))
+    return ModelArgs(
+        arch=family,
+        dim=dim,
+        hidden_dim=int(_require(cfg, "intermediate_size")),
+        n_layers=int(_require(cfg, "num_hidden_layers")),
+        n_heads=n_heads,
+        n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
+        head_dim=int(cfg.get("head_dim") or dim // n_heads),
+        vocab_size=int(_require(cfg, "vocab_size")),
+        max_seq_len=_context(cfg, family),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rope_scaling=_rope_scaling(cfg),
+        rope_interleaved=False,
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=family == "qwen2",
+    )
+
+
+def rope_frequencies(args: ModelArgs) -> np.ndarray:
+    """Inverse frequencies of RoPE, float32 (head_dim/2,), scaling applied."""
+    hd = args.head_dim
+    inv = 1.0 / args.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)  # (hd/2,)
+    rs = args.rope_scaling
+    if rs is None:
+        return inv.astype(np.float32)
+    if rs.kind == "linear":
+        return (inv / rs.factor).astype(np.float32)
+    # llama3: leave high frequencies, divide low ones by factor, blend in between.
+    wavelen = 2 * math.pi / inv
+    low_wl = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wl = rs.original_max_position_embeddings / rs.high_freq_factor
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor
+    )
+    blended = (1 - smooth) * inv / rs.factor + smooth * inv
+    out = np.where(wavelen < high_wl, inv, np.where(wavelen > low_wl, inv / rs.factor, blended))
+    return out.astype(np.float32)

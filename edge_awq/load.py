@@ -1,0 +1,90 @@
+"""Open a model in any supported format and read its weights, lazily or all at once."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelArgs, rope_frequencies
+from .errors import FormatError
+from .model import LINEARS, Dense, LayerWeights, LazyLayers, ModelWeights
+from .sources import Source
+
+log = logging.getLogger(__name__)
+
+
+def open_source(path: str | Path, tokenizer: str | Path | None = None) -> Source:
+    """The source for a Hugging Face directory, a ``.gguf`` or a llama2.c ``.bin`` (headers only)."""
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(f"{path}: no such file or directory")
+    if path.is_dir():
+        from .sources.hf import HFSource
+
+        return HFSource(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        from .sources.gguf_model import GGUFSource
+
+        return GGUFSource(path)
+    if path.suffix == ".bin":
+        from .sources.llama2c import Llama2cSource
+
+        return Llama2cSource(path, Path(tokenizer) if tokenizer else None)
+    raise FormatError(
+        f"{path}: unrecognised model format: expected a Hugging Face directory, a .gguf file or a llama2.c .bin"
+    )
+
+
+def expected_shapes(a: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Shape of each per-layer tensor, keyed by its name within the layer."""
+    q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    return {
+        "attn_norm": (a.dim,), "ffn_norm": (a.dim,),
+        "wq": (q_out, a.dim), "wk": (kv_out, a.dim), "wv": (kv_out, a.dim), "wo": (a.dim, q_out),
+        "w1": (a.hidden_dim, a.dim), "w2": (a.dim, a.hidden_dim), "w3": (a.hidden_dim, a.dim),
+    }
+
+
+def _checked(src: Source, key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    t = src.get(key)
+    if tuple(t.shape) != shape:
+        raise FormatError(f"{src.path}: tensor {key} has shape {tuple(t.shape)}, expected {shape} from the config")
+    return t if dtype is None else np.ascontiguousarray(t, dtype=dtype)
+
+
+def read_layer(src: Source, i: int, dtype=np.float32) -> LayerWeights:
+    """Layer i's weights, shape-checked; dtype None keeps the stored (possibly mapped) arrays."""
+    shapes = expected_shapes(src.args)
+    fields = {}
+    for name, shape in shapes.items():
+        if name in LINEARS:
+            key = f"layers.{i}.{name}"
+            bias = _checked(src, key + ".bias", shape[:1], np.float32) if src.has(key + ".bias") else None
+            fields[name] = Dense(_checked(src, key + ".weight", shape, dtype), bias)
+        else:
+            fields[name] = _checked(src, f"layers.{i}.{name}", shape, np.float32)
+    return LayerWeights(**fields)
+
+
+def inv_freq(src: Source) -> np.ndarray:
+    """RoPE inverse frequencies, with a GGUF's baked-in Llama 3 factors applied."""
+    base = rope_frequencies(src.args)
+    factors = getattr(src, "rope_freq_factors", lambda: None)()
+    return base if factors is None else (base / factors).astype(np.float32)
+
+
+def load_weights(src: Source, lazy: bool = False, dtype=np.float32) -> ModelWeights:
+    """All weights of src. lazy: layers are read from the source at each access (bounded memory)."""
+    a = src.args
+    emb = _checked(src, "tok_embeddings", (a.vocab_size, a.dim), dtype)
+    out = emb if a.tied_embeddings or not src.has("output") else _checked(src, "output", (a.vocab_size, a.dim), dtype)
+    if lazy:
+        layers = LazyLayers(a.n_layers, lambda i: read_layer(src, i, dtype))
+    else:
+        layers = [read_layer(src, i, dtype) for i in range(a.n_layers)]
+    log.info("loaded %s (%d layers, %s)", src.path, a.n_layers, "lazy" if lazy else "in memory")
+    return ModelWeights(a, emb, layers, _checked(src, "norm", (a.dim,), np.float32), Dense(out), inv_freq(src))

@@ -1,0 +1,124 @@
+"""The LLaMA-family decoder, written once against the ``ops`` backend interface.
+
+``forward(w, tokens, pos, cache, ops)`` is plain functions over frozen weight
+dataclasses; the array type is whatever the backend uses (numpy here, torch in
+``edge_awq.offline``), so the model code only reshapes, slices and adds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ModelArgs
+
+
+@dataclass(frozen=True)
+class Dense:
+    """An unquantized linear layer."""
+
+    weight: np.ndarray  # (out_features, in_features) float32 or float16
+    bias: np.ndarray | None = None  # (out_features,) float32
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer. Linear weights are ``Dense`` (or quantized) and shaped (out, in)."""
+
+    attn_norm: np.ndarray  # (dim,)
+    wq: Dense  # (n_heads * head_dim, dim)
+    wk: Dense  # (n_kv_heads * head_dim, dim)
+    wv: Dense  # (n_kv_heads * head_dim, dim)
+    wo: Dense  # (dim, n_heads * head_dim)
+    ffn_norm: np.ndarray  # (dim,)
+    w1: Dense  # gate (hidden_dim, dim)
+    w2: Dense  # down (dim, hidden_dim)
+    w3: Dense  # up   (hidden_dim, dim)
+
+
+LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+NORMS = ("attn_norm", "ffn_norm")
+
+
+class LazyLayers(Sequence):
+    """Decoder layers read from their source only when indexed (one at a time, not kept)."""
+
+    def __init__(self, n_layers: int, read_layer: Callable[[int], LayerWeights]):
+        self._n = n_layers
+        self._read = read_layer
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return self._read(i % self._n)
+
+
+@dataclass(frozen=True)
+class ModelWeights:
+    args: ModelArgs
+    tok_embeddings: np.ndarray  # (vocab_size, dim)
+    layers: Sequence[LayerWeights]  # n_layers, possibly lazy
+    norm: np.ndarray  # (dim,)
+    output: Dense  # (vocab_size, dim); the embedding table when tied
+    inv_freq: np.ndarray  # (head_dim / 2,) float32 RoPE inverse frequencies
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values of every layer."""
+
+    k: np.ndarray  # (n_layers, n_kv_heads, max_seq, head_dim)
+    v: np.ndarray  # (n_layers, n_kv_heads, max_seq, head_dim)
+
+    @classmethod
+    def allocate(cls, args: ModelArgs, max_seq: int, dtype=np.float32) -> "KVCache":
+        shape = (args.n_layers, args.n_kv_heads, max_seq, args.head_dim)
+        return cls(np.zeros(shape, dtype), np.zeros(shape, dtype))
+
+    @property
+    def max_seq(self) -> int:
+        return self.k.shape[2]
+
+
+def attention(lw: LayerWeights, x, pos: int, cache: KVCache, layer: int, w: ModelWeights, ops):
+    """Self-attention sub-block with its residual: x (T, dim) -> (T, dim)."""
+    a = w.args
+    T = x.shape[0]
+    h = ops.rmsnorm(x, lw.attn_norm, a.norm_eps)
+    q = ops.linear(h, lw.wq).reshape(T, a.n_heads, a.head_dim)
+    k = ops.linear(h, lw.wk).reshape(T, a.n_kv_heads, a.head_dim)
+    v = ops.linear(h, lw.wv).reshape(T, a.n_kv_heads, a.head_dim)
+    q = ops.rope(q, pos, w.inv_freq, a.rope_interleaved)
+    k = ops.rope(k, pos, w.inv_freq, a.rope_interleaved)
+    o = ops.attention(q, k, v, cache, layer, pos)  # (T, n_heads * head_dim)
+    return x + ops.linear(o, lw.wo)
+
+
+def mlp(lw: LayerWeights, x, w: ModelWeights, ops):
+    """SwiGLU feed-forward sub-block with its residual: x (T, dim) -> (T, dim)."""
+    h = ops.rmsnorm(x, lw.ffn_norm, w.args.norm_eps)
+    return x + ops.linear(ops.silu_mul(ops.linear(h, lw.w1), ops.linear(h, lw.w3)), lw.w2)
+
+
+def block(lw: LayerWeights, x, pos: int, cache: KVCache, layer: int, w: ModelWeights, ops):
+    """One decoder layer: x (T, dim) -> (T, dim)."""
+    return mlp(lw, attention(lw, x, pos, cache, layer, w, ops), w, ops)
+
+
+def forward(w: ModelWeights, tokens, pos: int, cache: KVCache, ops, last_only: bool = False):
+    """Run tokens (T,) int at positions pos..pos+T-1; returns float32 logits (T, vocab) or (1, vocab)."""
+    if pos + len(tokens) > cache.max_seq:
+        raise ValueError(f"positions {pos}..{pos + len(tokens) - 1} exceed the KV cache of {cache.max_seq}")
+    x = ops.embed(w.tok_embeddings, tokens)
+    for i, lw in enumerate(w.layers):
+        x = block(lw, x, pos, cache, i, w, ops)
+    if last_only:
+        x = x[-1:]
+    return ops.linear(ops.rmsnorm(x, w.norm, w.args.norm_eps), w.output)

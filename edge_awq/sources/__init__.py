@@ -1,0 +1,39 @@
+"""Readers of the model formats users hold, each behind the same ``Source`` interface.
+
+A source opens lazily (headers and metadata only) and hands out tensors by
+canonical name, float32 or float16, shaped as ``edge_awq.model`` expects:
+
+    tok_embeddings                 (vocab_size, dim)
+    norm                           (dim,)
+    output                         (vocab_size, dim)    absent when tied
+    layers.{i}.attn_norm|ffn_norm  (dim,)
+    layers.{i}.{wq..w3}.weight     (out, in)
+    layers.{i}.{wq,wk,wv}.bias     (out,)               qwen2 only
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ..config import ModelArgs
+from ..tokenizer import Tokenizer
+
+
+class Source(Protocol):
+    path: Path
+    args: ModelArgs
+
+    def has(self, key: str) -> bool:
+        """Whether the canonical tensor ``key`` exists."""
+
+    def get(self, key: str) -> np.ndarray:
+        """The canonical tensor ``key``, float32 or float16 (possibly memory-mapped)."""
+
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer with its special tokens and chat template."""
+
+    def fingerprint(self) -> str:
+        """A short identity of the source files (names, sizes, header hashes), read cheaply."""

@@ -1,0 +1,102 @@
+"""A checking, memory-mapped reader of safetensors files.
+
+Opening reads only the JSON header; a tensor's bytes are touched when it is
+asked for. Used for Hugging Face checkpoints and for ``.eawq`` files. bfloat16,
+which numpy lacks, is widened to float32 on read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FormatError
+
+DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}
+MAX_HEADER = 100 * 2**20  # the safetensors format caps headers at 100 MB
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors dtype name, e.g. "F16"
+    shape: tuple[int, ...]
+    begin: int  # byte offset from the start of the file
+    end: int
+
+
+def _read_header(path: Path) -> tuple[dict, int, int]:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise FormatError(f"{path}: truncated: {size} bytes is too short for a safetensors file")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise FormatError(f"{path}: truncated or not safetensors: header of {n} bytes in a {size}-byte file")
+            raw = f.read(n)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        return json.loads(raw), 8 + n, size
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FormatError(f"{path}: corrupt safetensors header (not JSON)") from None
+
+
+class SafetensorsFile:
+    """Header-checked view of one safetensors file; tensors are memory-mapped on demand."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        header, data_start, size = _read_header(self.path)
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, h in header.items():
+            self.tensors[name] = self._check(name, h, data_start, size)
+        self._mm: np.memmap | None = None
+
+    def _check(self, name: str, h: dict, data_start: int, size: int) -> TensorInfo:
+        try:
+            dtype, shape, (b, e) = h["dtype"], tuple(int(s) for s in h["shape"]), h["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{self.path}: corrupt header entry for tensor {name!r}") from None
+        if dtype not in DTYPES:
+            raise FormatError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
+        nbytes = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
+        if e - b != nbytes:
+            raise FormatError(f"{self.path}: tensor {name!r} spans {e - b} bytes but shape {shape} needs {nbytes}")
+        if data_start + e > size:
+            raise FormatError(
+                f"{self.path}: truncated: tensor {name!r} ends at byte {data_start + e} "
+                f"but the file has {size} bytes; copy or download it again"
+            )
+        return TensorInfo(dtype, shape, data_start + b, data_start + e)
+
+    def _map(self) -> np.memmap:
+        if self._mm is None:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        return self._mm
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as stored, a read-only memory-mapped uint8 view."""
+        t = self.tensors[name]
+        return self._map()[t.begin : t.end]
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor, memory-mapped (bfloat16 is widened to a float32 copy)."""
+        t = self.tensors[name]
+        if t.begin == t.end:
+            return np.zeros(t.shape, DTYPES[t.dtype])
+        a = self.raw(name).view(DTYPES[t.dtype]).reshape(t.shape)
+        if t.dtype == "BF16":
+            return (a.astype(np.uint32) << 16).view(np.float32)
+        return a
