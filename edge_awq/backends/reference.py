@@ -58,15 +58,15 @@ class ReferenceBackend:
         cache.v[layer, :, pos : pos + T] = v.transpose(1, 0, 2)
         keys = _f32(cache.k[layer, :, : pos + T])  # (n_kv, S, hd)
         values = _f32(cache.v[layer, :, : pos + T])  # (n_kv, S, hd)
-        qg = _f32(q).reshape(T, n_kv, group, hd).transpose(1, 2, 0, 3)  # (n_kv, group, T, hd)
-        scores = np.einsum("hgtd,hsd->hgts", qg, keys) / np.sqrt(hd)  # (n_kv, group, T, S)
         S = pos + T
+        qg = _f32(q).reshape(T, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * T, hd)
+        scores = (qg @ keys.transpose(0, 2, 1)).reshape(n_kv, group, T, S) * np.float32(1 / np.sqrt(hd))
         future = np.arange(S)[None, :] > (pos + np.arange(T))[:, None]  # (T, S)
         scores[..., future] = -np.inf
         scores -= scores.max(axis=-1, keepdims=True)
         p = np.exp(scores)
         p /= p.sum(axis=-1, keepdims=True)
-        out = np.einsum("hgts,hsd->hgtd", p, values)  # (n_kv, group, T, hd)
+        out = (p.reshape(n_kv, group * T, S) @ values).reshape(n_kv, group, T, hd)
         return out.transpose(2, 0, 1, 3).reshape(T, n_heads * hd)
 
     def silu_mul(self, gate, up) -> np.ndarray:
