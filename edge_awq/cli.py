@@ -12,7 +12,10 @@ from .errors import EdgeAwqError
 
 # name -> (module with add_arguments(p) and run(args) -> int, one-line help)
 COMMANDS = {
-    "eval": ("edge_awq.evaluate", "perplexity of a model on a text file"),
+    "eval": ("edge_awq.evaluate", "perplexity of a model (or an .eawq file) on a text file"),
+    "export": ("edge_awq.offline.export", "quantize a model with AWQ into one .eawq file (needs torch)"),
+    "inspect": ("edge_awq.inspect_file", "print an .eawq file's metadata and tensors"),
+    "verify": ("edge_awq.verify", "check every checksum of an .eawq file"),
 }
 
 
@@ -29,7 +32,12 @@ def _parser(chosen: str | None) -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
-            mod = importlib.import_module(module)
+            try:
+                mod = importlib.import_module(module)
+            except ModuleNotFoundError as e:
+                if e.name and e.name.split(".")[0] == "torch":
+                    parser.exit(2, f"edge-awq {name}: error: needs torch: pip install 'edge-awq[offline]'\n")
+                raise
             mod.add_arguments(p)
             p.set_defaults(run=mod.run)
     return parser
@@ -49,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeAwqError as e:
         print(f"edge-awq {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed early (| head): not an error worth a traceback
+        sys.stderr.close()
+        return 1
     except KeyboardInterrupt:
         print(f"edge-awq {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -9,7 +9,8 @@ import numpy as np
 
 from .config import ModelArgs, rope_frequencies
 from .errors import FormatError
-from .model import LINEARS, Dense, LayerWeights, LazyLayers, ModelWeights
+from .model import LINEARS, W4, Dense, LayerWeights, LazyLayers, ModelWeights
+from .pack import packed_words
 from .sources import Source
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,10 @@ def open_source(path: str | Path, tokenizer: str | Path | None = None) -> Source
     path = Path(path)
     if not path.exists():
         raise FormatError(f"{path}: no such file or directory")
+    if path.suffix == ".eawq":
+        from .format import EawqSource
+
+        return EawqSource(path)
     if path.is_dir():
         from .sources.hf import HFSource
 
@@ -56,25 +61,37 @@ def _checked(src: Source, key: str, shape: tuple[int, ...], dtype) -> np.ndarray
     return t if dtype is None else np.ascontiguousarray(t, dtype=dtype)
 
 
+def _linear(src: Source, key: str, shape: tuple[int, int], dtype) -> Dense | W4:
+    """A Dense weight, or a packed W4 where the source holds ``key.qweight`` (an .eawq file)."""
+    bias = _checked(src, key + ".bias", shape[:1], np.float32) if src.has(key + ".bias") else None
+    if not src.has(key + ".qweight"):
+        return Dense(_checked(src, key + ".weight", shape, dtype), bias)
+    bits, (out_f, in_f) = src.quantization["bits"], shape
+    scales = src.get(key + ".scales")
+    n_groups = scales.shape[1] if scales.ndim == 2 else 0
+    if n_groups == 0 or in_f % n_groups:
+        raise FormatError(f"{src.path}: tensor {key}.scales has shape {scales.shape}, which fits no grouping of {in_f}")
+    qweight = _checked(src, key + ".qweight", (out_f, packed_words(in_f, bits)), None)
+    zeros = _checked(src, key + ".zeros", (out_f, packed_words(n_groups, bits)), None)
+    _checked(src, key + ".scales", (out_f, n_groups), None)
+    return W4(qweight, scales, zeros, in_f // n_groups, bits, in_f, bias)
+
+
 def read_layer(src: Source, i: int, dtype=np.float32) -> LayerWeights:
     """Layer i's weights, shape-checked; dtype None keeps the stored (possibly mapped) arrays."""
-    shapes = expected_shapes(src.args)
     fields = {}
-    for name, shape in shapes.items():
+    for name, shape in expected_shapes(src.args).items():
         if name in LINEARS:
-            key = f"layers.{i}.{name}"
-            bias = _checked(src, key + ".bias", shape[:1], np.float32) if src.has(key + ".bias") else None
-            fields[name] = Dense(_checked(src, key + ".weight", shape, dtype), bias)
+            fields[name] = _linear(src, f"layers.{i}.{name}", shape, dtype)
         else:
             fields[name] = _checked(src, f"layers.{i}.{name}", shape, np.float32)
     return LayerWeights(**fields)
 
 
 def inv_freq(src: Source) -> np.ndarray:
-    """RoPE inverse frequencies, with a GGUF's baked-in Llama 3 factors applied."""
-    base = rope_frequencies(src.args)
-    factors = getattr(src, "rope_freq_factors", lambda: None)()
-    return base if factors is None else (base / factors).astype(np.float32)
+    """RoPE inverse frequencies: the source's own (GGUF rope_freqs, .eawq) or from the config."""
+    own = getattr(src, "rope_inv_freq", None)
+    return own() if own else rope_frequencies(src.args)
 
 
 def load_weights(src: Source, lazy: bool = False, dtype=np.float32) -> ModelWeights:

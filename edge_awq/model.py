@@ -24,18 +24,38 @@ class Dense:
 
 
 @dataclass(frozen=True)
+class W4:
+    """A packed low-bit linear layer: 4 (or 3) bits, asymmetric, grouped; layout in ``pack.py``."""
+
+    qweight: np.ndarray  # (out_features, packed_words(in_features, bits)) uint32
+    scales: np.ndarray  # (out_features, in_features // group_size) float16
+    zeros: np.ndarray  # (out_features, packed_words(in_features // group_size, bits)) uint32
+    group_size: int
+    bits: int
+    in_features: int
+    bias: np.ndarray | None = None  # (out_features,) float32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.qweight.shape[0], self.in_features)
+
+
+Linear = Dense | W4
+
+
+@dataclass(frozen=True)
 class LayerWeights:
-    """One decoder layer. Linear weights are ``Dense`` (or quantized) and shaped (out, in)."""
+    """One decoder layer. Linear weights are ``Dense`` or ``W4`` and shaped (out, in)."""
 
     attn_norm: np.ndarray  # (dim,)
-    wq: Dense  # (n_heads * head_dim, dim)
-    wk: Dense  # (n_kv_heads * head_dim, dim)
-    wv: Dense  # (n_kv_heads * head_dim, dim)
-    wo: Dense  # (dim, n_heads * head_dim)
+    wq: Linear  # (n_heads * head_dim, dim)
+    wk: Linear  # (n_kv_heads * head_dim, dim)
+    wv: Linear  # (n_kv_heads * head_dim, dim)
+    wo: Linear  # (dim, n_heads * head_dim)
     ffn_norm: np.ndarray  # (dim,)
-    w1: Dense  # gate (hidden_dim, dim)
-    w2: Dense  # down (dim, hidden_dim)
-    w3: Dense  # up   (hidden_dim, dim)
+    w1: Linear  # gate (hidden_dim, dim)
+    w2: Linear  # down (dim, hidden_dim)
+    w3: Linear  # up   (hidden_dim, dim)
 
 
 LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -66,7 +86,7 @@ class ModelWeights:
     tok_embeddings: np.ndarray  # (vocab_size, dim)
     layers: Sequence[LayerWeights]  # n_layers, possibly lazy
     norm: np.ndarray  # (dim,)
-    output: Dense  # (vocab_size, dim); the embedding table when tied
+    output: Linear  # (vocab_size, dim); the embedding table when tied
     inv_freq: np.ndarray  # (head_dim / 2,) float32 RoPE inverse frequencies
 
 
@@ -87,28 +107,32 @@ class KVCache:
         return self.k.shape[2]
 
 
-def attention(lw: LayerWeights, x, pos: int, cache: KVCache, layer: int, w: ModelWeights, ops):
-    """Self-attention sub-block with its residual: x (T, dim) -> (T, dim)."""
+def attention(lw: LayerWeights, x, pos: int, cache: KVCache | None, layer: int, w: ModelWeights, ops):
+    """Self-attention sub-block with its residual: x (..., T, dim) -> (..., T, dim).
+
+    Leading batch dimensions are for backends that take them (the offline torch ops, which
+    run calibration batches with cache None).
+    """
     a = w.args
-    T = x.shape[0]
+    lead = x.shape[:-1]  # (..., T)
     h = ops.rmsnorm(x, lw.attn_norm, a.norm_eps)
-    q = ops.linear(h, lw.wq).reshape(T, a.n_heads, a.head_dim)
-    k = ops.linear(h, lw.wk).reshape(T, a.n_kv_heads, a.head_dim)
-    v = ops.linear(h, lw.wv).reshape(T, a.n_kv_heads, a.head_dim)
+    q = ops.linear(h, lw.wq).reshape(*lead, a.n_heads, a.head_dim)
+    k = ops.linear(h, lw.wk).reshape(*lead, a.n_kv_heads, a.head_dim)
+    v = ops.linear(h, lw.wv).reshape(*lead, a.n_kv_heads, a.head_dim)
     q = ops.rope(q, pos, w.inv_freq, a.rope_interleaved)
     k = ops.rope(k, pos, w.inv_freq, a.rope_interleaved)
-    o = ops.attention(q, k, v, cache, layer, pos)  # (T, n_heads * head_dim)
+    o = ops.attention(q, k, v, cache, layer, pos)  # (..., T, n_heads * head_dim)
     return x + ops.linear(o, lw.wo)
 
 
 def mlp(lw: LayerWeights, x, w: ModelWeights, ops):
-    """SwiGLU feed-forward sub-block with its residual: x (T, dim) -> (T, dim)."""
+    """SwiGLU feed-forward sub-block with its residual: x (..., T, dim) -> (..., T, dim)."""
     h = ops.rmsnorm(x, lw.ffn_norm, w.args.norm_eps)
     return x + ops.linear(ops.silu_mul(ops.linear(h, lw.w1), ops.linear(h, lw.w3)), lw.w2)
 
 
-def block(lw: LayerWeights, x, pos: int, cache: KVCache, layer: int, w: ModelWeights, ops):
-    """One decoder layer: x (T, dim) -> (T, dim)."""
+def block(lw: LayerWeights, x, pos: int, cache: KVCache | None, layer: int, w: ModelWeights, ops):
+    """One decoder layer: x (..., T, dim) -> (..., T, dim)."""
     return mlp(lw, attention(lw, x, pos, cache, layer, w, ops), w, ops)
 
 
@@ -122,3 +146,23 @@ def forward(w: ModelWeights, tokens, pos: int, cache: KVCache, ops, last_only: b
     if last_only:
         x = x[-1:]
     return ops.linear(ops.rmsnorm(x, w.norm, w.args.norm_eps), w.output)
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """Linears that share one input, and the op before them that AWQ folds their scales into."""
+
+    prev: str  # a norm (attn_norm, ffn_norm) or a linear whose output rows feed ``linears``
+    linears: tuple[str, ...]
+    inspect: str | None = None  # sub-block judged by the search: "attention", "mlp", or the linears alone
+    when: Callable[[ModelArgs], bool] = lambda a: True
+
+
+# AWQ's knowledge of the LLaMA block, as data (DESIGN.md, "The algorithm").
+SCALE_GROUPS = (
+    ScaleGroup(prev="attn_norm", linears=("wq", "wk", "wv"), inspect="attention"),
+    ScaleGroup(prev="wv", linears=("wo",), when=lambda a: a.n_kv_heads == a.n_heads),
+    ScaleGroup(prev="ffn_norm", linears=("w1", "w3"), inspect="mlp"),
+    ScaleGroup(prev="w3", linears=("w2",)),
+)
+NO_CLIP = ("wq", "wk")  # clipping q/k hurts attention scores more than it saves

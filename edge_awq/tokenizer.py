@@ -45,6 +45,31 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.impl.get_piece_size() if self._is_spm else self.impl.get_vocab_size(with_added_tokens=True)
 
+    def serialize(self) -> tuple[bytes, dict]:
+        """The tokenizer as bytes (tokenizer.json or sentencepiece model) and the fields to restore it."""
+        data = self.impl.serialized_model_proto() if self._is_spm else self.impl.to_str().encode("utf-8")
+        fields = {
+            "kind": "sentencepiece" if self._is_spm else "tokenizers", "bos_id": self.bos_id,
+            "eos_ids": list(self.eos_ids), "chat_template": self.chat_template, "add_bos": self.add_bos,
+            "bos_token": self.bos_token, "eos_token": self.eos_token, "special_ids": sorted(self.special_ids),
+        }
+        return data, fields
+
+    @classmethod
+    def deserialize(cls, data: bytes, fields: dict) -> "Tokenizer":
+        """Inverse of ``serialize``."""
+        if fields["kind"] == "sentencepiece":
+            import sentencepiece as spm
+
+            impl = spm.SentencePieceProcessor()
+            impl.LoadFromSerializedProto(data)
+        else:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            impl = HFTokenizer.from_str(data.decode("utf-8"))
+        return cls(impl, fields["bos_id"], tuple(fields["eos_ids"]), fields["chat_template"], fields["add_bos"],
+                   fields["bos_token"], fields["eos_token"], frozenset(fields["special_ids"]))
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for messages [{"role", "content"}] by the model's chat template."""
         if not self.chat_template:

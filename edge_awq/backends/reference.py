@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..model import Dense
+from ..model import W4, Dense
+from ..pack import unpack_linear
 
 
 def _f32(a) -> np.ndarray:
@@ -27,9 +28,12 @@ class ReferenceBackend:
         return x / np.sqrt(ms + eps) * _f32(weight)
 
     def linear(self, x, w) -> np.ndarray:
-        if not isinstance(w, Dense):
-            raise TypeError(f"reference linear takes Dense weights, got {type(w).__name__}")
-        y = _f32(x) @ _f32(w.weight).T  # (T, out)
+        if isinstance(w, W4):
+            y = _f32(x) @ unpack_linear(w).T  # dequantized one layer at a time, dropped after use
+        elif isinstance(w, Dense):
+            y = _f32(x) @ _f32(w.weight).T  # (T, out)
+        else:
+            raise TypeError(f"reference linear takes Dense or W4 weights, got {type(w).__name__}")
         if w.bias is not None:
             y += _f32(w.bias)
         return y

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ModelArgs, RopeScaling
+from ..config import ModelArgs, RopeScaling, rope_frequencies
 from ..errors import ConfigError, FormatError
 from ..tokenizer import Tokenizer, byte_level_bpe, spm_bpe
 
@@ -90,10 +90,11 @@ class GGUFSource:
             qkv_bias="blk.0.attn_q.bias" in self.tensors,
         )
 
-    def rope_freq_factors(self) -> np.ndarray | None:
-        """Llama 3's RoPE scaling, which llama.cpp bakes into a ``rope_freqs`` tensor of divisors."""
+    def rope_inv_freq(self) -> np.ndarray:
+        """RoPE inverse frequencies; Llama 3's scaling is baked into a ``rope_freqs`` tensor of divisors."""
+        base = rope_frequencies(self.args)
         t = self.tensors.get("rope_freqs.weight")
-        return None if t is None else np.asarray(t.data, dtype=np.float32).reshape(-1)
+        return base if t is None else (base / np.asarray(t.data, dtype=np.float32).reshape(-1)).astype(np.float32)
 
     def has(self, key: str) -> bool:
         return gguf_name(key) in self.tensors

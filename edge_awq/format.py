@@ -1,0 +1,195 @@
+"""The ``.eawq`` file: a safetensors container of packed weights, tokenizer and metadata.
+
+Tensors (canonical names as in ``edge_awq.sources``):
+    tok_embeddings, norm, output (untied only)      float16
+    rope_inv_freq                                   float32 (head_dim/2,)
+    layers.{i}.attn_norm, layers.{i}.ffn_norm       float16
+    layers.{i}.{wq..w3}.qweight|scales|zeros        uint32, float16, uint32 (layout: pack.py)
+    layers.{i}.{wq,wk,wv}.bias                      float32 (qwen2)
+    tokenizer                                       uint8: tokenizer.json or sentencepiece model bytes
+Metadata (JSON strings): format, version, layout, model_args, quantization,
+source, tokenizer, checksums (sha256 of every tensor's bytes).
+
+The writer streams tensors in a fixed order into a temporary file beside the
+target, fills in the header (padded with spaces, as safetensors allows) at
+the end, fsyncs and renames: a reader never sees a partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelArgs
+from .errors import FormatError, InputError
+from .tensorfile import SafetensorsFile
+from .tokenizer import Tokenizer
+
+FORMAT = "edge-awq"
+VERSION = 1
+ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint32): "U32",
+             np.dtype(np.uint8): "U8"}
+
+
+class EawqWriter:
+    """Write a ``.eawq`` file atomically, tensors given one at a time in the order of ``specs``.
+
+    specs: [(name, numpy dtype, shape)] of every tensor, known before the first is written.
+    """
+
+    def __init__(self, path: str | Path, specs: list[tuple[str, object, tuple[int, ...]]], meta_reserve: int = 1 << 20):
+        self.path = Path(path)
+        self._entries, off = {}, 0
+        for name, dtype, shape in specs:
+            n = math.prod(shape) * np.dtype(dtype).itemsize
+            self._entries[name] = {"dtype": ST_DTYPES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [off, off + n]}
+            off += n
+        self._order = [name for name, _, _ in specs]
+        self._next = 0
+        self._sums: dict[str, str] = {}
+        self._header_len = len(json.dumps(self._entries)) + 100 * len(specs) + meta_reserve
+        self._header_len += -self._header_len % 8  # keep tensor data 8-byte aligned
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        try:
+            self._f = open(self._tmp, "wb")
+        except OSError as e:
+            raise InputError(f"cannot write {self.path}: {e.strerror}; choose another output path") from None
+        self._f.write(b"\0" * (8 + self._header_len))
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        want = self._order[self._next] if self._next < len(self._order) else None
+        e = self._entries.get(name)
+        if name != want or e is None or list(array.shape) != e["shape"] or ST_DTYPES.get(array.dtype) != e["dtype"]:
+            raise ValueError(f"tensor {name} {array.dtype}{list(array.shape)} out of order or shape (expected {want}: {e})")
+        data = np.ascontiguousarray(array).tobytes()
+        self._f.write(data)
+        self._sums[name] = hashlib.sha256(data).hexdigest()
+        self._next += 1
+
+    def close(self, metadata: dict) -> Path:
+        """Write the header with metadata (values JSON-encoded) and checksums, then publish the file."""
+        if self._next != len(self._order):
+            raise ValueError(f"{len(self._order) - self._next} tensors were not written (next: {self._order[self._next]})")
+        meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
+        meta.update(format=FORMAT, version=str(VERSION), checksums=json.dumps(self._sums, sort_keys=True))
+        header = json.dumps({"__metadata__": meta, **self._entries}, separators=(",", ":")).encode()
+        if len(header) > self._header_len:
+            raise ValueError(f"metadata of {len(header)} bytes exceeds the {self._header_len} reserved")
+        self._f.seek(0)
+        self._f.write(struct.pack("<Q", self._header_len) + header.ljust(self._header_len, b" "))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self._tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the temporary file (on error or interrupt)."""
+        if not self._f.closed:
+            self._f.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        return False
+
+
+def _json_field(path: Path, meta: dict, key: str):
+    if key not in meta:
+        raise FormatError(f"{path}: metadata lacks {key!r}: not a complete edge-awq file")
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError:
+        raise FormatError(f"{path}: metadata {key!r} is not valid JSON") from None
+
+
+class EawqSource:
+    """A ``.eawq`` file read as a model source (checked header; tensors memory-mapped)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.file = SafetensorsFile(self.path)
+        meta = self.file.metadata
+        if meta.get("format") != FORMAT:
+            raise FormatError(f"{self.path}: not an edge-awq file (format {meta.get('format')!r})")
+        if meta.get("version") != str(VERSION):
+            raise FormatError(f"{self.path}: version {meta.get('version')} unsupported (expected {VERSION}); "
+                              "re-export it with this edge-awq")
+        from .pack import LAYOUT
+
+        if meta.get("layout") != LAYOUT:
+            raise FormatError(f"{self.path}: packing layout {meta.get('layout')!r} unsupported (expected {LAYOUT})")
+        self.args = ModelArgs.from_dict(_json_field(self.path, meta, "model_args"))
+        self.quantization = _json_field(self.path, meta, "quantization")
+        self.source_info = _json_field(self.path, meta, "source")
+        self.checksums = _json_field(self.path, meta, "checksums")
+        self._tok_fields = _json_field(self.path, meta, "tokenizer")
+
+    def has(self, key: str) -> bool:
+        return key in self.file.tensors
+
+    def get(self, key: str) -> np.ndarray:
+        if key not in self.file.tensors:
+            raise FormatError(f"{self.path}: tensor {key} is missing")
+        return self.file.get(key)
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.deserialize(self.get("tokenizer").tobytes(), self._tok_fields)
+
+    def rope_inv_freq(self) -> np.ndarray:
+        return np.asarray(self.get("rope_inv_freq"), dtype=np.float32)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.file.metadata["checksums"].encode()).hexdigest()[:16]
+
+    def verify(self) -> list[str]:
+        """Names of tensors whose bytes do not match their checksum (or that lack one)."""
+        bad = []
+        for name in self.file.tensors:
+            digest = hashlib.sha256(np.asarray(self.file.raw(name)).tobytes()).hexdigest()
+            if self.checksums.get(name) != digest:
+                bad.append(name)
+        return bad
+
+
+def tensor_specs(a: ModelArgs, bits: int, group_for, tokenizer_nbytes: int) -> list[tuple[str, object, tuple[int, ...]]]:
+    """Every tensor of an .eawq file in write order: (name, dtype, shape).
+
+    group_for(in_features) -> the group size used for a linear of that input width.
+    """
+    from .load import expected_shapes
+    from .model import LINEARS
+    from .pack import packed_words
+
+    specs = [("tokenizer", np.uint8, (tokenizer_nbytes,)), ("rope_inv_freq", np.float32, (a.head_dim // 2,)),
+             ("tok_embeddings", np.float16, (a.vocab_size, a.dim))]
+    shapes = expected_shapes(a)
+    for i in range(a.n_layers):
+        specs += [(f"layers.{i}.{n}", np.float16, (a.dim,)) for n in ("attn_norm", "ffn_norm")]
+        for n in LINEARS:
+            out_f, in_f = shapes[n]
+            n_groups = in_f // group_for(in_f)
+            specs += [(f"layers.{i}.{n}.qweight", np.uint32, (out_f, packed_words(in_f, bits))),
+                      (f"layers.{i}.{n}.scales", np.float16, (out_f, n_groups)),
+                      (f"layers.{i}.{n}.zeros", np.uint32, (out_f, packed_words(n_groups, bits)))]
+            if a.qkv_bias and n in ("wq", "wk", "wv"):
+                specs.append((f"layers.{i}.{n}.bias", np.float32, (out_f,)))
+    specs.append(("norm", np.float16, (a.dim,)))
+    if not a.tied_embeddings:
+        specs.append(("output", np.float16, (a.vocab_size, a.dim)))
+    return specs

@@ -1,0 +1,59 @@
+"""AWQ's clip search: per output row and group, shrink the largest |w| and keep the limit that
+minimises the error of the group's partial dot products on sampled calibration tokens.
+
+The unshrunk limit (1.0, plain rounding) is among the candidates and wins ties,
+so clipping never raises a group's error above plain rounding's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fake_quant import fake_quantize
+
+
+def sample_tokens(x: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """n_tokens rows evenly spaced over x (..., in) -> (n, in)."""
+    flat = x.reshape(-1, x.shape[-1])
+    step = max(1, flat.shape[0] // n_tokens)
+    return flat[::step][:n_tokens].float()
+
+
+def group_errors(w: torch.Tensor, x: torch.Tensor, limits: torch.Tensor, bits: int, group_size: int,
+                 reference: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per (row, group) of partial dot products with w clipped to ±limits and rounded.
+
+    w (rows, 1, G, gs), x (1, n, G, gs), limits (rows, 1, G, 1), reference (rows, n, G) -> (rows, G).
+    """
+    q = fake_quantize(torch.clamp(w, -limits, limits), bits, group_size)
+    return ((x * q).sum(-1) - reference).pow(2).mean(dim=1)
+
+
+def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, n_grid: int = 20,
+                max_shrink: float = 0.5, n_tokens: int = 512, rows_per_batch: int = 64) -> torch.Tensor:
+    """Best clipping limit per (row, group): w (out, in), x (..., in) -> (out, G) float32."""
+    out_f, in_f = w.shape
+    G = in_f // group_size
+    xs = sample_tokens(x, n_tokens).reshape(1, -1, G, group_size)  # (1, n, G, gs)
+    best = []
+    for r in range(0, out_f, rows_per_batch):
+        wb = w[r : r + rows_per_batch].float().reshape(-1, 1, G, group_size)  # (rows, 1, G, gs)
+        reference = (xs * wb).sum(-1)  # (rows, n, G)
+        top = wb.abs().amax(dim=-1, keepdim=True)  # (rows, 1, G, 1)
+        best_limit, best_err = top.clone(), torch.full(top.shape[:1] + top.shape[2:3], float("inf"))
+        for i in range(int(max_shrink * n_grid)):
+            limit = top * (1 - i / n_grid)
+            err = group_errors(wb, xs, limit, bits, group_size, reference)  # (rows, G)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_limit[better[:, None, :, None].expand_as(best_limit)] = limit[better[:, None, :, None].expand_as(limit)]
+        best.append(best_limit.reshape(-1, G))
+    return torch.cat(best)
+
+
+def apply_clip(w: torch.Tensor, limits: torch.Tensor, group_size: int) -> torch.Tensor:
+    """w (out, in) clamped to ±limits (out, G) group by group."""
+    out_f, in_f = w.shape
+    g = w.reshape(out_f, in_f // group_size, group_size)
+    lim = limits[..., None]
+    return torch.clamp(g, -lim, lim).reshape(out_f, in_f)

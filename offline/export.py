@@ -1,0 +1,91 @@
+"""``edge-awq export``: quantize a model with AWQ (or RTN) into one packed ``.eawq`` file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="Hugging Face directory, .gguf file or llama2.c .bin")
+    p.add_argument("--calib", required=True, type=Path, help="calibration text file (UTF-8)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="the .eawq file to write")
+    p.add_argument("--bits", type=int, choices=(4, 3), default=4)
+    p.add_argument("--group-size", default="128", help="128, 64, 32 (any size dividing every layer), auto or channel")
+    p.add_argument("--method", choices=("awq", "rtn"), default="awq")
+    p.add_argument("--n-samples", type=int, default=128, help="calibration blocks (default 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration block (default 512)")
+    p.add_argument("--duo-scaling", action="store_true", help="scale by activation and weight statistics")
+    p.add_argument("--no-clip", action="store_true", help="skip the clip search")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where torch runs the search")
+    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer file for a llama2.c checkpoint")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _check_args(args) -> None:
+    from edge_awq.errors import InputError
+
+    if args.output.suffix != ".eawq":
+        raise InputError(f"{args.output}: the output file name must end in .eawq")
+    if args.n_samples < 1 or args.seqlen < 2:
+        raise InputError("--n-samples must be at least 1 and --seqlen at least 2")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda: torch sees no CUDA device here; use --device cpu")
+
+
+def _metadata(src, qa, calib: dict, tok_fields: dict) -> dict:
+    from edge_awq.pack import LAYOUT
+
+    return {
+        "layout": LAYOUT, "model_args": src.args.to_dict(), "tokenizer": tok_fields,
+        "quantization": {**qa.to_dict(), "head": "fp16", "embedding": "fp16", "calibration": calib},
+        "source": {"name": Path(src.path).name, "fingerprint": src.fingerprint()},
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from edge_awq.errors import InputError
+    from edge_awq.format import EawqWriter, tensor_specs
+    from edge_awq.load import inv_freq, open_source
+
+    from .calibrate import calibration_blocks
+    from .quantize import QuantArgs, quantize_model, resolve_group_size
+    from .torch_ops import TorchOps
+    from .report import Progress, summary
+
+    _check_args(args)
+    t_start = time.perf_counter()
+    src = open_source(args.source, args.tokenizer)
+    if Path(args.source).suffix == ".eawq":
+        raise InputError(f"{args.source}: already quantized; export from the original model")
+    qa = QuantArgs(args.bits, resolve_group_size(src.args, args.group_size), args.method, args.duo_scaling,
+                   not args.no_clip)
+    tok = src.tokenizer()
+    t0 = time.perf_counter()
+    blocks, calib = calibration_blocks(args.calib, tok, args.n_samples, args.seqlen)
+    t_calib = time.perf_counter() - t0
+    tok_bytes, tok_fields = tok.serialize()
+    specs = tensor_specs(src.args, qa.bits, qa.group_for, len(tok_bytes))
+    a = src.args
+    with EawqWriter(args.output, specs) as writer, Progress(a.n_layers, qa.method) as progress:
+        writer.add("tokenizer", np.frombuffer(tok_bytes, dtype=np.uint8))
+        writer.add("rope_inv_freq", inv_freq(src))
+        writer.add("tok_embeddings", np.asarray(src.get("tok_embeddings"), dtype=np.float16))
+        reports = quantize_model(src, blocks, qa, writer, specs, TorchOps(args.device), args.device, progress.layer_done)
+        writer.add("norm", np.asarray(src.get("norm"), dtype=np.float16))
+        if not a.tied_embeddings:
+            writer.add("output", np.asarray(src.get("output"), dtype=np.float16))
+        writer.close(_metadata(src, qa, calib, tok_fields))
+    info = summary(args.output, a, qa, reports, t_calib, time.perf_counter() - t_start)
+    print(json.dumps(info) if args.json else info["text"])
+    return 0

@@ -1,0 +1,20 @@
+"""The quantization grid of ``edge_awq.pack`` in torch, for the searches (round trip without packing)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """w_hat of w (..., in) grouped along the last axis: the same arithmetic as ``pack.quantize``.
+
+    Scales are rounded to float16 before use, as they are stored.
+    """
+    shape = w.shape
+    max_int = 2**bits - 1
+    g = w.reshape(-1, group_size).float()  # (rows * G, gs)
+    lo, hi = g.amin(dim=1, keepdim=True), g.amax(dim=1, keepdim=True)
+    scale = ((hi - lo).clamp(min=1e-5) / max_int).half().float()
+    zero = torch.clamp(-torch.round(lo / scale), 0, max_int)
+    q = torch.clamp(torch.round(g / scale) + zero, 0, max_int)
+    return ((q - zero) * scale).reshape(shape)

@@ -1,0 +1,190 @@
+"""Quantize a model layer by layer: calibration activations stream through one decoder layer at a time.
+
+Per layer: record the inputs of every linear (FP), search AWQ scales for each
+scale group and fold them, search clipping limits, quantize and pack, then run
+the quantized layer to make the next layer's input. Only one layer's weights
+and the calibration activations are in memory at any time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from edge_awq.errors import InputError
+from edge_awq.load import expected_shapes, inv_freq, read_layer
+from edge_awq.model import LINEARS, NO_CLIP, SCALE_GROUPS, Dense, LayerWeights, ModelWeights, attention, block, mlp
+from edge_awq.pack import pack_linear, unpack_linear
+
+from .clip import apply_clip, search_clip
+from .fake_quant import fake_quantize
+from .search import ScaleResult, apply_scales, search_scales
+from .torch_ops import RecordingOps
+
+POWERS = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
+@dataclass(frozen=True)
+class QuantArgs:
+    bits: int = 4
+    group_size: int | str = 128  # an int, or "channel": one group per output row
+    method: str = "awq"  # "awq" | "rtn"
+    duo_scaling: bool = False
+    clip: bool = True
+    n_grid: int = 20
+
+    def group_for(self, in_features: int) -> int:
+        return in_features if self.group_size == "channel" else int(self.group_size)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "zero_point": True}
+
+
+def input_widths(a) -> dict[str, int]:
+    return {n: shape[1] for n, shape in expected_shapes(a).items() if n in LINEARS}
+
+
+def resolve_group_size(a, requested: str) -> int | str:
+    """The group size to use: an int dividing every linear's input width, or "channel"."""
+    widths = input_widths(a)
+    fits = [g for g in POWERS if all(w % g == 0 for w in widths.values())]
+    if requested == "channel":
+        return "channel"
+    if requested == "auto":
+        return fits[0]
+    g = int(requested)
+    for name, width in widths.items():
+        if g <= 0 or width % g:
+            ok = " or ".join(str(f) for f in fits[:3])
+            raise InputError(f"--group-size {g} does not divide the input width {width} of layer {name}: "
+                             f"use {ok} (or auto, or channel)")
+    return g
+
+
+@dataclass
+class LayerReport:
+    index: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    loss: float = 0.0  # MSE of the layer output, quantized vs FP, on the calibration input
+    loss_rtn: float = 0.0  # the same for plain rounding
+    scales: list[ScaleResult] = field(default_factory=list)
+
+
+def to_torch(lw: LayerWeights, device) -> LayerWeights:
+    t = lambda a: None if a is None else torch.from_numpy(np.array(a, dtype=np.float32)).to(device)  # noqa: E731
+    return LayerWeights(**{n: Dense(t(getattr(lw, n).weight), t(getattr(lw, n).bias)) if n in LINEARS
+                           else t(getattr(lw, n)) for n in lw.__dataclass_fields__})
+
+
+def record_inputs(lw: LayerWeights, x, ctx: ModelWeights, ops):
+    """Inputs of each linear by name, the attention output and the layer output, all FP."""
+    rec = RecordingOps(ops, {id(getattr(lw, n)): n for n in LINEARS})
+    x_mid = attention(lw, x, 0, None, 0, ctx, rec)
+    return rec.inputs, x_mid, mlp(lw, x_mid, ctx, rec)
+
+
+def judge_for(group, x_in, x_mid, feats, ctx, ops) -> Callable[[LayerWeights], torch.Tensor]:
+    if group.inspect == "attention":
+        return lambda t: attention(t, x_in, 0, None, 0, ctx, ops)
+    if group.inspect == "mlp":
+        return lambda t: mlp(t, x_mid, ctx, ops)
+    return lambda t: torch.cat([ops.linear(feats[n], getattr(t, n)) for n in group.linears], dim=-1)
+
+
+def rtn_layer(lw: LayerWeights, qa: QuantArgs) -> LayerWeights:
+    q = {n: Dense(fake_quantize(getattr(lw, n).weight, qa.bits, qa.group_for(getattr(lw, n).weight.shape[1])),
+                  getattr(lw, n).bias) for n in LINEARS}
+    return dataclasses.replace(lw, **q)
+
+
+def _timed(rep: LayerReport, phase: str, t0: float) -> float:
+    now = time.perf_counter()
+    rep.seconds[phase] = rep.seconds.get(phase, 0.0) + now - t0
+    return now
+
+
+def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerReport, t: float):
+    """AWQ on one layer: scales searched on FP features and folded, then clipping. Returns the new lw."""
+    feats, x_mid, _ = record_inputs(lw, x_in, ctx, ops)
+    t = _timed(rep, "stats", t)
+    found = []
+    for g in (g for g in SCALE_GROUPS if g.when(ctx.args)):
+        gs = qa.group_for(feats[g.linears[0]].shape[-1])
+        res = search_scales(g, lw, feats[g.linears[0]], judge_for(g, x_in, x_mid, feats, ctx, ops), qa.bits, gs,
+                            qa.n_grid, qa.duo_scaling)
+        rep.scales.append(res)
+        found.append((g, torch.tensor(res.scales, dtype=torch.float32, device=x_in.device)))
+    for g, s in found:
+        lw = apply_scales(lw, g, s)
+        scaled_input = feats[g.linears[0]] / s
+        feats.update({n: scaled_input for n in g.linears})
+    t = _timed(rep, "scale search", t)
+    if qa.clip:
+        for n in (n for n in LINEARS if n not in NO_CLIP):
+            d = getattr(lw, n)
+            gs = qa.group_for(d.weight.shape[1])
+            limits = search_clip(d.weight, feats[n], qa.bits, gs, qa.n_grid)
+            lw = dataclasses.replace(lw, **{n: Dense(apply_clip(d.weight, limits, gs), d.bias)})
+        _timed(rep, "clip search", t)
+    return lw
+
+
+def quantize_layer(lw_fp: LayerWeights, x_in, index: int, ctx, qa: QuantArgs, ops):
+    """Quantize one layer. Returns (packed linears {name: W4}, folded norms {name: array}, next input, report)."""
+    rep = LayerReport(index)
+    t = time.perf_counter()
+    lw = search_layer(lw_fp, x_in, ctx, qa, ops, rep, t) if qa.method == "awq" else lw_fp
+    t = time.perf_counter()
+    packed, dequant = {}, {}
+    for n in LINEARS:
+        d = getattr(lw, n)
+        bias = None if d.bias is None else d.bias.cpu().numpy()
+        packed[n] = pack_linear(d.weight.cpu().numpy(), qa.bits, qa.group_for(d.weight.shape[1]), bias)
+        dequant[n] = Dense(torch.from_numpy(unpack_linear(packed[n])).to(x_in.device), d.bias)
+    t = _timed(rep, "quantize", t)
+    lw_q = dataclasses.replace(lw, **dequant)
+    fp_out = block(lw_fp, x_in, 0, None, 0, ctx, ops)
+    x_out = block(lw_q, x_in, 0, None, 0, ctx, ops)
+    rep.loss = float((x_out - fp_out).pow(2).mean())
+    rep.loss_rtn = rep.loss if qa.method == "rtn" else float(
+        (block(rtn_layer(lw_fp, qa), x_in, 0, None, 0, ctx, ops) - fp_out).pow(2).mean())
+    _timed(rep, "propagate", t)
+    norms = {n: lw.attn_norm if n == "attn_norm" else lw.ffn_norm for n in ("attn_norm", "ffn_norm")}
+    return packed, {n: v.cpu().numpy() for n, v in norms.items()}, x_out, rep
+
+
+def layer_arrays(i: int, packed: dict, norms: dict) -> dict[str, np.ndarray]:
+    """The .eawq tensors of layer i by name."""
+    out = {f"layers.{i}.{n}": v.astype(np.float16) for n, v in norms.items()}
+    for n, w in packed.items():
+        out.update({f"layers.{i}.{n}.qweight": w.qweight, f"layers.{i}.{n}.scales": w.scales,
+                    f"layers.{i}.{n}.zeros": w.zeros})
+        if w.bias is not None:
+            out[f"layers.{i}.{n}.bias"] = w.bias.astype(np.float32)
+    return out
+
+
+def quantize_model(src, blocks: np.ndarray, qa: QuantArgs, writer, specs, ops, device="cpu",
+                   on_layer: Callable[[LayerReport], None] | None = None) -> list[LayerReport]:
+    """Stream src through the quantizer into writer (tensors in ``specs`` order). Returns per-layer reports."""
+    a = src.args
+    ctx = ModelWeights(a, None, (), None, None, torch.from_numpy(inv_freq(src)).to(device))
+    emb = src.get("tok_embeddings")
+    x = torch.from_numpy(np.asarray(emb[blocks], dtype=np.float32)).to(device)  # (n, seqlen, dim)
+    order = [name for name, _, _ in specs]
+    reports = []
+    for i in range(a.n_layers):
+        with torch.inference_mode():
+            packed, norms, x, rep = quantize_layer(to_torch(read_layer(src, i), device), x, i, ctx, qa, ops)
+        arrays = layer_arrays(i, packed, norms)
+        for name in (n for n in order if n.startswith(f"layers.{i}.")):
+            writer.add(name, arrays[name])
+        reports.append(rep)
+        if on_layer:
+            on_layer(rep)
+    return reports

@@ -1,0 +1,67 @@
+"""Progress display and the closing summary of ``edge-awq export``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_awq.model import LINEARS
+from edge_awq.pack import bits_per_weight
+
+
+class Progress:
+    """A rich progress bar over layers on stderr, with the last layer's losses."""
+
+    def __init__(self, n_layers: int, method: str):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+        self._bar = Bar(TextColumn(f"{method} layers"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        TextColumn("{task.fields[last]}"), console=Console(stderr=True), transient=True)
+        self._n = n_layers
+
+    def __enter__(self):
+        self._bar.__enter__()
+        self._task = self._bar.add_task("export", total=self._n, last="")
+        return self
+
+    def __exit__(self, *exc):
+        return self._bar.__exit__(*exc)
+
+    def layer_done(self, rep) -> None:
+        self._bar.update(self._task, advance=1, last=f"layer {rep.index}: loss {rep.loss:.3g} (rtn {rep.loss_rtn:.3g})")
+
+
+def summary(path: Path, a, qa, reports, t_calib: float, t_total: float) -> dict:
+    """A dict of the export's figures, with a human-readable ``text``."""
+    phases = {"calibrate": t_calib}
+    for r in reports:
+        for k, v in r.seconds.items():
+            phases[k] = phases.get(k, 0.0) + v
+    size = path.stat().st_size
+    n_quant = sum(a.n_layers * o * i for o, i in _linear_shapes(a))
+    n_params = n_quant + a.vocab_size * a.dim * (1 if a.tied_embeddings else 2)
+    gs_note = "per channel" if qa.group_size == "channel" else f"group {qa.group_size}"
+    bpw = (bits_per_weight(qa.bits, qa.group_size) if qa.group_size != "channel"
+           else sum(a.n_layers * o * i * bits_per_weight(qa.bits, i) for o, i in _linear_shapes(a)) / n_quant)
+    lines = [f"wrote {path} ({size / 1e6:,.1f} MB): {qa.method.upper()} W{qa.bits} {gs_note}, "
+             f"{bpw:.3f} bits per quantized weight, {8 * size / n_params:.2f} bits per parameter overall"]
+    lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()) + f"; total {t_total:.1f}s")
+    lines.append("layer  output MSE   RTN MSE    ratio   " + ("α per scale group" if qa.method == "awq" else ""))
+    for r in reports:
+        alphas = " ".join(f"{s.prev}:{s.ratio:.2f}" for s in r.scales)
+        ratio = r.loss / r.loss_rtn if r.loss_rtn > 0 else 1.0
+        lines.append(f"{r.index:5d}  {r.loss:10.4g}  {r.loss_rtn:9.4g}  {ratio:6.3f}   {alphas}")
+    return {
+        "output": str(path), "bytes": size, "bits_per_weight": bpw, "bits_per_parameter": 8 * size / n_params,
+        "seconds": {**phases, "total": t_total}, "method": qa.method, "bits": qa.bits, "group_size": qa.group_size,
+        "layers": [{"index": r.index, "loss": r.loss, "loss_rtn": r.loss_rtn,
+                    "alphas": {s.prev: s.ratio for s in r.scales}} for r in reports],
+        "text": "\n".join(lines),
+    }
+
+
+def _linear_shapes(a):
+    from edge_awq.load import expected_shapes
+
+    shapes = expected_shapes(a)
+    return [shapes[n] for n in LINEARS]

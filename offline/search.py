@@ -1,0 +1,103 @@
+"""AWQ's scale search: per group of linears sharing an input, the per-channel scale s that
+minimises the error of the judged sub-block when its weights become Q(W·s)/s.
+
+The chosen s is then folded: 1/s into the previous norm or linear's output rows,
+s into the linears' input columns, so inference pays nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from edge_awq.model import Dense, LayerWeights, ScaleGroup
+
+from .fake_quant import fake_quantize
+
+
+@dataclass(frozen=True)
+class ScaleResult:
+    """Plain data of one group's search, dumpable and reusable."""
+
+    prev: str
+    linears: tuple[str, ...]
+    ratio: float  # the chosen α
+    loss: float  # MSE of the judged output at α
+    loss_unscaled: float  # MSE with s = 1 (plain rounding)
+    scales: list[float]
+
+
+def activation_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean |x| per input channel of x (..., in) -> (in,)."""
+    return x.abs().reshape(-1, x.shape[-1]).float().mean(0)
+
+
+def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Duo scaling's weight statistic: |w| relative to its group's max, averaged over rows -> (in,)."""
+    w = torch.cat(weights, dim=0)  # (sum out, in)
+    g = w.abs().reshape(-1, group_size)
+    rel = (g / (g.amax(dim=1, keepdim=True) + 1e-6)).reshape(w.shape)
+    return rel.mean(0)
+
+
+def candidate_scales(x_mean, w_mean, ratio: float) -> torch.Tensor:
+    """s = x̄^α (or x̄^α / w̄^(1-α) with duo scaling), normalised so that max·min = 1."""
+    s = x_mean.pow(ratio) if w_mean is None else x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)
+    s = s.clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def scaled_trial(lw: LayerWeights, names: tuple[str, ...], s: torch.Tensor, bits: int, group_size: int) -> LayerWeights:
+    """lw with each named linear's weight replaced by Q(W·s)/s."""
+    trial = {}
+    for n in names:
+        d = getattr(lw, n)
+        trial[n] = Dense(fake_quantize(d.weight * s, bits, group_size) / s, d.bias)
+    return dataclasses.replace(lw, **trial)
+
+
+def search_scales(
+    group: ScaleGroup, lw: LayerWeights, x_in: torch.Tensor, judge: Callable[[LayerWeights], torch.Tensor],
+    bits: int, group_size: int, n_grid: int = 20, duo: bool = False,
+) -> ScaleResult:
+    """Grid-search α for one group. x_in (..., in) is the linears' (shared) input; judge(lw) the judged output."""
+    x_mean = activation_mean(x_in)
+    w_mean = weight_mean([getattr(lw, n).weight for n in group.linears], group_size) if duo else None
+    reference = judge(lw)
+    best = (math.inf, 0.0, None)
+    losses = {}
+    for i in range(n_grid):
+        ratio = i / n_grid
+        s = candidate_scales(x_mean, w_mean, ratio)
+        loss = float((judge(scaled_trial(lw, group.linears, s, bits, group_size)) - reference).pow(2).mean())
+        losses[ratio] = loss
+        if loss < best[0]:
+            best = (loss, ratio, s)
+    if w_mean is None:
+        unscaled = losses[0.0]  # α = 0 is s = 1
+    else:
+        ones = torch.ones_like(x_mean)
+        unscaled = float((judge(scaled_trial(lw, group.linears, ones, bits, group_size)) - reference).pow(2).mean())
+    return ScaleResult(group.prev, group.linears, best[1], best[0], unscaled, best[2].tolist())
+
+
+def apply_scales(lw: LayerWeights, group: ScaleGroup, s: torch.Tensor) -> LayerWeights:
+    """Fold s: the previous op's output divided by s, the linears' input columns multiplied by s.
+
+    The FP output of the layer is unchanged (up to rounding).
+    """
+    prev = getattr(lw, group.prev)
+    if isinstance(prev, Dense):
+        bias = None if prev.bias is None else prev.bias / s
+        prev = Dense(prev.weight / s[:, None], bias)  # output rows (out, in)
+    else:
+        prev = prev / s  # norm weight (dim,)
+    changes = {group.prev: prev}
+    for n in group.linears:
+        d = getattr(lw, n)
+        changes[n] = Dense(d.weight * s[None, :], d.bias)  # input columns
+    return dataclasses.replace(lw, **changes)

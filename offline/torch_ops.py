@@ -1,0 +1,70 @@
+"""The six backend ops in torch (CPU or CUDA), so the offline tool runs the same ``model.py``.
+
+Arrays are float32 torch tensors with optional leading batch dimensions;
+attention runs without a KV cache (whole calibration blocks, causal).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from edge_awq.model import Dense
+
+
+class TorchOps:
+    name = "torch"
+
+    def __init__(self, device: str = "cpu"):
+        self.device = torch.device(device)
+
+    def embed(self, table, tokens):
+        return table[tokens].float()
+
+    def rmsnorm(self, x, weight, eps: float):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    def linear(self, x, w):
+        if not isinstance(w, Dense):
+            raise TypeError(f"torch ops take Dense weights, got {type(w).__name__}")
+        return F.linear(x, w.weight, w.bias)
+
+    def rope(self, x, pos: int, inv_freq, interleaved: bool):
+        T, hd = x.shape[-3], x.shape[-1]
+        t = torch.arange(pos, pos + T, dtype=torch.float64, device=x.device)
+        angles = t[:, None] * inv_freq.to(torch.float64)[None, :]  # (T, hd/2)
+        cos, sin = angles.cos().float()[:, None, :], angles.sin().float()[:, None, :]  # (T, 1, hd/2)
+        if interleaved:
+            x0, x1 = x[..., 0::2], x[..., 1::2]
+            return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+        x0, x1 = x[..., : hd // 2], x[..., hd // 2 :]
+        return torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+
+    def attention(self, q, k, v, cache, layer: int, pos: int):
+        if cache is not None or pos != 0:
+            raise ValueError("offline attention runs whole blocks from position 0, without a cache")
+        group = q.shape[-2] // k.shape[-2]
+        qh, kh, vh = (t.transpose(-3, -2) for t in (q, k, v))  # (..., heads, T, hd)
+        kh, vh = kh.repeat_interleave(group, dim=-3), vh.repeat_interleave(group, dim=-3)
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)  # (..., n_heads, T, hd)
+        return o.transpose(-3, -2).flatten(-2)  # (..., T, n_heads * hd)
+
+    def silu_mul(self, gate, up):
+        return F.silu(gate) * up
+
+
+class RecordingOps:
+    """Wraps ops and keeps the input of each linear, under its weight's name in the layer."""
+
+    def __init__(self, inner, names: dict[int, str]):
+        self.inner, self.names, self.name = inner, names, inner.name
+        self.inputs: dict[str, torch.Tensor] = {}
+
+    def linear(self, x, w):
+        name = self.names.get(id(w))
+        if name is not None:
+            self.inputs[name] = x
+        return self.inner.linear(x, w)
+
+    def __getattr__(self, op):
+        return getattr(self.inner, op)
