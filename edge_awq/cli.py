@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from . import __version__
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-awq {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # stdout closed early (| head): not an error worth a traceback
-        sys.stderr.close()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except KeyboardInterrupt:
         print(f"edge-awq {args.command}: interrupted", file=sys.stderr)

@@ -1,0 +1,126 @@
+"""The offline AWQ math: grid parity with pack.py, scale folding, clip search, AWQ beating RTN."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edge_awq.load import inv_freq, read_layer  # noqa: E402
+from edge_awq.model import SCALE_GROUPS, Dense, LayerWeights, ModelWeights, block  # noqa: E402
+from edge_awq.offline.clip import apply_clip, group_errors, sample_tokens, search_clip  # noqa: E402
+from edge_awq.offline.fake_quant import fake_quantize  # noqa: E402
+from edge_awq.offline.quantize import QuantArgs, quantize_layer, record_inputs, resolve_group_size, to_torch  # noqa: E402
+from edge_awq.offline.search import apply_scales, candidate_scales  # noqa: E402
+from edge_awq.offline.torch_ops import TorchOps  # noqa: E402
+from edge_awq.pack import dequantize, quantize  # noqa: E402
+from edge_awq.errors import InputError  # noqa: E402
+
+ops = TorchOps()
+rng = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("bits,gs", [(4, 64), (3, 32), (4, 172)])
+def test_fake_quantize_equals_pack_grid_bit_for_bit(bits, gs):
+    w = (rng.standard_normal((16, 344)) * rng.uniform(0.01, 3, (16, 1))).astype(np.float32)
+    if 344 % gs:
+        w = w[:, :gs]
+    want = dequantize(*quantize(w, bits, gs), gs)
+    got = fake_quantize(torch.from_numpy(w), bits, gs).numpy()
+    assert np.array_equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def stories_layer(stories_weights):
+    src, _ = stories_weights
+    ctx = ModelWeights(src.args, None, (), None, None, torch.from_numpy(inv_freq(src)))
+    tokens = np.asarray(src.tokenizer().encode((src.path.parents[2] / "data" / "tinystories-valid-sample.txt")
+                                                .read_text(encoding="utf-8"))[:8 * 128]).reshape(8, 128)
+    x = torch.from_numpy(np.asarray(src.get("tok_embeddings"), np.float32)[tokens])  # (8, 128, 64)
+    return to_torch(read_layer(src, 1), "cpu"), x, ctx
+
+
+def random_mha_layer(dim=64, hidden=96, heads=4):
+    r = lambda *s: torch.from_numpy((rng.standard_normal(s) * 0.2).astype(np.float32))  # noqa: E731
+    lw = LayerWeights(1 + r(dim), Dense(r(dim, dim)), Dense(r(dim, dim)), Dense(r(dim, dim)), Dense(r(dim, dim)),
+                      1 + r(dim), Dense(r(hidden, dim)), Dense(r(dim, hidden)), Dense(r(hidden, dim)))
+    from edge_awq.config import ModelArgs, rope_frequencies
+
+    a = ModelArgs("llama", dim, hidden, 1, heads, heads, dim // heads, 10, 64)
+    return lw, ModelWeights(a, None, (), None, None, torch.from_numpy(rope_frequencies(a)))
+
+
+def test_folding_scales_leaves_fp_output_unchanged(stories_layer):
+    """Every scale group, folded with large random scales: layer output within 1e-5 relative error."""
+    lw_gqa, x, ctx_gqa = stories_layer
+    lw_mha, ctx_mha = random_mha_layer()
+    for lw, ctx in ((lw_gqa, ctx_gqa), (lw_mha, ctx_mha)):
+        xin = x if ctx is ctx_gqa else torch.randn(4, 32, 64)
+        want = block(lw, xin, 0, None, 0, ctx, ops)
+        folded = lw
+        groups = [g for g in SCALE_GROUPS if g.when(ctx.args)]
+        for g in groups:
+            width = getattr(lw, g.linears[0]).weight.shape[1]
+            s = torch.from_numpy(rng.uniform(0.2, 5.0, width).astype(np.float32))
+            folded = apply_scales(folded, g, s)
+        got = block(folded, xin, 0, None, 0, ctx, ops)
+        rel = float((got - want).norm() / want.norm())
+        assert rel <= 1e-5, (len(groups), rel)
+    assert len([g for g in SCALE_GROUPS if g.when(ctx_mha.args)]) == 4 and len(
+        [g for g in SCALE_GROUPS if g.when(ctx_gqa.args)]) == 3  # v -> o only without GQA
+
+
+def test_candidate_scales_are_normalised():
+    x_mean = torch.tensor([0.1, 1.0, 10.0])
+    s = candidate_scales(x_mean, None, 0.5)
+    assert float(s.max() * s.min()) == pytest.approx(1.0, rel=1e-6)
+    assert torch.equal(candidate_scales(x_mean, None, 0.0), torch.ones(3))
+
+
+def test_clip_never_raises_group_error_above_rtn(stories_layer):
+    lw, x, ctx = stories_layer
+    feats, _, _ = record_inputs(lw, x, ctx, ops)
+    for name, gs in (("w1", 64), ("w2", 172), ("w2", 4)):
+        w = getattr(lw, name).weight
+        limits = search_clip(w, feats[name], 4, gs)
+        xs = sample_tokens(feats[name], 512).reshape(1, -1, w.shape[1] // gs, gs)
+        wg = w.reshape(-1, 1, w.shape[1] // gs, gs)
+        reference = (xs * wg).sum(-1)
+        top = wg.abs().amax(-1, keepdim=True)
+        err_rtn = group_errors(wg, xs, top, 4, gs, reference)
+        err_clip = group_errors(wg, xs, limits.reshape(top.shape), 4, gs, reference)
+        assert torch.all(err_clip <= err_rtn) and torch.any(err_clip < err_rtn)
+        assert torch.all(limits <= top.reshape(limits.shape)) and torch.all(limits >= 0.5 * top.reshape(limits.shape))
+        clipped = apply_clip(w, limits, gs)
+        assert float(clipped.abs().max()) <= float(w.abs().max())
+
+
+def test_awq_beats_rtn_on_layer_output(stories_layer):
+    lw, x, ctx = stories_layer
+    for qa in (QuantArgs(4, 4), QuantArgs(3, "channel"), QuantArgs(4, "channel", duo_scaling=True)):
+        _, _, _, rep = quantize_layer(lw, x, 1, ctx, qa, ops)
+        assert rep.loss < rep.loss_rtn, (qa, rep.loss, rep.loss_rtn)
+        assert {s.prev for s in rep.scales} == {"attn_norm", "ffn_norm", "w3"}
+        assert all(s.loss <= s.loss_unscaled for s in rep.scales)
+
+
+def test_rtn_method_packs_plain_rounding(stories_layer):
+    lw, x, ctx = stories_layer
+    packed, norms, _, rep = quantize_layer(lw, x, 1, ctx, QuantArgs(4, 4, method="rtn"), ops)
+    w = lw.w1.weight.numpy()
+    from edge_awq.pack import unpack_linear
+
+    assert np.array_equal(unpack_linear(packed["w1"]), dequantize(*quantize(w, 4, 4), 4))
+    assert rep.loss == rep.loss_rtn and np.array_equal(norms["attn_norm"], lw.attn_norm.numpy())
+
+
+def test_group_size_resolution(smollm2_weights, stories_weights):
+    smol, _ = smollm2_weights
+    stories, _ = stories_weights
+    assert resolve_group_size(smol.args, "auto") == 64 and resolve_group_size(smol.args, "64") == 64
+    with pytest.raises(InputError, match=r"--group-size 128 does not divide the input width 576 of layer wq: use 64 or 32"):
+        resolve_group_size(smol.args, "128")
+    assert resolve_group_size(stories.args, "auto") == 4 and resolve_group_size(stories.args, "channel") == "channel"
+    with pytest.raises(InputError, match="input width 172 of layer w2"):
+        resolve_group_size(stories.args, "64")
