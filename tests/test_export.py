@@ -1,0 +1,99 @@
+"""edge-awq export end to end on stories260K: quality, determinism, bad input, interruption."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import SHAKESPEARE, TINYSTORIES
+from tests.test_cli import assert_one_line_error, edge_awq
+
+pytest.importorskip("torch")
+
+
+def export(source, out, *extra):
+    return edge_awq("export", source, "--calib", SHAKESPEARE, "-o", out, *extra)
+
+
+def ppl(path):
+    r = edge_awq("eval", path, "--text", TINYSTORIES, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["perplexity"]
+
+
+def test_export_is_deterministic(stories_path, tmp_path):
+    a, b = tmp_path / "a.eawq", tmp_path / "b.eawq"
+    for out in (a, b):
+        r = export(stories_path, out, "--n-samples", 4, "--seqlen", 128, "--group-size", "4", "--json")
+        assert r.returncode == 0, r.stderr
+    assert a.read_bytes() == b.read_bytes()
+    info = json.loads(r.stdout)
+    assert info["bits_per_weight"] == pytest.approx(4 + 20 / 4) and len(info["layers"]) == 5
+    assert all(0 < layer["loss"] < 1 for layer in info["layers"])
+    assert {f.name for f in tmp_path.iterdir()} == {"a.eawq", "b.eawq"}  # no temporary left behind
+
+
+def test_awq_perplexity_beats_rtn_on_stories(stories_path, tmp_path):
+    fp = ppl(stories_path)
+    got = {}
+    for method in ("rtn", "awq"):
+        out = tmp_path / f"{method}.eawq"
+        r = export(stories_path, out, "--method", method, "--group-size", "channel", "--n-samples", 16,
+                   "--seqlen", 256)
+        assert r.returncode == 0, r.stderr
+        got[method] = ppl(out)
+    assert fp < got["awq"] < got["rtn"]
+
+
+def test_calibration_text_too_short(stories_path, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Once upon a time there was a cat.")
+    r = edge_awq("export", stories_path, "--calib", short, "-o", tmp_path / "x.eawq", "--group-size", "channel")
+    assert_one_line_error(r, "calibration text too short: 10 tokens, one block needs 512")
+    assert not (tmp_path / "x.eawq").exists()
+
+
+def test_unwritable_output_fails_before_work(stories_path, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        assert_one_line_error(export(stories_path, ro / "x.eawq"), "cannot write")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_output_in_missing_directory(stories_path, tmp_path):
+    assert_one_line_error(export(stories_path, tmp_path / "nope" / "x.eawq", "--group-size", "4"), "cannot write")
+
+
+def test_unknown_architecture(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"architectures": ["FalconForCausalLM"]}))
+    assert_one_line_error(export(tmp_path / "m", tmp_path / "x.eawq"), "unsupported architecture FalconForCausalLM")
+
+
+def test_bad_group_size_names_layer(stories_path, tmp_path):
+    assert_one_line_error(export(stories_path, tmp_path / "x.eawq", "--group-size", "64"),
+                          "does not divide the input width 172 of layer w2")
+
+
+def test_ctrl_c_midway_leaves_no_file(stories_path, tmp_path):
+    out = tmp_path / "x.eawq"
+    p = subprocess.Popen([sys.executable, "-m", "edge_awq", "export", str(stories_path), "--calib", str(SHAKESPEARE),
+                          "-o", str(out), "--group-size", "4", "--n-samples", "64"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(f.name.startswith(".x.eawq.tmp") for f in tmp_path.iterdir()):
+        time.sleep(0.2)
+    assert any(f.name.startswith(".x.eawq.tmp") for f in tmp_path.iterdir()), "export never started writing"
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
