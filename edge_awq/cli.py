@@ -33,12 +33,7 @@ def _parser(chosen: str | None) -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
-            try:
-                mod = importlib.import_module(module)
-            except ModuleNotFoundError as e:
-                if e.name and e.name.split(".")[0] == "torch":
-                    parser.exit(2, f"edge-awq {name}: error: needs torch: pip install 'edge-awq[offline]'\n")
-                raise
+            mod = importlib.import_module(module)
             mod.add_arguments(p)
             p.set_defaults(run=mod.run)
     return parser
@@ -57,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except EdgeAwqError as e:
         print(f"edge-awq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "torch":
+            raise
+        print(f"edge-awq {args.command}: error: needs torch: pip install 'edge-awq[offline]'", file=sys.stderr)
         return 2
     except BrokenPipeError:  # stdout closed early (| head): not an error worth a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -30,3 +30,13 @@ def test_torch_is_not_loaded_by_the_cli():
     r = subprocess.run([sys.executable, "-c", "import sys, edge_awq.cli; edge_awq.cli._parser('eval');"
                         "print('torch' in sys.modules)"], capture_output=True, text=True)
     assert r.stdout.strip() == "False", r.stderr
+
+
+def test_export_without_torch_says_what_to_install(stories_path, tmp_path):
+    code = BLOCK.replace("raise ImportError('blocked for the test: ' + name)",
+                         "raise ModuleNotFoundError('No module named ' + repr(name), name=name)") + f"""
+from edge_awq.cli import main
+sys.exit(main(['export', {str(stories_path)!r}, '--calib', {str(stories_path)!r}, '-o', {str(tmp_path / 'x.eawq')!r}]))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "edge-awq export: error: needs torch: pip install 'edge-awq[offline]'"

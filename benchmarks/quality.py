@@ -1,0 +1,69 @@
+"""The README's quality table: perplexity of FP, RTN and AWQ variants, measured in one run.
+
+    python benchmarks/quality.py MODEL --calib TEXT --text EVAL [--max-tokens N] [--group-size G]
+        [--n-samples 128] [--seqlen 512] [--bits 4 3] [--variants rtn awq-scale awq awq-duo] --out DIR
+
+Each variant is exported with ``edge-awq export`` and scored with ``edge-awq eval``
+(same protocol as the FP model). Writes DIR/quality.json and prints a Markdown table
+whose "gap / RTN" column is (ppl - FP) / (ppl_RTN - FP) at the same bit width.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+VARIANTS = {
+    "rtn": ["--method", "rtn"],
+    "awq-scale": ["--method", "awq", "--no-clip"],
+    "awq": ["--method", "awq"],
+    "awq-duo": ["--method", "awq", "--duo-scaling"],
+}
+LABELS = {"rtn": "RTN", "awq-scale": "AWQ scale only", "awq": "AWQ scale+clip", "awq-duo": "AWQ scale+clip, duo"}
+
+
+def edge_awq(*args) -> dict:
+    r = subprocess.run([sys.executable, "-m", "edge_awq", *map(str, args), "--json"], capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"edge-awq {args[0]} failed: {r.stderr.strip()}")
+    return json.loads(r.stdout)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--text", required=True)
+    ap.add_argument("--max-tokens", type=int)
+    ap.add_argument("--group-size", default="auto")
+    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    limit = ["--max-tokens", a.max_tokens] if a.max_tokens else []
+    rows = [{"variant": "FP", "bits": 16, **edge_awq("eval", a.model, "--text", a.text, *limit)}]
+    for bits in a.bits:
+        for v in a.variants:
+            out = a.out / f"{v}-w{bits}.eawq"
+            exp = edge_awq("export", a.model, "--calib", a.calib, "-o", out, "--bits", bits, "--group-size",
+                           a.group_size, "--n-samples", a.n_samples, "--seqlen", a.seqlen, *VARIANTS[v])
+            ev = edge_awq("eval", out, "--text", a.text, *limit)
+            rows.append({"variant": v, "bits": bits, **ev, "bits_per_weight": exp["bits_per_weight"],
+                         "export_seconds": exp["seconds"]["total"], "group_size": exp["group_size"]})
+            (a.out / "quality.json").write_text(json.dumps(rows, indent=1))
+    fp = rows[0]["perplexity"]
+    print(f"| method | bits | group | bits/weight | perplexity | gap / RTN | export time (2 cores) |\n|---|---|---|---|---|---|---|")
+    print(f"| FP (source) | 16 | | | {fp:.2f} | | |")
+    for r in rows[1:]:
+        rtn = next((x["perplexity"] for x in rows if x["variant"] == "rtn" and x["bits"] == r["bits"]), None)
+        ratio = f"{(r['perplexity'] - fp) / (rtn - fp):.2f}" if rtn and rtn != fp else ""
+        print(f"| {LABELS[r['variant']]} | {r['bits']} | {r['group_size']} | {r['bits_per_weight']:.3f} | "
+              f"{r['perplexity']:.2f} | {ratio} | {r['export_seconds'] / 60:.1f} min |")
+
+
+if __name__ == "__main__":
+    main()
