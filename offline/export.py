@@ -77,11 +77,13 @@ def run(args: argparse.Namespace) -> int:
     tok_bytes, tok_fields = tok.serialize()
     specs = tensor_specs(src.args, qa.bits, qa.group_for, len(tok_bytes))
     a = src.args
-    with EawqWriter(args.output, specs) as writer, Progress(a.n_layers, qa.method) as progress:
+    reserve = (1 << 16) + 2 * len(json.dumps(tok_fields))  # room for the metadata in the header
+    with EawqWriter(args.output, specs, reserve) as writer, Progress(a.n_layers, qa.method) as progress:
         writer.add("tokenizer", np.frombuffer(tok_bytes, dtype=np.uint8))
         writer.add("rope_inv_freq", inv_freq(src))
         writer.add("tok_embeddings", np.asarray(src.get("tok_embeddings"), dtype=np.float16))
-        reports = quantize_model(src, blocks, qa, writer, specs, TorchOps(args.device), args.device, progress.layer_done)
+        reports = quantize_model(src, blocks, qa, writer, specs, TorchOps(args.device), args.device,
+                                 progress.layer_done, progress.phase)
         writer.add("norm", np.asarray(src.get("norm"), dtype=np.float16))
         if not a.tied_embeddings:
             writer.add("output", np.asarray(src.get("output"), dtype=np.float16))

@@ -108,10 +108,16 @@ def _timed(rep: LayerReport, phase: str, t0: float) -> float:
     return now
 
 
-def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerReport, t: float):
+def _nothing(index: int, phase: str) -> None:
+    pass
+
+
+def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerReport, t: float, on_phase=_nothing):
     """AWQ on one layer: scales searched on FP features and folded, then clipping. Returns the new lw."""
+    on_phase(rep.index, "stats")
     feats, x_mid, _ = record_inputs(lw, x_in, ctx, ops)
     t = _timed(rep, "stats", t)
+    on_phase(rep.index, "scale search")
     found = []
     for g in (g for g in SCALE_GROUPS if g.when(ctx.args)):
         gs = qa.group_for(feats[g.linears[0]].shape[-1])
@@ -125,6 +131,7 @@ def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerRepo
         feats.update({n: scaled_input for n in g.linears})
     t = _timed(rep, "scale search", t)
     if qa.clip:
+        on_phase(rep.index, "clip search")
         for n in (n for n in LINEARS if n not in NO_CLIP):
             d = getattr(lw, n)
             gs = qa.group_for(d.weight.shape[1])
@@ -134,11 +141,12 @@ def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerRepo
     return lw
 
 
-def quantize_layer(lw_fp: LayerWeights, x_in, index: int, ctx, qa: QuantArgs, ops):
+def quantize_layer(lw_fp: LayerWeights, x_in, index: int, ctx, qa: QuantArgs, ops, on_phase=_nothing):
     """Quantize one layer. Returns (packed linears {name: W4}, folded norms {name: array}, next input, report)."""
     rep = LayerReport(index)
     t = time.perf_counter()
-    lw = search_layer(lw_fp, x_in, ctx, qa, ops, rep, t) if qa.method == "awq" else lw_fp
+    lw = search_layer(lw_fp, x_in, ctx, qa, ops, rep, t, on_phase) if qa.method == "awq" else lw_fp
+    on_phase(index, "quantize")
     t = time.perf_counter()
     packed, dequant = {}, {}
     for n in LINEARS:
@@ -148,6 +156,7 @@ def quantize_layer(lw_fp: LayerWeights, x_in, index: int, ctx, qa: QuantArgs, op
         dequant[n] = Dense(torch.from_numpy(unpack_linear(packed[n])).to(x_in.device), d.bias)
     t = _timed(rep, "quantize", t)
     lw_q = dataclasses.replace(lw, **dequant)
+    on_phase(index, "propagate")
     fp_out = block(lw_fp, x_in, 0, None, 0, ctx, ops)
     x_out = block(lw_q, x_in, 0, None, 0, ctx, ops)
     rep.loss = float((x_out - fp_out).pow(2).mean())
@@ -170,7 +179,7 @@ def layer_arrays(i: int, packed: dict, norms: dict) -> dict[str, np.ndarray]:
 
 
 def quantize_model(src, blocks: np.ndarray, qa: QuantArgs, writer, specs, ops, device="cpu",
-                   on_layer: Callable[[LayerReport], None] | None = None) -> list[LayerReport]:
+                   on_layer: Callable[[LayerReport], None] | None = None, on_phase=_nothing) -> list[LayerReport]:
     """Stream src through the quantizer into writer (tensors in ``specs`` order). Returns per-layer reports."""
     a = src.args
     ctx = ModelWeights(a, None, (), None, None, torch.from_numpy(inv_freq(src)).to(device))
@@ -180,7 +189,7 @@ def quantize_model(src, blocks: np.ndarray, qa: QuantArgs, writer, specs, ops, d
     reports = []
     for i in range(a.n_layers):
         with torch.inference_mode():
-            packed, norms, x, rep = quantize_layer(to_torch(read_layer(src, i), device), x, i, ctx, qa, ops)
+            packed, norms, x, rep = quantize_layer(to_torch(read_layer(src, i), device), x, i, ctx, qa, ops, on_phase)
         arrays = layer_arrays(i, packed, norms)
         for name in (n for n in order if n.startswith(f"layers.{i}.")):
             writer.add(name, arrays[name])

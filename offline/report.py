@@ -16,16 +16,20 @@ class Progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
 
         self._bar = Bar(TextColumn(f"{method} layers"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        TextColumn("{task.fields[last]}"), console=Console(stderr=True), transient=True)
+                        TextColumn("{task.fields[phase]}  {task.fields[last]}"), console=Console(stderr=True),
+                        transient=True)
         self._n = n_layers
 
     def __enter__(self):
         self._bar.__enter__()
-        self._task = self._bar.add_task("export", total=self._n, last="")
+        self._task = self._bar.add_task("export", total=self._n, last="", phase="")
         return self
 
     def __exit__(self, *exc):
         return self._bar.__exit__(*exc)
+
+    def phase(self, index: int, name: str) -> None:
+        self._bar.update(self._task, phase=f"layer {index}: {name}")
 
     def layer_done(self, rep) -> None:
         self._bar.update(self._task, advance=1, last=f"layer {rep.index}: loss {rep.loss:.3g} (rtn {rep.loss_rtn:.3g})")
