@@ -42,9 +42,19 @@ class Backend(Protocol):
 
 
 def select_backend(name: str = "auto") -> Backend:
-    """The only place a backend is chosen: "auto" | "reference" (numpy)."""
-    if name in ("auto", "reference", "numpy"):
+    """The only place a backend is chosen: "reference" (numpy), "numba" (CPU kernels) or "auto"."""
+    if name in ("reference", "numpy"):
         from .backends.reference import ReferenceBackend
 
         return ReferenceBackend()
-    raise BackendUnavailable(f"backend {name!r} is not available: use --backend reference")
+    if name in ("numba", "cpu", "auto"):
+        try:
+            from .backends.numba_cpu import NumbaBackend
+        except ImportError as e:
+            if name == "auto":
+                from .backends.reference import ReferenceBackend
+
+                return ReferenceBackend()
+            raise BackendUnavailable(f"the numba backend needs numba ({e}): pip install numba") from None
+        return NumbaBackend()
+    raise BackendUnavailable(f"backend {name!r} is unknown: use reference, numba or auto")

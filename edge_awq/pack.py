@@ -70,6 +70,11 @@ def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
 def unpack_bits(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     """Inverse of ``pack_bits``: (rows, words) uint32 -> (rows, n) uint8."""
     rows = packed.shape[0]
+    if bits == 4:  # fast path: two values per byte, low nibble first
+        b = np.ascontiguousarray(packed).view(np.uint8)  # (rows, 4 * words)
+        out = np.empty((rows, b.shape[1] * 2), np.uint8)
+        out[:, 0::2], out[:, 1::2] = b & 15, b >> 4
+        return out[:, :n]
     bitplanes = np.unpackbits(np.ascontiguousarray(packed).view(np.uint8), axis=-1, bitorder="little")
     bitplanes = bitplanes.reshape(rows, -1, bits)[:, :n]  # (rows, n, bits)
     return (bitplanes << np.arange(bits, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+GOLDEN_FILE = HERE / "tiny.eawq"
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
