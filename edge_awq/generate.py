@@ -1,0 +1,135 @@
+"""Token generation: sampling, stop conditions and UTF-8-safe streaming of text.
+
+``generate`` prefills the prompt once, then decodes one token at a time over
+the KV cache, yielding text pieces as soon as they are whole characters and
+cannot be the start of a stop string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+from .model import KVCache, ModelWeights, forward
+
+
+@dataclass(frozen=True)
+class SamplingArgs:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: no limit
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the context
+    seed: int | None = None
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One step of the stream: new text (possibly empty), the token, and why it ended (or None)."""
+
+    text: str
+    token: int | None
+    finish: str | None = None  # "stop" (EOS or stop string), "length", or None while going
+
+
+def penalize(logits: np.ndarray, context: np.ndarray, penalty: float) -> np.ndarray:
+    """CTRL-style repetition penalty: positive logits of seen tokens divided by it, negative multiplied."""
+    if penalty == 1.0 or len(context) == 0:
+        return logits
+    out = logits.copy()
+    seen = np.unique(context)
+    out[seen] = np.where(out[seen] > 0, out[seen] / penalty, out[seen] * penalty)
+    return out
+
+
+def sample(logits: np.ndarray, s: SamplingArgs, rng: np.random.Generator) -> int:
+    """Pick a token from logits (vocab,) float32 by greedy, temperature, top-k and top-p."""
+    if s.temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / s.temperature
+    if 0 < s.top_k < len(z):
+        kth = np.partition(z, -s.top_k)[-s.top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if s.top_p < 1.0:
+        order = np.argsort(-p)
+        keep = np.cumsum(p[order]) - p[order] < s.top_p  # the smallest prefix reaching top_p
+        mask = np.zeros_like(p, dtype=bool)
+        mask[order[keep]] = True
+        p = np.where(mask, p, 0.0)
+        p /= p.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+class TextStream:
+    """Decodes a growing token list into text pieces that never split a UTF-8 character."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.ids, self.emitted = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return ""
+        new, self.emitted = text[len(self.emitted):], text
+        return new
+
+
+def _holdback(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                best = max(best, k)
+                break
+    return best
+
+
+def fit_prompt(ids: list[int], max_ctx: int, max_new: int, trim: bool) -> list[int]:
+    """The prompt as it can run: refused, or trimmed to its last tokens, when it leaves no room to answer."""
+    room = max_ctx - max(1, min(max_new, max_ctx // 2))
+    if len(ids) <= room:
+        return ids
+    if not trim:
+        raise InputError(f"prompt of {len(ids):,} tokens leaves no room to answer in a context of {max_ctx:,}: "
+                         "shorten it or raise the context")
+    return ids[-room:]
+
+
+def generate(w: ModelWeights, ops, tokenizer, prompt: list[int], s: SamplingArgs,
+             cache: KVCache | None = None) -> Iterator[Piece]:
+    """Stream the continuation of prompt (token ids). The cache, if given, must hold prompt + answer."""
+    if not prompt:
+        raise InputError("empty prompt: give at least one token")
+    cache = cache or KVCache.allocate(w.args, min(w.args.max_seq_len, len(prompt) + s.max_new_tokens))
+    if len(prompt) >= cache.max_seq:
+        raise InputError(f"prompt of {len(prompt):,} tokens does not fit a context of {cache.max_seq:,}")
+    rng = np.random.default_rng(s.seed)
+    stream, pending, context = TextStream(tokenizer), "", list(prompt)
+    logits = forward(w, np.asarray(prompt), 0, cache, ops, last_only=True)[-1]
+    for step in range(s.max_new_tokens):
+        token = sample(penalize(logits, np.asarray(context), s.repetition_penalty), s, rng)
+        if token in tokenizer.eos_ids:
+            yield Piece(pending, token, "stop")
+            return
+        context.append(token)
+        pending += stream.push(token)
+        hit = min((pending.find(x) for x in s.stop if x in pending), default=-1)
+        if hit >= 0:
+            yield Piece(pending[:hit], token, "stop")
+            return
+        keep = _holdback(pending, s.stop)
+        out, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
+        pos = len(context) - 1
+        if step == s.max_new_tokens - 1 or pos + 1 >= cache.max_seq:
+            yield Piece(out + pending, token, "length")
+            return
+        yield Piece(out, token)
+        logits = forward(w, np.asarray([token]), pos, cache, ops, last_only=True)[-1]

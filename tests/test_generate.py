@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+
+from edge_awq.errors import InputError
+from edge_awq.generate import Piece, SamplingArgs, TextStream, fit_prompt, generate, penalize, sample
+from edge_awq.ops import select_backend
+from tests.test_model import LLAMA2C_GREEDY
+
+ops = select_backend("reference")
+
+
+def run(w, tok, prompt, **kw):
+    pieces = list(generate(w, ops, tok, prompt, SamplingArgs(**kw)))
+    return "".join(p.text for p in pieces), pieces
+
+
+def test_greedy_stream_reproduces_llama2c(stories_weights):
+    src, w = stories_weights
+    text, pieces = run(w, src.tokenizer(), [1], max_new_tokens=200)
+    assert text == LLAMA2C_GREEDY and pieces[-1].finish == "length" and len(pieces) == 200
+
+
+def test_stop_string_cuts_and_never_leaks(stories_weights):
+    src, w = stories_weights
+    text, pieces = run(w, src.tokenizer(), [1], max_new_tokens=200, stop=("Lily's mom",))
+    assert text == LLAMA2C_GREEDY[: LLAMA2C_GREEDY.index("Lily's mom")]
+    assert pieces[-1].finish == "stop"
+
+
+def test_eos_ends_with_stop(stories_weights):
+    src, w = stories_weights
+    tok = src.tokenizer()
+    import dataclasses
+
+    first = run(w, tok, [1], max_new_tokens=3)[1][0].token  # make the first greedy token an end token
+    tok2 = dataclasses.replace(tok, eos_ids=(first,))
+    text, pieces = run(w, tok2, [1], max_new_tokens=10)
+    assert text == "" and len(pieces) == 1 and pieces[0].finish == "stop"
+
+
+def test_seeded_sampling_is_reproducible_and_varies(stories_weights):
+    src, w = stories_weights
+    tok = src.tokenizer()
+    a = run(w, tok, [1], max_new_tokens=30, temperature=1.0, top_p=0.9, seed=42)[0]
+    b = run(w, tok, [1], max_new_tokens=30, temperature=1.0, top_p=0.9, seed=42)[0]
+    c = run(w, tok, [1], max_new_tokens=30, temperature=1.0, top_p=0.9, seed=7)[0]
+    assert a == b and a != c
+
+
+def test_sample_rules_on_hand_made_logits():
+    rng = np.random.default_rng(0)
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    assert sample(logits, SamplingArgs(), rng) == 0
+    draws = {sample(logits, SamplingArgs(temperature=1.0, top_k=2), rng) for _ in range(200)}
+    assert draws == {0, 1}
+    draws = {sample(logits, SamplingArgs(temperature=1.0, top_p=0.7), rng) for _ in range(200)}
+    assert draws == {0, 1}  # 0.5 alone is short of 0.7; 0.5 + 0.3 reaches it
+    assert sample(logits, SamplingArgs(temperature=1.0, top_p=0.4), rng) == 0
+
+
+def test_repetition_penalty():
+    logits = np.array([2.0, -2.0, 1.0], np.float32)
+    out = penalize(logits, np.array([0, 1]), 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0]
+
+
+def test_utf8_is_never_split(smollm2_weights):
+    src, _ = smollm2_weights
+    tok = src.tokenizer()
+    text = "Grüße 😀 日本語"
+    ids = tok.encode(text)
+    stream = TextStream(tok)
+    pieces = [stream.push(t) for t in ids]
+    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+    assert len(ids) > len(text.split())  # the emoji and CJK span several byte-level tokens
+
+
+def test_prompt_too_long_is_refused_or_trimmed():
+    ids = list(range(100))
+    with pytest.raises(InputError, match="prompt of 100 tokens leaves no room"):
+        fit_prompt(ids, 64, 16, trim=False)
+    assert fit_prompt(ids, 64, 16, trim=True) == ids[-48:]
+    assert fit_prompt(ids[:10], 64, 16, trim=False) == ids[:10]
