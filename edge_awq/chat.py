@@ -1,0 +1,155 @@
+"""``edge-awq chat``: an interactive terminal chat (or one answer with --prompt) with streamed output."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+HELP = "commands: /reset (forget the conversation), /system TEXT, /stats, /help; Ctrl-C stops an answer, Ctrl-D exits"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help=".eawq file (or any model edge-awq reads)")
+    p.add_argument("--prompt", help="answer this once and exit")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--backend", default="auto", help="numba, reference or auto (default)")
+    p.add_argument("--ctx", type=int, default=2048, help="context length in tokens (default 2048)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--tokenizer", default=None, help="tokenizer file for a llama2.c checkpoint")
+
+
+@dataclass
+class Conversation:
+    """Turns kept within the context budget; the oldest are dropped first."""
+
+    system: str | None
+    turns: list[dict] = field(default_factory=list)
+
+    def messages(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    first_token_s: float = 0.0
+
+
+def prompt_ids(tok, conv: Conversation, budget: int) -> tuple[list[int], int]:
+    """Token ids of the conversation, dropping the oldest turns to fit budget. Returns (ids, turns dropped)."""
+    from .errors import InputError
+
+    dropped = 0
+    while True:
+        if tok.chat_template:
+            ids = tok.encode_chat(conv.messages())
+        else:  # no template (a story model): the last user text is continued
+            ids = tok.encode(conv.turns[-1]["content"], bos=tok.add_bos)
+        if len(ids) <= budget:
+            return ids, dropped
+        if len(conv.turns) <= 1:
+            raise InputError(f"the message is {len(ids):,} tokens; at most {budget:,} fit: shorten it or raise --ctx")
+        del conv.turns[:2]  # the oldest user turn and its answer
+        dropped += 1
+
+
+def answer(engine, conv: Conversation, out, stats: Stats) -> str:
+    """Stream one answer to out; Ctrl-C stops it (what was said is kept)."""
+    from .generate import generate
+
+    w, ops, tok, s, ctx = engine
+    ids, dropped = prompt_ids(tok, conv, ctx - min(s.max_new_tokens, ctx // 2))
+    if dropped:
+        print(f"[dropped the {dropped} oldest exchange(s) to fit the context of {ctx} tokens]", file=sys.stderr)
+    text, t0, n = "", time.perf_counter(), 0
+    try:
+        for piece in generate(w, ops, tok, ids, s):
+            if n == 0:
+                stats.first_token_s = time.perf_counter() - t0
+            n += 1
+            text += piece.text
+            out.write(piece.text)
+            out.flush()
+    except KeyboardInterrupt:
+        out.write(" [stopped]")
+    out.write("\n")
+    out.flush()
+    stats.prompt_tokens, stats.new_tokens, stats.seconds = len(ids), n, time.perf_counter() - t0
+    return text
+
+
+def _command(line: str, conv: Conversation, stats: Stats, ctx: int) -> bool:
+    """Handle a /command; True when the line was one."""
+    if line == "/reset":
+        conv.turns.clear()
+        print("[conversation cleared]")
+    elif line.startswith("/system"):
+        conv.system = line[len("/system"):].strip() or None
+        conv.turns.clear()
+        print(f"[system message {'set' if conv.system else 'removed'}; conversation cleared]")
+    elif line == "/stats":
+        rate = stats.new_tokens / stats.seconds if stats.seconds else 0.0
+        print(f"[last answer: {stats.new_tokens} tokens at {rate:.1f} tokens/s, first token after "
+              f"{stats.first_token_s:.2f}s; context used {stats.prompt_tokens + stats.new_tokens} of {ctx}]")
+    elif line.startswith("/"):
+        print(HELP)
+    else:
+        return False
+    return True
+
+
+def interact(engine, conv: Conversation) -> int:
+    stats, ctx = Stats(), engine[4]
+    print(f"edge-awq chat: {HELP}")
+    while True:
+        try:
+            line = input("> ").strip()
+            if not line or _command(line, conv, stats, ctx):
+                continue
+            conv.turns.append({"role": "user", "content": line})
+            reply = answer(engine, conv, sys.stdout, stats)
+            conv.turns.append({"role": "assistant", "content": reply})
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:  # outside an answer: drop a question left without one
+            if conv.turns and conv.turns[-1]["role"] == "user":
+                conv.turns.pop()
+            print()
+
+
+def run(args: argparse.Namespace) -> int:
+    from .errors import InputError
+    from .generate import SamplingArgs
+    from .load import load_weights, open_source
+    from .ops import select_backend
+
+    src = open_source(args.model, args.tokenizer)
+    ctx = min(args.ctx, src.args.max_seq_len)
+    if ctx < 8:
+        raise InputError(f"--ctx {args.ctx}: too small to chat")
+    ops = select_backend(args.backend)
+    if args.backend == "auto":
+        print(f"[backend: {ops.name}]", file=sys.stderr)
+    w = load_weights(src)
+    s = SamplingArgs(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed,
+                     min(args.max_new_tokens, ctx // 2))
+    engine = (w, ops, src.tokenizer(), s, ctx)
+    conv = Conversation(args.system)
+    if args.prompt is not None:
+        conv.turns.append({"role": "user", "content": args.prompt})
+        answer(engine, conv, sys.stdout, Stats())
+        return 0
+    return interact(engine, conv)

@@ -1,0 +1,89 @@
+"""edge-awq chat driven as a person would, through a pseudo-terminal."""
+
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+class Terminal:
+    """A child process on a pseudo-terminal, with expect-style reads."""
+
+    def __init__(self, argv):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: the pty is its controlling terminal, so ^C becomes SIGINT
+            os.environ["COLUMNS"] = "200"
+            os.execv(sys.executable, [sys.executable, *argv])
+        self.seen = ""
+
+    def expect(self, pattern: str, timeout: float = 120) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            m = re.search(pattern, self.seen)
+            if m:
+                before, self.seen = self.seen[: m.end()], self.seen[m.end():]
+                return before
+            r, _, _ = select.select([self.fd], [], [], 0.5)
+            if r:
+                try:
+                    self.seen += os.read(self.fd, 4096).decode("utf-8", "replace")
+                except OSError:
+                    break
+        raise AssertionError(f"never saw {pattern!r}; screen: {self.seen[-2000:]!r}")
+
+    def send(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def wait(self, timeout: float = 30) -> int:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            try:
+                os.read(self.fd, 4096)
+            except OSError:
+                pass
+            time.sleep(0.1)
+        os.kill(self.pid, 9)
+        raise AssertionError("the chat did not exit")
+
+
+def test_chat_session_in_a_terminal(smollm2):
+    t = Terminal(["-m", "edge_awq", "chat", str(smollm2), "--max-new-tokens", "200", "--ctx", "1024"])
+    t.expect(r"> ")
+    t.send("What is the capital of France?\r")
+    answer = t.expect(r"\n> ")
+    assert "Paris" in answer
+    t.send("And of Italy?\r")
+    assert "Rome" in t.expect(r"\n> ")  # the first exchange is remembered
+    t.send("/stats\r")
+    stats = t.expect(r"\n> ")
+    assert re.search(r"tokens at [\d.]+ tokens/s", stats) and "context used" in stats
+    t.send("Write a very long story about a dragon who loves to bake bread.\r")
+    t.expect(r"bread\.\r\n")  # the terminal's echo of the question
+    t.expect(r"[A-Za-z]{3,} [A-Za-z]{3,}")  # the answer has started
+    t.send("\x03")  # Ctrl-C stops the answer, not the program
+    assert "[stopped]" in t.expect(r"\n> ")
+    t.send("/reset\r")
+    assert "[conversation cleared]" in t.expect(r"\n> ")
+    t.send("\x04")  # Ctrl-D exits
+    assert t.wait() == 0
+
+
+def test_prompt_mode_prints_answer_and_exits_zero(smollm2):
+    r = subprocess.run([sys.executable, "-m", "edge_awq", "chat", str(smollm2), "--prompt",
+                        "What is the capital of France?", "--backend", "auto"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "Paris" in r.stdout and "[backend: numba]" in r.stderr
+
+
+def test_backend_unknown_is_one_line(stories_path):
+    r = subprocess.run([sys.executable, "-m", "edge_awq", "chat", str(stories_path), "--prompt", "hi", "--backend",
+                        "tpu"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().endswith("use reference, numba or auto")
