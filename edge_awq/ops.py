@@ -13,6 +13,7 @@ class Backend(Protocol):
     """Six ops. Activations are float32 arrays; T is the number of tokens in the call."""
 
     name: str
+    kv_dtype: type  # dtype of the KV cache the backend reads (numpy dtype)
 
     def embed(self, table, tokens) -> np.ndarray:
         """Rows of table (vocab, dim) for tokens (T,) int -> (T, dim) float32."""

@@ -124,24 +124,136 @@ def linear_w4(x: np.ndarray, w: PreparedW4) -> np.ndarray:
     return y
 
 
+# float16 bit pattern -> float32 value: numba has no float16 arrays, so the fp16 KV cache is read through this.
+HALF_TO_FLOAT = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def rmsnorm_kernel(x, weight, eps, out):
+    """out (T, dim) = x / rms(x) * weight."""
+    T, dim = x.shape
+    for t in prange(T):
+        ss = np.float32(0.0)
+        for i in range(dim):
+            ss += x[t, i] * x[t, i]
+        inv = np.float32(1.0) / np.sqrt(ss / dim + np.float32(eps))
+        for i in range(dim):
+            out[t, i] = x[t, i] * inv * weight[i]
+
+
+@njit(parallel=True, cache=True)
+def rope_kernel(x, cos, sin, interleaved, out):
+    """out (T, H, hd) = x rotated by cos/sin (T, hd/2); pairs (2i, 2i+1) or (i, i + hd/2)."""
+    T, H, hd = x.shape
+    half = hd // 2
+    for t in prange(T):
+        for h in range(H):
+            for i in range(half):
+                a, b = (2 * i, 2 * i + 1) if interleaved else (i, i + half)
+                x0, x1 = x[t, h, a], x[t, h, b]
+                out[t, h, a] = x0 * cos[t, i] - x1 * sin[t, i]
+                out[t, h, b] = x0 * sin[t, i] + x1 * cos[t, i]
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def attention_kernel(q, keys, values, half, pos, out):
+    """Causal GQA over an fp16 cache read as uint16 bits.
+
+    q (T, H, hd) float32; keys/values (n_kv, S, hd) uint16 of one layer; half: the float16 table;
+    out (T, H, hd) float32. Query t sees cache rows 0..pos+t.
+    """
+    T, H, hd = q.shape
+    n_kv = keys.shape[0]
+    group = H // n_kv
+    scale = np.float32(1.0 / np.sqrt(hd))
+    for th in prange(T * H):
+        t, h = th // H, th % H
+        kv, n = h // group, pos + t + 1
+        scores = np.empty(n, np.float32)
+        top = np.float32(-np.inf)
+        for s in range(n):
+            acc = np.float32(0.0)
+            for d in range(hd):
+                acc += q[t, h, d] * half[keys[kv, s, d]]
+            scores[s] = acc * scale
+            top = max(top, scores[s])
+        total = np.float32(0.0)
+        for s in range(n):
+            scores[s] = np.exp(scores[s] - top)
+            total += scores[s]
+        for d in range(hd):
+            out[t, h, d] = 0.0
+        for s in range(n):
+            p = scores[s] / total
+            for d in range(hd):
+                out[t, h, d] += p * half[values[kv, s, d]]
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def silu_mul_kernel(gate, up, out):
+    T, n = gate.shape
+    for t in prange(T):
+        for i in range(n):
+            g = gate[t, i]
+            out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+
+
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
 class NumbaBackend:
-    """W4 linears through the numba kernels; the other five ops are still the numpy reference's (issue 4)."""
+    """The six ops in numba. W4 linears read packed weights; Dense ones (fp16 head, FP models) use BLAS."""
 
     name = "numba"
+    kv_dtype = np.float16
 
     def __init__(self):
-        from .reference import ReferenceBackend
-
-        self._ref = ReferenceBackend()
         self._prepared: dict[int, tuple[W4, PreparedW4]] = {}
+        self._dense: dict[int, tuple[Dense, np.ndarray]] = {}
+
+    def embed(self, table, tokens) -> np.ndarray:
+        return np.asarray(table[np.asarray(tokens, dtype=np.int64)], dtype=np.float32)
+
+    def rmsnorm(self, x, weight, eps: float) -> np.ndarray:
+        x = _f32(x)
+        out = np.empty_like(x)
+        rmsnorm_kernel(x, _f32(weight), eps, out)
+        return out
 
     def linear(self, x, w) -> np.ndarray:
+        x = _f32(x)
         if isinstance(w, Dense):
-            return self._ref.linear(x, w)
+            hit = self._dense.get(id(w))
+            if hit is None or hit[0] is not w:  # float32 view of the weight, converted once
+                hit = self._dense[id(w)] = (w, _f32(w.weight))
+            y = x @ hit[1].T
+            return y if w.bias is None else y + _f32(w.bias)
         hit = self._prepared.get(id(w))
         if hit is None or hit[0] is not w:  # keyed by identity; the W4 is kept so the id stays unique
             hit = self._prepared[id(w)] = (w, prepare(w))
-        return linear_w4(np.asarray(x, dtype=np.float32), hit[1])
+        return linear_w4(x, hit[1])
 
-    def __getattr__(self, op):
-        return getattr(self._ref, op)
+    def rope(self, x, pos: int, inv_freq, interleaved: bool) -> np.ndarray:
+        x = _f32(x)
+        angles = np.arange(pos, pos + x.shape[0], dtype=np.float64)[:, None] * inv_freq[None, :]  # (T, hd/2)
+        out = np.empty_like(x)
+        rope_kernel(x, np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32), interleaved, out)
+        return out
+
+    def attention(self, q, k, v, cache, layer: int, pos: int) -> np.ndarray:
+        T, H, hd = q.shape
+        if cache.k.dtype != np.float16:
+            raise TypeError("the numba backend keeps its KV cache in float16: allocate it with dtype=np.float16")
+        cache.k[layer, :, pos : pos + T] = k.transpose(1, 0, 2)
+        cache.v[layer, :, pos : pos + T] = v.transpose(1, 0, 2)
+        out = np.empty((T, H, hd), np.float32)
+        keys, values = cache.k[layer].view(np.uint16), cache.v[layer].view(np.uint16)
+        attention_kernel(_f32(q), keys, values, HALF_TO_FLOAT, pos, out)
+        return out.reshape(T, H * hd)
+
+    def silu_mul(self, gate, up) -> np.ndarray:
+        gate = _f32(gate)
+        out = np.empty_like(gate)
+        silu_mul_kernel(gate, _f32(up), out)
+        return out

@@ -18,6 +18,7 @@ def _f32(a) -> np.ndarray:
 
 class ReferenceBackend:
     name = "reference"
+    kv_dtype = np.float32
 
     def embed(self, table, tokens) -> np.ndarray:
         return _f32(table[np.asarray(tokens, dtype=np.int64)])
