@@ -16,6 +16,7 @@ COMMANDS = {
     "eval": ("edge_awq.evaluate", "perplexity of a model (or an .eawq file) on a text file"),
     "export": ("edge_awq.offline.export", "quantize a model with AWQ into one .eawq file (needs torch)"),
     "chat": ("edge_awq.chat", "chat with a model in the terminal (or answer one --prompt)"),
+    "bench": ("edge_awq.bench", "speed and memory of a model on this machine"),
     "inspect": ("edge_awq.inspect_file", "print an .eawq file's metadata and tensors"),
     "verify": ("edge_awq.verify", "check every checksum of an .eawq file"),
 }

@@ -1,0 +1,104 @@
+"""``edge-awq bench``: prefill and decode speed, time to first token, peak memory, and each
+linear kernel's effective bandwidth against this machine's measured read bandwidth."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import time
+
+import numpy as np
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help=".eawq file (or any model edge-awq reads)")
+    p.add_argument("--backend", default="auto", help="numba, reference or auto (default)")
+    p.add_argument("--prefill", type=int, nargs="+", default=[128, 512], help="prompt lengths (default 128 512)")
+    p.add_argument("--decode", type=int, default=128, help="tokens to decode (default 128)")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the best is kept")
+    p.add_argument("--json", action="store_true")
+
+
+def read_bandwidth(nbytes: int = 1 << 30, repeat: int = 3) -> float:
+    """Bytes per second that a parallel sum over a large array reads (the bound a GEMV can reach)."""
+    from .backends.numba_cpu import parallel_sum
+
+    a = np.ones(nbytes // 4, np.float32)
+    parallel_sum(a[:1024])
+    best = min(_timed(lambda: parallel_sum(a)) for _ in range(repeat))
+    return a.nbytes / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _linear_bytes_shape(w) -> tuple[int, tuple[int, int]]:
+    from .model import W4
+
+    if isinstance(w, W4):
+        return w.qweight.nbytes + w.scales.nbytes + w.zeros.nbytes, w.shape
+    return w.weight.nbytes, tuple(w.weight.shape)
+
+
+def kernel_rates(w, ops, repeat: int) -> list[dict]:
+    """Decode-step (one token) time and effective GB/s of each linear of layer 0 and of the head."""
+    rows = []
+    lw = w.layers[0]
+    for name, lin in [(n, getattr(lw, n)) for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")] + [("output", w.output)]:
+        nbytes, shape = _linear_bytes_shape(lin)
+        x = np.random.default_rng(0).standard_normal((1, shape[1])).astype(np.float32)
+        ops.linear(x, lin)
+        t = min(_timed(lambda: ops.linear(x, lin)) for _ in range(max(repeat, 5)))
+        rows.append({"linear": name, "shape": list(shape), "seconds": t, "gb_per_s": nbytes / t / 1e9})
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from .generate import SamplingArgs, generate
+    from .load import load_weights, open_source
+    from .model import KVCache, forward
+    from .ops import select_backend
+
+    src = open_source(args.model)
+    ops = select_backend(args.backend)
+    w = load_weights(src)
+    tok = src.tokenizer()
+    rng = np.random.default_rng(0)
+    n_ctx = max(args.prefill) + args.decode
+    res = {"model": str(args.model), "backend": ops.name, "prefill": {}, "read_gb_per_s": read_bandwidth() / 1e9}
+    for n in args.prefill:
+        prompt = rng.integers(3, w.args.vocab_size, n)
+        cache = KVCache.allocate(w.args, n_ctx, ops.kv_dtype)
+        forward(w, prompt[:8], 0, cache, ops, last_only=True)  # warm-up (compiles, converts)
+        t = min(_timed(lambda: forward(w, prompt, 0, cache, ops, last_only=True)) for _ in range(args.repeat))
+        res["prefill"][str(n)] = {"tokens_per_s": n / t, "time_to_first_token_s": t}
+    prompt = list(rng.integers(3, w.args.vocab_size, 16))
+    no_eos = dataclasses.replace(tok, eos_ids=())  # decode the full count
+    for _ in generate(w, ops, no_eos, prompt, SamplingArgs(max_new_tokens=2)):  # warm-up: compile the decode path
+        pass
+    t0 = time.perf_counter()
+    steps = [time.perf_counter() for _ in generate(w, ops, no_eos, prompt, SamplingArgs(max_new_tokens=args.decode))]
+    res["decode_tokens_per_s"] = (len(steps) - 1) / (steps[-1] - steps[0]) if len(steps) > 1 else 0.0
+    res["time_to_first_token_s_16"] = steps[0] - t0
+    res["kernels"] = kernel_rates(w, ops, args.repeat)
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(res) if args.json else _table(res))
+    return 0
+
+
+def _table(r: dict) -> str:
+    bw = r["read_gb_per_s"]
+    lines = [f"{r['model']} on {r['backend']}; measured read bandwidth {bw:.1f} GB/s"]
+    for n, p in r["prefill"].items():
+        lines.append(f"prefill {n:>4} tokens: {p['tokens_per_s']:8.1f} tokens/s (time to first token {p['time_to_first_token_s']:.3f}s)")
+    lines.append(f"decode: {r['decode_tokens_per_s']:.1f} tokens/s; peak RSS {r['peak_rss_mb']:.0f} MB")
+    lines.append(f"{'linear':8s} {'shape':>12s} {'ms':>8s} {'GB/s':>7s} {'of bound':>9s}")
+    for k in r["kernels"]:
+        shape = "x".join(map(str, k["shape"]))
+        lines.append(f"{k['linear']:8s} {shape:>12s} {k['seconds'] * 1e3:8.3f} {k['gb_per_s']:7.2f} {k['gb_per_s'] / bw:8.0%}")
+    return "\n".join(lines)

@@ -1,0 +1,14 @@
+import json
+
+from tests.golden.regen import GOLDEN_FILE
+from tests.test_cli import edge_awq
+
+
+def test_bench_reports_every_figure():
+    r = edge_awq("bench", GOLDEN_FILE, "--prefill", "8", "16", "--decode", "8", "--repeat", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["backend"] == "numba" and set(res["prefill"]) == {"8", "16"}
+    assert res["read_gb_per_s"] > 0 and res["decode_tokens_per_s"] > 0 and res["peak_rss_mb"] > 0
+    assert [k["linear"] for k in res["kernels"]] == ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"]
+    assert res["kernels"][4]["shape"] == [64, 32] and all(k["gb_per_s"] > 0 for k in res["kernels"])
