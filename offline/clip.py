@@ -26,7 +26,12 @@ def group_errors(w: torch.Tensor, x: torch.Tensor, limits: torch.Tensor, bits: i
     w (rows, 1, G, gs), x (1, n, G, gs), limits (rows, 1, G, 1), reference (rows, n, G) -> (rows, G).
     """
     q = fake_quantize(torch.clamp(w, -limits, limits), bits, group_size)
-    return ((x * q).sum(-1) - reference).pow(2).mean(dim=1)
+    return (partial_dots(x, q) - reference).pow(2).mean(dim=1)
+
+
+def partial_dots(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per-group dot products: x (1, n, G, gs), w (rows, 1, G, gs) -> (rows, n, G), as one batched matmul."""
+    return torch.einsum("ngk,rgk->rng", x[0], w[:, 0])
 
 
 def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, n_grid: int = 20,
@@ -38,7 +43,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, n_
     best = []
     for r in range(0, out_f, rows_per_batch):
         wb = w[r : r + rows_per_batch].float().reshape(-1, 1, G, group_size)  # (rows, 1, G, gs)
-        reference = (xs * wb).sum(-1)  # (rows, n, G)
+        reference = partial_dots(xs, wb)  # (rows, n, G)
         top = wb.abs().amax(dim=-1, keepdim=True)  # (rows, 1, G, 1)
         best_limit, best_err = top.clone(), torch.full(top.shape[:1] + top.shape[2:3], float("inf"))
         for i in range(int(max_shrink * n_grid)):
