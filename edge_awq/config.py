@@ -71,6 +71,17 @@ class ModelArgs:
             if not ok:
                 raise ConfigError(f"bad model configuration: {what}")
 
+    @property
+    def linear_params(self) -> int:
+        """Weights of all decoder linears (what gets quantized)."""
+        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return self.n_layers * self.dim * (2 * q_out + 2 * kv_out + 3 * self.hidden_dim)
+
+    @property
+    def n_params(self) -> int:
+        """All matrix weights: linears, embedding and (untied) head."""
+        return self.linear_params + self.vocab_size * self.dim * (1 if self.tied_embeddings else 2)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -72,10 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--ctx {args.ctx}: must be between 2 and the model's context of {a.max_seq_len}")
     ops = select_backend(args.backend)
     tokens = _tokens(src, args, text)
-    n_params = a.vocab_size * a.dim * (1 if a.tied_embeddings else 2) + a.n_layers * (
-        a.dim * (a.n_heads + 2 * a.n_kv_heads) * a.head_dim + a.n_heads * a.head_dim * a.dim + 3 * a.dim * a.hidden_dim
-    )
-    weights = load_weights(src, lazy=_should_stream(4 * n_params))
+    weights = load_weights(src, lazy=_should_stream(4 * a.n_params))
     console = Console(stderr=True)
     columns = (TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:

@@ -113,9 +113,12 @@ def _nothing(index: int, phase: str) -> None:
 
 
 def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerReport, t: float, on_phase=_nothing):
-    """AWQ on one layer: scales searched on FP features and folded, then clipping. Returns the new lw."""
+    """AWQ on one layer: scales searched on FP features and folded, then clipping.
+
+    Returns the new lw and the FP layer output (kept for the loss report).
+    """
     on_phase(rep.index, "stats")
-    feats, x_mid, _ = record_inputs(lw, x_in, ctx, ops)
+    feats, x_mid, fp_out = record_inputs(lw, x_in, ctx, ops)
     t = _timed(rep, "stats", t)
     on_phase(rep.index, "scale search")
     found = []
@@ -138,14 +141,14 @@ def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerRepo
             limits = search_clip(d.weight, feats[n], qa.bits, gs, qa.n_grid)
             lw = dataclasses.replace(lw, **{n: Dense(apply_clip(d.weight, limits, gs), d.bias)})
         _timed(rep, "clip search", t)
-    return lw
+    return lw, fp_out
 
 
 def quantize_layer(lw_fp: LayerWeights, x_in, index: int, ctx, qa: QuantArgs, ops, on_phase=_nothing):
     """Quantize one layer. Returns (packed linears {name: W4}, folded norms {name: array}, next input, report)."""
     rep = LayerReport(index)
     t = time.perf_counter()
-    lw = search_layer(lw_fp, x_in, ctx, qa, ops, rep, t, on_phase) if qa.method == "awq" else lw_fp
+    lw, fp_out = search_layer(lw_fp, x_in, ctx, qa, ops, rep, t, on_phase) if qa.method == "awq" else (lw_fp, None)
     on_phase(index, "quantize")
     t = time.perf_counter()
     packed, dequant = {}, {}
@@ -157,7 +160,8 @@ def quantize_layer(lw_fp: LayerWeights, x_in, index: int, ctx, qa: QuantArgs, op
     t = _timed(rep, "quantize", t)
     lw_q = dataclasses.replace(lw, **dequant)
     on_phase(index, "propagate")
-    fp_out = block(lw_fp, x_in, 0, None, 0, ctx, ops)
+    if fp_out is None:
+        fp_out = block(lw_fp, x_in, 0, None, 0, ctx, ops)
     x_out = block(lw_q, x_in, 0, None, 0, ctx, ops)
     rep.loss = float((x_out - fp_out).pow(2).mean())
     rep.loss_rtn = rep.loss if qa.method == "rtn" else float(

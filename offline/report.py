@@ -42,8 +42,7 @@ def summary(path: Path, a, qa, reports, t_calib: float, t_total: float) -> dict:
         for k, v in r.seconds.items():
             phases[k] = phases.get(k, 0.0) + v
     size = path.stat().st_size
-    n_quant = sum(a.n_layers * o * i for o, i in _linear_shapes(a))
-    n_params = n_quant + a.vocab_size * a.dim * (1 if a.tied_embeddings else 2)
+    n_quant, n_params = a.linear_params, a.n_params
     gs_note = "per channel" if qa.group_size == "channel" else f"group {qa.group_size}"
     bpw = (bits_per_weight(qa.bits, qa.group_size) if qa.group_size != "channel"
            else sum(a.n_layers * o * i * bits_per_weight(qa.bits, i) for o, i in _linear_shapes(a)) / n_quant)
