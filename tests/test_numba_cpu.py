@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("numba")
 
-from edge_awq.backends.numba_cpu import NumbaBackend, linear_w4, prepare  # noqa: E402
+from edge_awq.backends.numba_cpu import NumbaBackend, linear_f16, linear_w4, prepare  # noqa: E402
 from edge_awq.backends.reference import ReferenceBackend  # noqa: E402
 from edge_awq.load import load_weights, open_source  # noqa: E402
 from edge_awq.model import KVCache, forward  # noqa: E402
@@ -20,7 +20,7 @@ def rel_err(got, want):
 
 @pytest.mark.parametrize("bits,gs,out_f,in_f", [
     (4, 64, 33, 576), (4, 128, 7, 4096), (4, 172, 5, 172), (4, 4, 16, 172), (3, 64, 9, 576), (3, 4, 3, 172),
-    (4, 32, 1, 64), (3, 172, 2, 172),
+    (4, 32, 1, 64), (3, 172, 2, 172), (8, 64, 5, 576), (8, 172, 4, 172), (2, 32, 3, 64),
 ])
 @pytest.mark.parametrize("T", [1, 2, 3, 7, 16, 33])
 def test_linear_matches_reference(bits, gs, out_f, in_f, T):
@@ -39,6 +39,40 @@ def test_real_weights_smollm2_layer(smollm2_weights):
         p = pack_linear(w, 4, gs)
         x = rng.standard_normal((1, w.shape[1])).astype(np.float32)
         assert rel_err(linear_w4(x, prepare(p)), x @ unpack_linear(p).T) <= 1e-3
+
+
+@pytest.mark.parametrize("T", [1, 2, 4, 5, 40])
+@pytest.mark.parametrize("out_f,in_f", [(1, 64), (7, 172), (300, 576)])
+def test_fp16_linear_reads_half_weights(T, out_f, in_f):
+    w = (rng.standard_normal((out_f, in_f)) * 0.05).astype(np.float16)
+    x = rng.standard_normal((T, in_f)).astype(np.float32)
+    assert rel_err(linear_f16(x, w), x @ w.astype(np.float32).T) <= 1e-5
+
+
+def test_half_conversion_is_exact_for_every_finite_pattern():
+    from numba import njit
+
+    from edge_awq.backends.numba_intrinsics import half_f32
+
+    @njit
+    def convert(bits, out):
+        for i in range(bits.shape[0]):
+            out[i] = half_f32(bits[i])
+
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    finite = np.isfinite(bits.view(np.float16))
+    out = np.empty(65536, np.float32)
+    convert(bits, out)
+    np.testing.assert_array_equal(out[finite], bits.view(np.float16)[finite].astype(np.float32))
+
+
+def test_real_head_rows_fp16_and_8bit(smollm2_weights):
+    src, _ = smollm2_weights
+    emb = np.asarray(src.get("tok_embeddings"))[:2000].astype(np.float16)  # (2000, 576)
+    x = rng.standard_normal((1, 576)).astype(np.float32)
+    assert rel_err(linear_f16(x, emb), x @ emb.astype(np.float32).T) <= 1e-5
+    p = pack_linear(emb.astype(np.float32), 8, 64)
+    assert rel_err(linear_w4(x, prepare(p)), x @ unpack_linear(p).T) <= 1e-3
 
 
 def test_greedy_tokens_agree_with_reference(tmp_path):

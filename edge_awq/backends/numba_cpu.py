@@ -1,11 +1,15 @@
 """The CPU backend: numba kernels that read the packed weights directly (parallel over rows).
 
 Packed layout (``pack.py``): each row of b-bit values is a little-endian bit
-stream in uint32 words; for 4 bits, word k of a row holds values 8k..8k+7,
-value 8k+j in bits 4j..4j+3. At load, each W4 is prepared once (``prepare``):
-scales widened to float32 (numba has no float16 arrays) and zero points turned
-into ``zs = zero * scale``, so that a group's dot product is
-``scale * sum(q * x) - zs * sum(x)``: integer unpacking and one FMA per weight.
+stream; for 4 bits, byte k of a row holds value 2k in its low nibble and value
+2k+1 in its high nibble. The 4-bit GEMV reads that order as it is: x is split
+once per call into its even and odd entries, so that a byte's two nibbles meet
+two contiguous vectors and the loop vectorizes (``numba_intrinsics``). At load,
+each W4 is prepared once (``prepare``): scales widened to float32 and zero
+points turned into ``zs = zero * scale``, so that a group's dot product is
+``scale * sum(q * x) - zs * sum(x)``. The packed weights are not copied.
+Prefill dequantizes blocks of rows into a small float32 buffer and multiplies
+with BLAS; fp16 dense weights (the head, FP models) are read as fp16.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from numba import njit, prange
 
 from ..model import W4, Dense
 from ..pack import unpack_bits
+from .numba_intrinsics import byte_f32, half_f32, hi_nibble, lo_nibble
 
 DEQUANT_ROWS = 256  # rows dequantized per block for the prefill GEMM
+GEMV_MAX_T = 4  # up to this many tokens, linears run as GEMVs over the packed rows
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,7 @@ class PreparedW4:
     """A W4 ready for the kernels."""
 
     qweight: np.ndarray  # (out, words) uint32, as in the file
+    qbytes: np.ndarray  # the same memory as (out, 4 * words) uint8
     scales: np.ndarray  # (out, G) float32
     zs: np.ndarray  # (out, G) float32: zero point times scale
     group_size: int
@@ -33,12 +40,18 @@ class PreparedW4:
     in_features: int
     bias: np.ndarray | None  # (out,) float32
 
+    @property
+    def byte_path(self) -> bool:
+        """Whether the fast kernels apply: 4 bits in even groups, or 8 bits."""
+        return (self.bits == 4 and self.group_size % 2 == 0) or self.bits == 8
+
 
 def prepare(w: W4) -> PreparedW4:
     scales = w.scales.astype(np.float32)
     zeros = unpack_bits(w.zeros, w.bits, w.in_features // w.group_size).astype(np.float32)
     bias = None if w.bias is None else np.asarray(w.bias, np.float32)
-    return PreparedW4(np.ascontiguousarray(w.qweight), scales, zeros * scales, w.group_size, w.bits, w.in_features, bias)
+    qweight = np.ascontiguousarray(w.qweight)
+    return PreparedW4(qweight, qweight.view(np.uint8), scales, zeros * scales, w.group_size, w.bits, w.in_features, bias)
 
 
 @njit(cache=True, inline="always")
@@ -53,44 +66,117 @@ def _value(row, pos, bits):
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def gemv_w4_kernel(qweight, scales, zs, x, xsum, group_size, y):
-    """y (out,) = W x for 4-bit rows with group_size a multiple of 8; xsum (G,) per-group sums of x."""
+def gemv_w4_kernel(qb, scales, zs, xe, xo, xsum, group_size, y):
+    """y (T, out) = x W^T for 4-bit rows; qb (out, bytes) uint8 in file order.
+
+    xe, xo (T, in/2): the even and odd entries of x; xsum (T, G): per-group sums.
+    Two rows per iteration share the loads of x; slices keep indices provably
+    non-negative, which the vectorizer needs.
+    """
+    T = xe.shape[0]
     out_f, n_groups = scales.shape
-    words_per_group = group_size // 8
-    for r in prange(out_f):
-        acc = np.float32(0.0)
-        for g in range(n_groups):
-            s = np.float32(0.0)
-            w0 = g * words_per_group
-            for k in range(words_per_group):
-                word = qweight[r, w0 + k]
-                i = (w0 + k) * 8
-                s += (np.float32(word & 15) * x[i] + np.float32((word >> 4) & 15) * x[i + 1]
-                      + np.float32((word >> 8) & 15) * x[i + 2] + np.float32((word >> 12) & 15) * x[i + 3]
-                      + np.float32((word >> 16) & 15) * x[i + 4] + np.float32((word >> 20) & 15) * x[i + 5]
-                      + np.float32((word >> 24) & 15) * x[i + 6] + np.float32((word >> 28) & 15) * x[i + 7])
-            acc += scales[r, g] * s - zs[r, g] * xsum[g]
-        y[r] = acc
+    half = group_size // 2
+    for rp in prange((out_f + 1) // 2):
+        r0 = 2 * rp
+        r1 = min(r0 + 1, out_f - 1)
+        for t in range(T):
+            acc0 = np.float32(0.0)
+            acc1 = np.float32(0.0)
+            for g in range(n_groups):
+                b0 = qb[r0, g * half : (g + 1) * half]
+                b1 = qb[r1, g * half : (g + 1) * half]
+                xa = xe[t, g * half : (g + 1) * half]
+                xb = xo[t, g * half : (g + 1) * half]
+                s0 = np.float32(0.0)
+                s1 = np.float32(0.0)
+                for k in range(half):
+                    s0 += lo_nibble(b0[k]) * xa[k] + hi_nibble(b0[k]) * xb[k]
+                    s1 += lo_nibble(b1[k]) * xa[k] + hi_nibble(b1[k]) * xb[k]
+                acc0 += scales[r0, g] * s0 - zs[r0, g] * xsum[t, g]
+                acc1 += scales[r1, g] * s1 - zs[r1, g] * xsum[t, g]
+            y[t, r0] = acc0
+            y[t, r1] = acc1
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def gemv_w8_kernel(qb, scales, zs, x, xsum, group_size, y):
+    """y (T, out) = x W^T for 8-bit rows (one byte per value); x (T, in), xsum (T, G)."""
+    T = x.shape[0]
+    out_f, n_groups = scales.shape
+    for rp in prange((out_f + 1) // 2):
+        r0 = 2 * rp
+        r1 = min(r0 + 1, out_f - 1)
+        for t in range(T):
+            acc0 = np.float32(0.0)
+            acc1 = np.float32(0.0)
+            for g in range(n_groups):
+                b0 = qb[r0, g * group_size : (g + 1) * group_size]
+                b1 = qb[r1, g * group_size : (g + 1) * group_size]
+                xa = x[t, g * group_size : (g + 1) * group_size]
+                s0 = np.float32(0.0)
+                s1 = np.float32(0.0)
+                for k in range(group_size):
+                    s0 += byte_f32(b0[k]) * xa[k]
+                    s1 += byte_f32(b1[k]) * xa[k]
+                acc0 += scales[r0, g] * s0 - zs[r0, g] * xsum[t, g]
+                acc1 += scales[r1, g] * s1 - zs[r1, g] * xsum[t, g]
+            y[t, r0] = acc0
+            y[t, r1] = acc1
 
 
 @njit(parallel=True, cache=True, fastmath=True)
 def gemv_any_kernel(qweight, scales, zs, x, xsum, group_size, bits, y):
-    """y (out,) = W x for any bit width and group size."""
+    """y (T, out) = x W^T for any bit width and group size; x (T, in), xsum (T, G)."""
+    T = x.shape[0]
     out_f, n_groups = scales.shape
     for r in prange(out_f):
         row = qweight[r]
-        acc = np.float32(0.0)
+        for t in range(T):
+            acc = np.float32(0.0)
+            for g in range(n_groups):
+                s = np.float32(0.0)
+                for i in range(g * group_size, (g + 1) * group_size):
+                    s += np.float32(_value(row, i, bits)) * x[t, i]
+                acc += scales[r, g] * s - zs[r, g] * xsum[t, g]
+            y[t, r] = acc
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def dequant_w4_planes_kernel(qb, scales, zs, group_size, r0, even, odd):
+    """even, odd (rows, in/2) float32 = the even and odd columns of rows r0.. of a 4-bit weight."""
+    rows = even.shape[0]
+    n_groups = scales.shape[1]
+    half = group_size // 2
+    for j in prange(rows):
+        r = r0 + j
         for g in range(n_groups):
-            s = np.float32(0.0)
-            for i in range(g * group_size, (g + 1) * group_size):
-                s += np.float32(_value(row, i, bits)) * x[i]
-            acc += scales[r, g] * s - zs[r, g] * xsum[g]
-        y[r] = acc
+            s, z = scales[r, g], zs[r, g]
+            b = qb[r, g * half : (g + 1) * half]
+            e = even[j, g * half : (g + 1) * half]
+            o = odd[j, g * half : (g + 1) * half]
+            for k in range(half):
+                e[k] = lo_nibble(b[k]) * s - z
+                o[k] = hi_nibble(b[k]) * s - z
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def dequant_w8_kernel(qb, scales, zs, group_size, r0, out):
+    """out (rows, in) float32 = dequantized rows r0.. of an 8-bit weight."""
+    rows = out.shape[0]
+    n_groups = scales.shape[1]
+    for j in prange(rows):
+        r = r0 + j
+        for g in range(n_groups):
+            s, z = scales[r, g], zs[r, g]
+            b = qb[r, g * group_size : (g + 1) * group_size]
+            o = out[j, g * group_size : (g + 1) * group_size]
+            for k in range(group_size):
+                o[k] = byte_f32(b[k]) * s - z
 
 
 @njit(parallel=True, cache=True)
 def dequant_rows_kernel(qweight, scales, zs, group_size, bits, r0, out):
-    """out (rows, in) float32 = dequantized rows r0..r0+rows of the weight."""
+    """out (rows, in) float32 = dequantized rows r0..r0+rows of the weight (any bit width)."""
     rows, in_f = out.shape
     for j in prange(rows):
         row = qweight[r0 + j]
@@ -99,33 +185,92 @@ def dequant_rows_kernel(qweight, scales, zs, group_size, bits, r0, out):
             out[j, i] = np.float32(_value(row, i, bits)) * scales[r0 + j, g] - zs[r0 + j, g]
 
 
+@njit(parallel=True, cache=True, fastmath=True)
+def gemv_f16_kernel(w, x, y):
+    """y (T, out) = x W^T for a float16 weight read as uint16 bits (out, in); x (T, in)."""
+    T = x.shape[0]
+    out_f = w.shape[0]
+    for rp in prange((out_f + 1) // 2):
+        r0 = 2 * rp
+        r1 = min(r0 + 1, out_f - 1)
+        w0, w1 = w[r0], w[r1]
+        for t in range(T):
+            xt = x[t]
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            for k in range(xt.shape[0]):
+                s0 += half_f32(w0[k]) * xt[k]
+                s1 += half_f32(w1[k]) * xt[k]
+            y[t, r0] = s0
+            y[t, r1] = s1
+
+
+@njit(parallel=True, cache=True)
+def f16_rows_kernel(w, r0, out):
+    """out (rows, in) float32 = rows r0.. of a float16 weight read as uint16 bits."""
+    rows, in_f = out.shape
+    for j in prange(rows):
+        src, dst = w[r0 + j], out[j]
+        for k in range(in_f):
+            dst[k] = half_f32(src[k])
+
+
+def _blocked(x: np.ndarray, out_f: int, in_f: int, fill, n_buffers: int = 1) -> np.ndarray:
+    """y = x W^T with W made DEQUANT_ROWS rows at a time by fill(r0, *buffers) and multiplied by BLAS."""
+    y = np.empty((x.shape[0], out_f), np.float32)
+    bufs = [np.empty((min(DEQUANT_ROWS, out_f), in_f), np.float32) for _ in range(n_buffers)]
+    xs = [x] if n_buffers == 1 else [np.ascontiguousarray(x[:, 0::2]), np.ascontiguousarray(x[:, 1::2])]
+    for r0 in range(0, out_f, DEQUANT_ROWS):
+        rows = min(DEQUANT_ROWS, out_f - r0)
+        views = [b[:rows] for b in bufs]
+        fill(r0, *views)
+        np.matmul(xs[0], views[0].T, out=y[:, r0 : r0 + rows])
+        for xi, v in zip(xs[1:], views[1:]):
+            y[:, r0 : r0 + rows] += xi @ v.T
+    return y
+
+
 def linear_w4(x: np.ndarray, w: PreparedW4) -> np.ndarray:
-    """x (T, in) float32 -> (T, out) float32: GEMV per token for decoding, blocked dequant + BLAS for prefill."""
+    """x (T, in) float32 -> (T, out) float32: GEMV over packed rows for few tokens, blocked dequant + BLAS for more."""
     T = x.shape[0]
     out_f = w.qweight.shape[0]
-    y = np.empty((T, out_f), np.float32)
-    if T <= 4:
-        n_groups = w.in_features // w.group_size
-        for t in range(T):
-            xt = np.ascontiguousarray(x[t], dtype=np.float32)
-            xsum = xt.reshape(n_groups, w.group_size).sum(axis=1)  # (G,)
-            if w.bits == 4 and w.group_size % 8 == 0:
-                gemv_w4_kernel(w.qweight, w.scales, w.zs, xt, xsum, w.group_size, y[t])
-            else:
-                gemv_any_kernel(w.qweight, w.scales, w.zs, xt, xsum, w.group_size, w.bits, y[t])
+    n_groups = w.in_features // w.group_size
+    fast4 = w.bits == 4 and w.group_size % 2 == 0
+    if T <= GEMV_MAX_T:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        xsum = x.reshape(T, n_groups, w.group_size).sum(axis=2)  # (T, G)
+        y = np.empty((T, out_f), np.float32)
+        if fast4:
+            xe, xo = np.ascontiguousarray(x[:, 0::2]), np.ascontiguousarray(x[:, 1::2])
+            gemv_w4_kernel(w.qbytes, w.scales, w.zs, xe, xo, xsum, w.group_size, y)
+        elif w.bits == 8:
+            gemv_w8_kernel(w.qbytes, w.scales, w.zs, x, xsum, w.group_size, y)
+        else:
+            gemv_any_kernel(w.qweight, w.scales, w.zs, x, xsum, w.group_size, w.bits, y)
+    elif fast4:
+        y = _blocked(x, out_f, w.in_features // 2,
+                     lambda r0, e, o: dequant_w4_planes_kernel(w.qbytes, w.scales, w.zs, w.group_size, r0, e, o), 2)
+    elif w.bits == 8:
+        y = _blocked(x, out_f, w.in_features,
+                     lambda r0, out: dequant_w8_kernel(w.qbytes, w.scales, w.zs, w.group_size, r0, out))
     else:
-        buf = np.empty((min(DEQUANT_ROWS, out_f), w.in_features), np.float32)
-        for r0 in range(0, out_f, DEQUANT_ROWS):
-            rows = min(DEQUANT_ROWS, out_f - r0)
-            dequant_rows_kernel(w.qweight, w.scales, w.zs, w.group_size, w.bits, r0, buf[:rows])
-            np.matmul(x, buf[:rows].T, out=y[:, r0 : r0 + rows])
+        y = _blocked(x, out_f, w.in_features,
+                     lambda r0, out: dequant_rows_kernel(w.qweight, w.scales, w.zs, w.group_size, w.bits, r0, out))
     if w.bias is not None:
         y += w.bias
     return y
 
 
-# float16 bit pattern -> float32 value: numba has no float16 arrays, so the fp16 KV cache is read through this.
-HALF_TO_FLOAT = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+def linear_f16(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x (T, in) float32 -> (T, out) float32 for a float16 weight (out, in), read as float16."""
+    bits = np.ascontiguousarray(w).view(np.uint16)
+    out_f, in_f = bits.shape
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[0] <= GEMV_MAX_T:
+        y = np.empty((x.shape[0], out_f), np.float32)
+        gemv_f16_kernel(bits, x, y)
+        return y
+    return _blocked(x, out_f, in_f, lambda r0, out: f16_rows_kernel(bits, r0, out))
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -156,10 +301,10 @@ def rope_kernel(x, cos, sin, interleaved, out):
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def attention_kernel(q, keys, values, half, pos, out):
+def attention_kernel(q, keys, values, pos, out):
     """Causal GQA over an fp16 cache read as uint16 bits.
 
-    q (T, H, hd) float32; keys/values (n_kv, S, hd) uint16 of one layer; half: the float16 table;
+    q (T, H, hd) float32; keys/values (n_kv, S, hd) uint16 of one layer;
     out (T, H, hd) float32. Query t sees cache rows 0..pos+t.
     """
     T, H, hd = q.shape
@@ -169,12 +314,15 @@ def attention_kernel(q, keys, values, half, pos, out):
     for th in prange(T * H):
         t, h = th // H, th % H
         kv, n = h // group, pos + t + 1
+        qv = q[t, h]
+        o = out[t, h]
         scores = np.empty(n, np.float32)
         top = np.float32(-np.inf)
         for s in range(n):
+            krow = keys[kv, s]
             acc = np.float32(0.0)
             for d in range(hd):
-                acc += q[t, h, d] * half[keys[kv, s, d]]
+                acc += qv[d] * half_f32(krow[d])
             scores[s] = acc * scale
             top = max(top, scores[s])
         total = np.float32(0.0)
@@ -182,11 +330,12 @@ def attention_kernel(q, keys, values, half, pos, out):
             scores[s] = np.exp(scores[s] - top)
             total += scores[s]
         for d in range(hd):
-            out[t, h, d] = 0.0
+            o[d] = 0.0
         for s in range(n):
             p = scores[s] / total
+            vrow = values[kv, s]
             for d in range(hd):
-                out[t, h, d] += p * half[values[kv, s, d]]
+                o[d] += p * half_f32(vrow[d])
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -233,10 +382,13 @@ class NumbaBackend:
     def linear(self, x, w) -> np.ndarray:
         x = _f32(x)
         if isinstance(w, Dense):
-            hit = self._dense.get(id(w))
-            if hit is None or hit[0] is not w:  # float32 view of the weight, converted once
-                hit = self._dense[id(w)] = (w, _f32(w.weight))
-            y = x @ hit[1].T
+            if w.weight.dtype == np.float16:  # read as it is stored: half the bytes of a float32 copy
+                y = linear_f16(x, w.weight)
+            else:
+                hit = self._dense.get(id(w))
+                if hit is None or hit[0] is not w:  # float32 view of the weight, converted once
+                    hit = self._dense[id(w)] = (w, _f32(w.weight))
+                y = x @ hit[1].T
             return y if w.bias is None else y + _f32(w.bias)
         hit = self._prepared.get(id(w))
         if hit is None or hit[0] is not w:  # keyed by identity; the W4 is kept so the id stays unique
@@ -258,7 +410,7 @@ class NumbaBackend:
         cache.v[layer, :, pos : pos + T] = v.transpose(1, 0, 2)
         out = np.empty((T, H, hd), np.float32)
         keys, values = cache.k[layer].view(np.uint16), cache.v[layer].view(np.uint16)
-        attention_kernel(_f32(q), keys, values, HALF_TO_FLOAT, pos, out)
+        attention_kernel(_f32(q), keys, values, pos, out)
         return out.reshape(T, H * hd)
 
     def silu_mul(self, gate, up) -> np.ndarray:
