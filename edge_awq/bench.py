@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     src = open_source(args.model)
     ops = select_backend(args.backend)
-    w = load_weights(src)
+    w = load_weights(src, dtype=None)  # stored arrays as they are (fp16 tables stay mapped)
     tok = src.tokenizer()
     rng = np.random.default_rng(0)
     n_ctx = max(args.prefill) + args.decode

@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     ops = select_backend(args.backend)
     if args.backend == "auto":
         print(f"[backend: {ops.name}]", file=sys.stderr)
-    w = load_weights(src)
+    w = load_weights(src, dtype=None)  # stored arrays as they are (fp16 tables stay mapped)
     s = SamplingArgs(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed,
                      min(args.max_new_tokens, ctx // 2))
     engine = (w, ops, src.tokenizer(), s, ctx)

@@ -167,10 +167,17 @@ class EawqSource:
         return bad
 
 
-def tensor_specs(a: ModelArgs, bits: int, group_for, tokenizer_nbytes: int) -> list[tuple[str, object, tuple[int, ...]]]:
+HEAD_BITS = {"int8": 8, "w4": 4}  # packed output heads; "fp16" keeps the float16 table
+
+
+def tensor_specs(a: ModelArgs, bits: int, group_for, tokenizer_nbytes: int,
+                 head: str = "fp16") -> list[tuple[str, object, tuple[int, ...]]]:
     """Every tensor of an .eawq file in write order: (name, dtype, shape).
 
     group_for(in_features) -> the group size used for a linear of that input width.
+    head: "fp16" (the embedding table when tied), or "int8"/"w4": an output head
+    packed at 8 or 4 bits in groups of group_for(dim), tied or not (the fp16
+    embedding table stays for the gather).
     """
     from .load import expected_shapes
     from .model import LINEARS
@@ -190,6 +197,11 @@ def tensor_specs(a: ModelArgs, bits: int, group_for, tokenizer_nbytes: int) -> l
             if a.qkv_bias and n in ("wq", "wk", "wv"):
                 specs.append((f"layers.{i}.{n}.bias", np.float32, (out_f,)))
     specs.append(("norm", np.float16, (a.dim,)))
-    if not a.tied_embeddings:
+    if head in HEAD_BITS:
+        hb, n_groups = HEAD_BITS[head], a.dim // group_for(a.dim)
+        specs += [("output.qweight", np.uint32, (a.vocab_size, packed_words(a.dim, hb))),
+                  ("output.scales", np.float16, (a.vocab_size, n_groups)),
+                  ("output.zeros", np.uint32, (a.vocab_size, packed_words(n_groups, hb)))]
+    elif not a.tied_embeddings:
         specs.append(("output", np.float16, (a.vocab_size, a.dim)))
     return specs

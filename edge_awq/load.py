@@ -10,6 +10,7 @@ import numpy as np
 from .config import ModelArgs, rope_frequencies
 from .errors import FormatError
 from .model import LINEARS, W4, Dense, LayerWeights, LazyLayers, ModelWeights
+from .format import HEAD_BITS
 from .pack import packed_words
 from .sources import Source
 
@@ -61,12 +62,15 @@ def _checked(src: Source, key: str, shape: tuple[int, ...], dtype) -> np.ndarray
     return t if dtype is None else np.ascontiguousarray(t, dtype=dtype)
 
 
-def _linear(src: Source, key: str, shape: tuple[int, int], dtype) -> Dense | W4:
-    """A Dense weight, or a packed W4 where the source holds ``key.qweight`` (an .eawq file)."""
+def _linear(src: Source, key: str, shape: tuple[int, int], dtype, bits: int | None = None) -> Dense | W4:
+    """A Dense weight, or a packed W4 where the source holds ``key.qweight`` (an .eawq file).
+
+    bits: the packed width, by default the file's quantization bits (the head has its own).
+    """
     bias = _checked(src, key + ".bias", shape[:1], np.float32) if src.has(key + ".bias") else None
     if not src.has(key + ".qweight"):
         return Dense(_checked(src, key + ".weight", shape, dtype), bias)
-    bits, (out_f, in_f) = src.quantization["bits"], shape
+    bits, (out_f, in_f) = bits or src.quantization["bits"], shape
     scales = src.get(key + ".scales")
     n_groups = scales.shape[1] if scales.ndim == 2 else 0
     if n_groups == 0 or in_f % n_groups:
@@ -98,10 +102,19 @@ def load_weights(src: Source, lazy: bool = False, dtype=np.float32) -> ModelWeig
     """All weights of src. lazy: layers are read from the source at each access (bounded memory)."""
     a = src.args
     emb = _checked(src, "tok_embeddings", (a.vocab_size, a.dim), dtype)
-    out = emb if a.tied_embeddings or not src.has("output") else _checked(src, "output", (a.vocab_size, a.dim), dtype)
+    if getattr(src, "quantization", None) and src.has("output.qweight"):  # a packed head (``export --head``)
+        head_bits = HEAD_BITS.get(src.quantization.get("head"))
+        if head_bits is None:
+            raise FormatError(f"{src.path}: a packed output head, but the metadata names head "
+                              f"{src.quantization.get('head')!r}; re-export the file")
+        out = _linear(src, "output", (a.vocab_size, a.dim), dtype, head_bits)
+    elif a.tied_embeddings or not src.has("output"):
+        out = Dense(emb)
+    else:
+        out = Dense(_checked(src, "output", (a.vocab_size, a.dim), dtype))
     if lazy:
         layers = LazyLayers(a.n_layers, lambda i: read_layer(src, i, dtype))
     else:
         layers = [read_layer(src, i, dtype) for i in range(a.n_layers)]
     log.info("loaded %s (%d layers, %s)", src.path, a.n_layers, "lazy" if lazy else "in memory")
-    return ModelWeights(a, emb, layers, _checked(src, "norm", (a.dim,), np.float32), Dense(out), inv_freq(src))
+    return ModelWeights(a, emb, layers, _checked(src, "norm", (a.dim,), np.float32), out, inv_freq(src))

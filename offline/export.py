@@ -10,6 +10,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+DEFAULT_HEAD = "fp16"
+HEAD_ROWS = 8192  # rows of the head quantized at a time (bounded memory for large vocabularies)
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="Hugging Face directory, .gguf file or llama2.c .bin")
@@ -23,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duo-scaling", action="store_true", help="scale by activation and weight statistics")
     p.add_argument("--no-clip", action="store_true", help="skip the clip search")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where torch runs the search")
+    p.add_argument("--head", choices=("fp16", "int8", "w4"), default=DEFAULT_HEAD,
+                   help=f"output head: float16, or packed at 8 or 4 bits (round to nearest; default {DEFAULT_HEAD})")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer file for a llama2.c checkpoint")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -41,21 +46,34 @@ def _check_args(args) -> None:
             raise InputError("--device cuda: torch sees no CUDA device here; use --device cpu")
 
 
-def _metadata(src, qa, calib: dict, tok_fields: dict) -> dict:
+def _metadata(src, qa, calib: dict, tok_fields: dict, head: str) -> dict:
     from edge_awq.pack import LAYOUT
 
     return {
         "layout": LAYOUT, "model_args": src.args.to_dict(), "tokenizer": tok_fields,
-        "quantization": {**qa.to_dict(), "head": "fp16", "embedding": "fp16", "calibration": calib},
+        "quantization": {**qa.to_dict(), "head": head, "embedding": "fp16", "calibration": calib},
         "source": {"name": Path(src.path).name, "fingerprint": src.fingerprint()},
     }
+
+
+def pack_head(weight, bits: int, group_size: int) -> dict:
+    """The output head (vocab, dim) packed by round to nearest, HEAD_ROWS rows at a time."""
+    import numpy as np
+
+    from edge_awq.pack import pack_linear
+
+    parts = [pack_linear(np.asarray(weight[r : r + HEAD_ROWS], np.float32), bits, group_size)
+             for r in range(0, weight.shape[0], HEAD_ROWS)]
+    return {"output.qweight": np.concatenate([p.qweight for p in parts]),
+            "output.scales": np.concatenate([p.scales for p in parts]),
+            "output.zeros": np.concatenate([p.zeros for p in parts])}
 
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from edge_awq.errors import InputError
-    from edge_awq.format import EawqWriter, tensor_specs
+    from edge_awq.format import HEAD_BITS, EawqWriter, tensor_specs
     from edge_awq.load import inv_freq, open_source
 
     from .calibrate import calibration_blocks
@@ -75,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     blocks, calib = calibration_blocks(args.calib, tok, args.n_samples, args.seqlen)
     t_calib = time.perf_counter() - t0
     tok_bytes, tok_fields = tok.serialize()
-    specs = tensor_specs(src.args, qa.bits, qa.group_for, len(tok_bytes))
+    specs = tensor_specs(src.args, qa.bits, qa.group_for, len(tok_bytes), args.head)
     a = src.args
     reserve = (1 << 16) + 2 * len(json.dumps(tok_fields))  # room for the metadata in the header
     with EawqWriter(args.output, specs, reserve) as writer, Progress(a.n_layers, qa.method) as progress:
@@ -85,9 +103,13 @@ def run(args: argparse.Namespace) -> int:
         reports = quantize_model(src, blocks, qa, writer, specs, TorchOps(args.device), args.device,
                                  progress.layer_done, progress.phase)
         writer.add("norm", np.asarray(src.get("norm"), dtype=np.float16))
-        if not a.tied_embeddings:
-            writer.add("output", np.asarray(src.get("output"), dtype=np.float16))
-        writer.close(_metadata(src, qa, calib, tok_fields))
+        head = src.get("tok_embeddings" if a.tied_embeddings or not src.has("output") else "output")
+        if args.head in HEAD_BITS:
+            for name, t in pack_head(head, HEAD_BITS[args.head], qa.group_for(a.dim)).items():
+                writer.add(name, t)
+        elif not a.tied_embeddings:
+            writer.add("output", np.asarray(head, dtype=np.float16))
+        writer.close(_metadata(src, qa, calib, tok_fields, args.head))
     info = summary(args.output, a, qa, reports, t_calib, time.perf_counter() - t_start)
     print(json.dumps(info) if args.json else info["text"])
     return 0

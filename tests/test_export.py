@@ -97,3 +97,33 @@ def test_ctrl_c_midway_leaves_no_file(stories_path, tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("head,bits", [("int8", 8), ("w4", 4)])
+def test_packed_head_keeps_embedding_rows_and_scores_close(stories_path, tmp_path, head, bits):
+    import numpy as np
+
+    from edge_awq.backends.numba_cpu import NumbaBackend
+    from edge_awq.backends.reference import ReferenceBackend
+    from edge_awq.load import load_weights, open_source
+    from edge_awq.model import W4, Dense, KVCache, forward
+
+    outs = {}
+    for h in ("fp16", head):
+        outs[h] = tmp_path / f"{h}.eawq"
+        r = export(stories_path, outs[h], "--method", "rtn", "--group-size", "channel", "--head", h)
+        assert r.returncode == 0, r.stderr
+    fp16, packed = (load_weights(open_source(outs[h]), dtype=None) for h in ("fp16", head))
+    assert isinstance(fp16.output, Dense) and isinstance(packed.output, W4) and packed.output.bits == bits
+    assert open_source(outs[head]).quantization["head"] == head
+    src = open_source(stories_path)
+    rows = np.array([0, 1, 7, 511])  # tied model: the gather still reads the fp16 table, exactly
+    np.testing.assert_array_equal(packed.tok_embeddings[rows], np.asarray(src.get("tok_embeddings"))[rows].astype(np.float16))
+    tokens = np.array([1, 403, 261, 290, 17, 95, 300])
+    logits = {h: forward(w, tokens, 0, KVCache.allocate(w.args, 16), ReferenceBackend()) for h, w in
+              (("fp16", fp16), (head, packed))}
+    rel = np.abs(logits[head] - logits["fp16"]).max() / np.abs(logits["fp16"]).max()
+    assert 0 < rel < (0.02 if bits == 8 else 0.2)
+    got = forward(packed, tokens, 0, KVCache.allocate(packed.args, 16, np.float16), NumbaBackend())
+    assert np.abs(got - logits[head]).max() / np.abs(logits[head]).max() <= 1e-3
+    assert ppl(outs[head]) < 1.1 * ppl(outs["fp16"])

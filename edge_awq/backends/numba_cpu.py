@@ -29,12 +29,20 @@ GEMV_MAX_T = 4  # up to this many tokens, linears run as GEMVs over the packed r
 
 @dataclass(frozen=True)
 class PreparedW4:
-    """A W4 ready for the kernels."""
+    """A W4 ready for the kernels.
+
+    4- and 8-bit weights (``byte_path``) are read where they lie: bytes, fp16
+    scale bits and packed zero points are views of the file's arrays, so a
+    memory-mapped model costs no second copy. Other widths widen scales and
+    zero points to float32 (``zs = zero * scale``) for the generic kernels.
+    """
 
     qweight: np.ndarray  # (out, words) uint32, as in the file
     qbytes: np.ndarray  # the same memory as (out, 4 * words) uint8
-    scales: np.ndarray  # (out, G) float32
-    zs: np.ndarray  # (out, G) float32: zero point times scale
+    scale_bits: np.ndarray  # (out, G) uint16: the fp16 scales' bits
+    zero_bytes: np.ndarray  # (out, 4 * zero words) uint8: the packed zero points
+    scales: np.ndarray | None  # (out, G) float32, other widths only
+    zs: np.ndarray | None  # (out, G) float32: zero point times scale, other widths only
     group_size: int
     bits: int
     in_features: int
@@ -42,16 +50,31 @@ class PreparedW4:
 
     @property
     def byte_path(self) -> bool:
-        """Whether the fast kernels apply: 4 bits in even groups, or 8 bits."""
+        """Whether the byte kernels apply: 4 bits in even groups, or 8 bits."""
         return (self.bits == 4 and self.group_size % 2 == 0) or self.bits == 8
 
 
 def prepare(w: W4) -> PreparedW4:
-    scales = w.scales.astype(np.float32)
-    zeros = unpack_bits(w.zeros, w.bits, w.in_features // w.group_size).astype(np.float32)
-    bias = None if w.bias is None else np.asarray(w.bias, np.float32)
     qweight = np.ascontiguousarray(w.qweight)
-    return PreparedW4(qweight, qweight.view(np.uint8), scales, zeros * scales, w.group_size, w.bits, w.in_features, bias)
+    scale_bits = np.ascontiguousarray(w.scales, dtype=np.float16).view(np.uint16)
+    zero_bytes = np.ascontiguousarray(w.zeros).view(np.uint8)
+    bias = None if w.bias is None else np.asarray(w.bias, np.float32)
+    scales = zs = None
+    if not ((w.bits == 4 and w.group_size % 2 == 0) or w.bits == 8):
+        scales = w.scales.astype(np.float32)
+        zs = unpack_bits(w.zeros, w.bits, w.in_features // w.group_size).astype(np.float32) * scales
+    return PreparedW4(qweight, qweight.view(np.uint8), scale_bits, zero_bytes, scales, zs, w.group_size, w.bits,
+                      w.in_features, bias)
+
+
+@njit(cache=True, inline="always")
+def _scale_zs(scale_bits, zero_bytes, r, g, bits):
+    """Scale and zero point times scale of group g of row r, from fp16 bits and packed 4- or 8-bit zeros."""
+    s = half_f32(scale_bits[r, g])
+    if bits == 8:
+        return s, byte_f32(zero_bytes[r, g]) * s
+    zb = zero_bytes[r, g >> 1]
+    return s, (hi_nibble(zb) if g & 1 else lo_nibble(zb)) * s
 
 
 @njit(cache=True, inline="always")
@@ -66,43 +89,58 @@ def _value(row, pos, bits):
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def gemv_w4_kernel(qb, scales, zs, xe, xo, xsum, group_size, y):
+def gemv_w4_kernel(qb, scale_bits, zero_bytes, xe, xo, xsum, group_size, y):
     """y (T, out) = x W^T for 4-bit rows; qb (out, bytes) uint8 in file order.
 
     xe, xo (T, in/2): the even and odd entries of x; xsum (T, G): per-group sums.
-    Two rows per iteration share the loads of x; slices keep indices provably
+    Four rows per iteration share the loads of x; slices keep indices provably
     non-negative, which the vectorizer needs.
     """
     T = xe.shape[0]
-    out_f, n_groups = scales.shape
+    out_f, n_groups = scale_bits.shape
     half = group_size // 2
-    for rp in prange((out_f + 1) // 2):
-        r0 = 2 * rp
-        r1 = min(r0 + 1, out_f - 1)
+    last = out_f - 1
+    for rq in prange((out_f + 3) // 4):
+        r0 = 4 * rq
+        r1, r2, r3 = min(r0 + 1, last), min(r0 + 2, last), min(r0 + 3, last)
         for t in range(T):
-            acc0 = np.float32(0.0)
-            acc1 = np.float32(0.0)
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
             for g in range(n_groups):
-                b0 = qb[r0, g * half : (g + 1) * half]
-                b1 = qb[r1, g * half : (g + 1) * half]
-                xa = xe[t, g * half : (g + 1) * half]
-                xb = xo[t, g * half : (g + 1) * half]
+                lo, hi = g * half, (g + 1) * half
+                b0, b1, b2, b3 = qb[r0, lo:hi], qb[r1, lo:hi], qb[r2, lo:hi], qb[r3, lo:hi]
+                xa, xb = xe[t, lo:hi], xo[t, lo:hi]
                 s0 = np.float32(0.0)
                 s1 = np.float32(0.0)
+                s2 = np.float32(0.0)
+                s3 = np.float32(0.0)
                 for k in range(half):
                     s0 += lo_nibble(b0[k]) * xa[k] + hi_nibble(b0[k]) * xb[k]
                     s1 += lo_nibble(b1[k]) * xa[k] + hi_nibble(b1[k]) * xb[k]
-                acc0 += scales[r0, g] * s0 - zs[r0, g] * xsum[t, g]
-                acc1 += scales[r1, g] * s1 - zs[r1, g] * xsum[t, g]
-            y[t, r0] = acc0
-            y[t, r1] = acc1
+                    s2 += lo_nibble(b2[k]) * xa[k] + hi_nibble(b2[k]) * xb[k]
+                    s3 += lo_nibble(b3[k]) * xa[k] + hi_nibble(b3[k]) * xb[k]
+                xs = xsum[t, g]
+                sc, zs = _scale_zs(scale_bits, zero_bytes, r0, g, 4)
+                a0 += sc * s0 - zs * xs
+                sc, zs = _scale_zs(scale_bits, zero_bytes, r1, g, 4)
+                a1 += sc * s1 - zs * xs
+                sc, zs = _scale_zs(scale_bits, zero_bytes, r2, g, 4)
+                a2 += sc * s2 - zs * xs
+                sc, zs = _scale_zs(scale_bits, zero_bytes, r3, g, 4)
+                a3 += sc * s3 - zs * xs
+            y[t, r0] = a0
+            y[t, r1] = a1
+            y[t, r2] = a2
+            y[t, r3] = a3
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def gemv_w8_kernel(qb, scales, zs, x, xsum, group_size, y):
+def gemv_w8_kernel(qb, scale_bits, zero_bytes, x, xsum, group_size, y):
     """y (T, out) = x W^T for 8-bit rows (one byte per value); x (T, in), xsum (T, G)."""
     T = x.shape[0]
-    out_f, n_groups = scales.shape
+    out_f, n_groups = scale_bits.shape
     for rp in prange((out_f + 1) // 2):
         r0 = 2 * rp
         r1 = min(r0 + 1, out_f - 1)
@@ -118,8 +156,10 @@ def gemv_w8_kernel(qb, scales, zs, x, xsum, group_size, y):
                 for k in range(group_size):
                     s0 += byte_f32(b0[k]) * xa[k]
                     s1 += byte_f32(b1[k]) * xa[k]
-                acc0 += scales[r0, g] * s0 - zs[r0, g] * xsum[t, g]
-                acc1 += scales[r1, g] * s1 - zs[r1, g] * xsum[t, g]
+                sc, zs = _scale_zs(scale_bits, zero_bytes, r0, g, 8)
+                acc0 += sc * s0 - zs * xsum[t, g]
+                sc, zs = _scale_zs(scale_bits, zero_bytes, r1, g, 8)
+                acc1 += sc * s1 - zs * xsum[t, g]
             y[t, r0] = acc0
             y[t, r1] = acc1
 
@@ -142,15 +182,15 @@ def gemv_any_kernel(qweight, scales, zs, x, xsum, group_size, bits, y):
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def dequant_w4_planes_kernel(qb, scales, zs, group_size, r0, even, odd):
+def dequant_w4_planes_kernel(qb, scale_bits, zero_bytes, group_size, r0, even, odd):
     """even, odd (rows, in/2) float32 = the even and odd columns of rows r0.. of a 4-bit weight."""
     rows = even.shape[0]
-    n_groups = scales.shape[1]
+    n_groups = scale_bits.shape[1]
     half = group_size // 2
     for j in prange(rows):
         r = r0 + j
         for g in range(n_groups):
-            s, z = scales[r, g], zs[r, g]
+            s, z = _scale_zs(scale_bits, zero_bytes, r, g, 4)
             b = qb[r, g * half : (g + 1) * half]
             e = even[j, g * half : (g + 1) * half]
             o = odd[j, g * half : (g + 1) * half]
@@ -160,14 +200,14 @@ def dequant_w4_planes_kernel(qb, scales, zs, group_size, r0, even, odd):
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def dequant_w8_kernel(qb, scales, zs, group_size, r0, out):
+def dequant_w8_kernel(qb, scale_bits, zero_bytes, group_size, r0, out):
     """out (rows, in) float32 = dequantized rows r0.. of an 8-bit weight."""
     rows = out.shape[0]
-    n_groups = scales.shape[1]
+    n_groups = scale_bits.shape[1]
     for j in prange(rows):
         r = r0 + j
         for g in range(n_groups):
-            s, z = scales[r, g], zs[r, g]
+            s, z = _scale_zs(scale_bits, zero_bytes, r, g, 8)
             b = qb[r, g * group_size : (g + 1) * group_size]
             o = out[j, g * group_size : (g + 1) * group_size]
             for k in range(group_size):
@@ -235,24 +275,24 @@ def linear_w4(x: np.ndarray, w: PreparedW4) -> np.ndarray:
     T = x.shape[0]
     out_f = w.qweight.shape[0]
     n_groups = w.in_features // w.group_size
-    fast4 = w.bits == 4 and w.group_size % 2 == 0
+    fast4 = w.byte_path and w.bits == 4
     if T <= GEMV_MAX_T:
         x = np.ascontiguousarray(x, dtype=np.float32)
         xsum = x.reshape(T, n_groups, w.group_size).sum(axis=2)  # (T, G)
         y = np.empty((T, out_f), np.float32)
         if fast4:
             xe, xo = np.ascontiguousarray(x[:, 0::2]), np.ascontiguousarray(x[:, 1::2])
-            gemv_w4_kernel(w.qbytes, w.scales, w.zs, xe, xo, xsum, w.group_size, y)
+            gemv_w4_kernel(w.qbytes, w.scale_bits, w.zero_bytes, xe, xo, xsum, w.group_size, y)
         elif w.bits == 8:
-            gemv_w8_kernel(w.qbytes, w.scales, w.zs, x, xsum, w.group_size, y)
+            gemv_w8_kernel(w.qbytes, w.scale_bits, w.zero_bytes, x, xsum, w.group_size, y)
         else:
             gemv_any_kernel(w.qweight, w.scales, w.zs, x, xsum, w.group_size, w.bits, y)
     elif fast4:
         y = _blocked(x, out_f, w.in_features // 2,
-                     lambda r0, e, o: dequant_w4_planes_kernel(w.qbytes, w.scales, w.zs, w.group_size, r0, e, o), 2)
+                     lambda r0, e, o: dequant_w4_planes_kernel(w.qbytes, w.scale_bits, w.zero_bytes, w.group_size, r0, e, o), 2)
     elif w.bits == 8:
         y = _blocked(x, out_f, w.in_features,
-                     lambda r0, out: dequant_w8_kernel(w.qbytes, w.scales, w.zs, w.group_size, r0, out))
+                     lambda r0, out: dequant_w8_kernel(w.qbytes, w.scale_bits, w.zero_bytes, w.group_size, r0, out))
     else:
         y = _blocked(x, out_f, w.in_features,
                      lambda r0, out: dequant_rows_kernel(w.qweight, w.scales, w.zs, w.group_size, w.bits, r0, out))
