@@ -58,6 +58,25 @@ def kernel_rates(w, ops, repeat: int) -> list[dict]:
     return rows
 
 
+GEMV_SHAPES = ((4096, 4096), (11008, 4096))  # a 7B model's attention and MLP layers
+
+
+def gemv_layers(ops, repeat: int, group_size: int = 128) -> list[dict]:
+    """One-token time and effective GB/s of W4 (group 128) layers of 7B shapes, random weights."""
+    from .pack import pack_linear
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for out_f, in_f in GEMV_SHAPES:
+        lin = pack_linear(rng.standard_normal((out_f, in_f), dtype=np.float32), 4, group_size)
+        nbytes, _ = _linear_bytes_shape(lin)
+        x = rng.standard_normal((1, in_f)).astype(np.float32)
+        ops.linear(x, lin)
+        t = min(_timed(lambda: ops.linear(x, lin)) for _ in range(max(repeat, 10)))
+        rows.append({"linear": f"W4 g{group_size}", "shape": [out_f, in_f], "seconds": t, "gb_per_s": nbytes / t / 1e9})
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     from .generate import SamplingArgs, generate
     from .load import load_weights, open_source
@@ -70,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     tok = src.tokenizer()
     rng = np.random.default_rng(0)
     n_ctx = max(args.prefill) + args.decode
-    res = {"model": str(args.model), "backend": ops.name, "prefill": {}, "read_gb_per_s": read_bandwidth() / 1e9}
+    res = {"model": str(args.model), "backend": ops.name, "prefill": {}}
     for n in args.prefill:
         prompt = rng.integers(3, w.args.vocab_size, n)
         cache = KVCache.allocate(w.args, n_ctx, ops.kv_dtype)
@@ -85,8 +104,9 @@ def run(args: argparse.Namespace) -> int:
     steps = [time.perf_counter() for _ in generate(w, ops, no_eos, prompt, SamplingArgs(max_new_tokens=args.decode))]
     res["decode_tokens_per_s"] = (len(steps) - 1) / (steps[-1] - steps[0]) if len(steps) > 1 else 0.0
     res["time_to_first_token_s_16"] = steps[0] - t0
-    res["kernels"] = kernel_rates(w, ops, args.repeat)
-    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the probes below
+    res["kernels"] = kernel_rates(w, ops, args.repeat) + gemv_layers(ops, args.repeat)
+    res["read_gb_per_s"] = read_bandwidth() / 1e9
     print(json.dumps(res) if args.json else _table(res))
     return 0
 
@@ -97,8 +117,8 @@ def _table(r: dict) -> str:
     for n, p in r["prefill"].items():
         lines.append(f"prefill {n:>4} tokens: {p['tokens_per_s']:8.1f} tokens/s (time to first token {p['time_to_first_token_s']:.3f}s)")
     lines.append(f"decode: {r['decode_tokens_per_s']:.1f} tokens/s; peak RSS {r['peak_rss_mb']:.0f} MB")
-    lines.append(f"{'linear':8s} {'shape':>12s} {'ms':>8s} {'GB/s':>7s} {'of bound':>9s}")
+    lines.append(f"{'linear':9s} {'shape':>12s} {'ms':>8s} {'GB/s':>7s} {'of bound':>9s}")
     for k in r["kernels"]:
         shape = "x".join(map(str, k["shape"]))
-        lines.append(f"{k['linear']:8s} {shape:>12s} {k['seconds'] * 1e3:8.3f} {k['gb_per_s']:7.2f} {k['gb_per_s'] / bw:8.0%}")
+        lines.append(f"{k['linear']:9s} {shape:>12s} {k['seconds'] * 1e3:8.3f} {k['gb_per_s']:7.2f} {k['gb_per_s'] / bw:8.0%}")
     return "\n".join(lines)

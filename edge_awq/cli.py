@@ -8,8 +8,10 @@ import logging
 import os
 import sys
 
-from . import __version__
+from . import __version__, threads
 from .errors import EdgeAwqError
+
+threads.configure()  # before numpy or numba start their thread pools
 
 # name -> (module with add_arguments(p) and run(args) -> int, one-line help)
 COMMANDS = {

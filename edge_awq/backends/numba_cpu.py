@@ -19,9 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from .. import threads
 from ..model import W4, Dense
 from ..pack import unpack_bits
 from .numba_intrinsics import byte_f32, half_f32, hi_nibble, lo_nibble
+
+threads.configure()  # before the first parallel kernel starts OpenMP
 
 DEQUANT_ROWS = 256  # rows dequantized per block for the prefill GEMM
 GEMV_MAX_T = 4  # up to this many tokens, linears run as GEMVs over the packed rows
