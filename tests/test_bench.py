@@ -12,5 +12,6 @@ def test_bench_reports_every_figure():
     figures = [res[k] for k in ("read_gb_per_s", "decode_tokens_per_s", "peak_rss_mb")]
     figures += [p[k] for p in res["prefill"].values() for k in sorted(p)]
     assert all(isinstance(f, float) and f > 0 for f in figures)  # every figure measured, none missing or zero
-    assert [k["linear"] for k in res["kernels"]] == ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"]
+    assert [k["linear"] for k in res["kernels"]] == ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output", "W4 g128", "W4 g128"]
+    assert [k["shape"] for k in res["kernels"][-2:]] == [[4096, 4096], [11008, 4096]]
     assert res["kernels"][4]["shape"] == [64, 32] and all(k["gb_per_s"] > 0 for k in res["kernels"])
