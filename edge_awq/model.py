@@ -116,9 +116,10 @@ def attention(lw: LayerWeights, x, pos: int, cache: KVCache | None, layer: int, 
     a = w.args
     lead = x.shape[:-1]  # (..., T)
     h = ops.rmsnorm(x, lw.attn_norm, a.norm_eps)
-    q = ops.linear(h, lw.wq).reshape(*lead, a.n_heads, a.head_dim)
-    k = ops.linear(h, lw.wk).reshape(*lead, a.n_kv_heads, a.head_dim)
-    v = ops.linear(h, lw.wv).reshape(*lead, a.n_kv_heads, a.head_dim)
+    q, k, v = ops.linears(h, (lw.wq, lw.wk, lw.wv))
+    q = q.reshape(*lead, a.n_heads, a.head_dim)
+    k = k.reshape(*lead, a.n_kv_heads, a.head_dim)
+    v = v.reshape(*lead, a.n_kv_heads, a.head_dim)
     q = ops.rope(q, pos, w.inv_freq, a.rope_interleaved)
     k = ops.rope(k, pos, w.inv_freq, a.rope_interleaved)
     o = ops.attention(q, k, v, cache, layer, pos)  # (..., T, n_heads * head_dim)
@@ -128,7 +129,8 @@ def attention(lw: LayerWeights, x, pos: int, cache: KVCache | None, layer: int, 
 def mlp(lw: LayerWeights, x, w: ModelWeights, ops):
     """SwiGLU feed-forward sub-block with its residual: x (..., T, dim) -> (..., T, dim)."""
     h = ops.rmsnorm(x, lw.ffn_norm, w.args.norm_eps)
-    return x + ops.linear(ops.silu_mul(ops.linear(h, lw.w1), ops.linear(h, lw.w3)), lw.w2)
+    gate, up = ops.linears(h, (lw.w1, lw.w3))
+    return x + ops.linear(ops.silu_mul(gate, up), lw.w2)
 
 
 def block(lw: LayerWeights, x, pos: int, cache: KVCache | None, layer: int, w: ModelWeights, ops):

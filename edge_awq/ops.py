@@ -10,7 +10,7 @@ from .errors import BackendUnavailable
 
 
 class Backend(Protocol):
-    """Six ops. Activations are float32 arrays; T is the number of tokens in the call."""
+    """Six ops (and ``linears``, several linears of one input). Activations are float32 arrays; T is the number of tokens in the call."""
 
     name: str
     kv_dtype: type  # dtype of the KV cache the backend reads (numpy dtype)
@@ -23,6 +23,9 @@ class Backend(Protocol):
 
     def linear(self, x, w) -> np.ndarray:
         """x (T, in) float32 times w (out, in) transposed, plus bias -> (T, out) float32."""
+
+    def linears(self, x, ws) -> list[np.ndarray]:
+        """``[linear(x, w) for w in ws]`` for weights sharing an input (q, k, v; gate, up): one kernel may run them all."""
 
     def rope(self, x, pos: int, inv_freq, interleaved: bool) -> np.ndarray:
         """Rotate x (T, heads, head_dim) for positions pos..pos+T-1.

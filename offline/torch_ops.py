@@ -29,6 +29,9 @@ class TorchOps:
             raise TypeError(f"torch ops take Dense weights, got {type(w).__name__}")
         return F.linear(x, w.weight, w.bias)
 
+    def linears(self, x, ws):
+        return [self.linear(x, w) for w in ws]
+
     def rope(self, x, pos: int, inv_freq, interleaved: bool):
         T, hd = x.shape[-3], x.shape[-1]
         t = torch.arange(pos, pos + T, dtype=torch.float64, device=x.device)
@@ -65,6 +68,9 @@ class RecordingOps:
         if name is not None:
             self.inputs[name] = x
         return self.inner.linear(x, w)
+
+    def linears(self, x, ws):
+        return [self.linear(x, w) for w in ws]
 
     def __getattr__(self, op):
         return getattr(self.inner, op)

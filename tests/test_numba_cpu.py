@@ -158,3 +158,15 @@ def test_smollm2_packed_numba_and_reference_agree_for_64_greedy_steps(smollm2_we
             toks.append(int(np.argmax(forward(packed, np.array(toks[-1:]), pos, cache, ops)[-1])))
         outs.append(toks)
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("T", [1, 3, 9])
+@pytest.mark.parametrize("outs", [(576, 192, 192), (1536, 1536), (9, 5, 3)])
+def test_linears_of_one_input_match_reference(T, outs):
+    in_f = 576
+    ws = [pack_linear(rng.standard_normal((o, in_f)).astype(np.float32), 4, 64,
+                      rng.standard_normal(o).astype(np.float32) if i == 0 else None) for i, o in enumerate(outs)]
+    x = rng.standard_normal((T, in_f)).astype(np.float32)
+    got, want = nb.linears(x, ws), ref.linears(x, ws)
+    assert [g.shape for g in got] == [(T, o) for o in outs]
+    assert all(rel_err(g, w) <= 1e-3 for g, w in zip(got, want))

@@ -91,52 +91,69 @@ def _value(row, pos, bits):
     return v & np.uint32((1 << bits) - 1)
 
 
-@njit(parallel=True, cache=True, fastmath=True)
-def gemv_w4_kernel(qb, scale_bits, zero_bytes, xe, xo, xsum, group_size, y):
-    """y (T, out) = x W^T for 4-bit rows; qb (out, bytes) uint8 in file order.
+@njit(cache=True, inline="always", fastmath=True)
+def _w4_four_rows(qb, scale_bits, zero_bytes, r0, xe, xo, xsum, group_size, y):
+    """y[:, r0..r0+3] for 4-bit rows; qb (out, bytes) uint8 in file order (rows past the end repeat the last).
 
     xe, xo (T, in/2): the even and odd entries of x; xsum (T, G): per-group sums.
-    Four rows per iteration share the loads of x; slices keep indices provably
-    non-negative, which the vectorizer needs.
+    Four rows share the loads of x; slices keep indices provably non-negative,
+    which the vectorizer needs.
     """
-    T = xe.shape[0]
     out_f, n_groups = scale_bits.shape
     half = group_size // 2
     last = out_f - 1
-    for rq in prange((out_f + 3) // 4):
-        r0 = 4 * rq
-        r1, r2, r3 = min(r0 + 1, last), min(r0 + 2, last), min(r0 + 3, last)
-        for t in range(T):
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
-            a2 = np.float32(0.0)
-            a3 = np.float32(0.0)
-            for g in range(n_groups):
-                lo, hi = g * half, (g + 1) * half
-                b0, b1, b2, b3 = qb[r0, lo:hi], qb[r1, lo:hi], qb[r2, lo:hi], qb[r3, lo:hi]
-                xa, xb = xe[t, lo:hi], xo[t, lo:hi]
-                s0 = np.float32(0.0)
-                s1 = np.float32(0.0)
-                s2 = np.float32(0.0)
-                s3 = np.float32(0.0)
-                for k in range(half):
-                    s0 += lo_nibble(b0[k]) * xa[k] + hi_nibble(b0[k]) * xb[k]
-                    s1 += lo_nibble(b1[k]) * xa[k] + hi_nibble(b1[k]) * xb[k]
-                    s2 += lo_nibble(b2[k]) * xa[k] + hi_nibble(b2[k]) * xb[k]
-                    s3 += lo_nibble(b3[k]) * xa[k] + hi_nibble(b3[k]) * xb[k]
-                xs = xsum[t, g]
-                sc, zs = _scale_zs(scale_bits, zero_bytes, r0, g, 4)
-                a0 += sc * s0 - zs * xs
-                sc, zs = _scale_zs(scale_bits, zero_bytes, r1, g, 4)
-                a1 += sc * s1 - zs * xs
-                sc, zs = _scale_zs(scale_bits, zero_bytes, r2, g, 4)
-                a2 += sc * s2 - zs * xs
-                sc, zs = _scale_zs(scale_bits, zero_bytes, r3, g, 4)
-                a3 += sc * s3 - zs * xs
-            y[t, r0] = a0
-            y[t, r1] = a1
-            y[t, r2] = a2
-            y[t, r3] = a3
+    r1, r2, r3 = min(r0 + 1, last), min(r0 + 2, last), min(r0 + 3, last)
+    for t in range(xe.shape[0]):
+        a0 = np.float32(0.0)
+        a1 = np.float32(0.0)
+        a2 = np.float32(0.0)
+        a3 = np.float32(0.0)
+        for g in range(n_groups):
+            lo, hi = g * half, (g + 1) * half
+            b0, b1, b2, b3 = qb[r0, lo:hi], qb[r1, lo:hi], qb[r2, lo:hi], qb[r3, lo:hi]
+            xa, xb = xe[t, lo:hi], xo[t, lo:hi]
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            s3 = np.float32(0.0)
+            for k in range(half):
+                s0 += lo_nibble(b0[k]) * xa[k] + hi_nibble(b0[k]) * xb[k]
+                s1 += lo_nibble(b1[k]) * xa[k] + hi_nibble(b1[k]) * xb[k]
+                s2 += lo_nibble(b2[k]) * xa[k] + hi_nibble(b2[k]) * xb[k]
+                s3 += lo_nibble(b3[k]) * xa[k] + hi_nibble(b3[k]) * xb[k]
+            xs = xsum[t, g]
+            sc, zs = _scale_zs(scale_bits, zero_bytes, r0, g, 4)
+            a0 += sc * s0 - zs * xs
+            sc, zs = _scale_zs(scale_bits, zero_bytes, r1, g, 4)
+            a1 += sc * s1 - zs * xs
+            sc, zs = _scale_zs(scale_bits, zero_bytes, r2, g, 4)
+            a2 += sc * s2 - zs * xs
+            sc, zs = _scale_zs(scale_bits, zero_bytes, r3, g, 4)
+            a3 += sc * s3 - zs * xs
+        y[t, r0] = a0
+        y[t, r1] = a1
+        y[t, r2] = a2
+        y[t, r3] = a3
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def gemv_w4_kernel(qb, scale_bits, zero_bytes, xe, xo, xsum, group_size, y):
+    """y (T, out) = x W^T for 4-bit rows, four rows per iteration (``_w4_four_rows``)."""
+    for q in prange((scale_bits.shape[0] + 3) // 4):
+        _w4_four_rows(qb, scale_bits, zero_bytes, 4 * q, xe, xo, xsum, group_size, y)
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def gemv_w4_three_kernel(qa, sa, za, ya, qb, sb, zb, yb, qc, sc, zc, yc, xe, xo, xsum, group_size):
+    """Three 4-bit weights that share their input (q, k, v; or gate, up and an empty one) in one parallel loop."""
+    na, nb, nc = (sa.shape[0] + 3) // 4, (sb.shape[0] + 3) // 4, (sc.shape[0] + 3) // 4
+    for q in prange(na + nb + nc):
+        if q < na:
+            _w4_four_rows(qa, sa, za, 4 * q, xe, xo, xsum, group_size, ya)
+        elif q < na + nb:
+            _w4_four_rows(qb, sb, zb, 4 * (q - na), xe, xo, xsum, group_size, yb)
+        else:
+            _w4_four_rows(qc, sc, zc, 4 * (q - na - nb), xe, xo, xsum, group_size, yc)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -273,6 +290,28 @@ def _blocked(x: np.ndarray, out_f: int, in_f: int, fill, n_buffers: int = 1) -> 
     return y
 
 
+def _gemv_inputs(x: np.ndarray, group_size: int):
+    """x (T, in) -> its even and odd entries and its per-group sums, as the 4-bit GEMV reads them."""
+    T = x.shape[0]
+    xsum = x.reshape(T, -1, group_size).sum(axis=2)  # (T, G)
+    return np.ascontiguousarray(x[:, 0::2]), np.ascontiguousarray(x[:, 1::2]), xsum
+
+
+def linears_w4(x: np.ndarray, ws: list[PreparedW4]) -> list[np.ndarray]:
+    """x (T <= GEMV_MAX_T, in) times two or three 4-bit weights of one group size, as one parallel kernel."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    xe, xo, xsum = _gemv_inputs(x, ws[0].group_size)
+    ys = [np.empty((x.shape[0], w.qweight.shape[0]), np.float32) for w in ws]
+    sets = [(w.qbytes, w.scale_bits, w.zero_bytes, y) for w, y in zip(ws, ys)]
+    if len(sets) == 2:  # an empty third weight
+        sets.append((ws[0].qbytes[:0], ws[0].scale_bits[:0], ws[0].zero_bytes[:0], ys[0][:, :0]))
+    gemv_w4_three_kernel(*sets[0], *sets[1], *sets[2], xe, xo, xsum, ws[0].group_size)
+    for w, y in zip(ws, ys):
+        if w.bias is not None:
+            y += w.bias
+    return ys
+
+
 def linear_w4(x: np.ndarray, w: PreparedW4) -> np.ndarray:
     """x (T, in) float32 -> (T, out) float32: GEMV over packed rows for few tokens, blocked dequant + BLAS for more."""
     T = x.shape[0]
@@ -284,7 +323,7 @@ def linear_w4(x: np.ndarray, w: PreparedW4) -> np.ndarray:
         xsum = x.reshape(T, n_groups, w.group_size).sum(axis=2)  # (T, G)
         y = np.empty((T, out_f), np.float32)
         if fast4:
-            xe, xo = np.ascontiguousarray(x[:, 0::2]), np.ascontiguousarray(x[:, 1::2])
+            xe, xo, xsum = _gemv_inputs(x, w.group_size)
             gemv_w4_kernel(w.qbytes, w.scale_bits, w.zero_bytes, xe, xo, xsum, w.group_size, y)
         elif w.bits == 8:
             gemv_w8_kernel(w.qbytes, w.scale_bits, w.zero_bytes, x, xsum, w.group_size, y)
@@ -433,10 +472,21 @@ class NumbaBackend:
                     hit = self._dense[id(w)] = (w, _f32(w.weight))
                 y = x @ hit[1].T
             return y if w.bias is None else y + _f32(w.bias)
+        return linear_w4(x, self._prepare(w))
+
+    def linears(self, x, ws) -> list[np.ndarray]:
+        x = _f32(x)
+        if x.shape[0] <= GEMV_MAX_T and len(ws) in (2, 3) and all(isinstance(w, W4) for w in ws):
+            ps = [self._prepare(w) for w in ws]
+            if all(p.byte_path and p.bits == 4 and p.group_size == ps[0].group_size for p in ps):
+                return linears_w4(x, ps)
+        return [self.linear(x, w) for w in ws]
+
+    def _prepare(self, w: W4) -> PreparedW4:
         hit = self._prepared.get(id(w))
         if hit is None or hit[0] is not w:  # keyed by identity; the W4 is kept so the id stays unique
             hit = self._prepared[id(w)] = (w, prepare(w))
-        return linear_w4(x, hit[1])
+        return hit[1]
 
     def rope(self, x, pos: int, inv_freq, interleaved: bool) -> np.ndarray:
         x = _f32(x)

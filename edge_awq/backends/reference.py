@@ -39,6 +39,9 @@ class ReferenceBackend:
             y += _f32(w.bias)
         return y
 
+    def linears(self, x, ws) -> list[np.ndarray]:
+        return [self.linear(x, w) for w in ws]
+
     def rope(self, x, pos: int, inv_freq, interleaved: bool) -> np.ndarray:
         T, _, hd = x.shape
         angles = np.arange(pos, pos + T, dtype=np.float64)[:, None] * inv_freq[None, :]  # (T, hd/2)
