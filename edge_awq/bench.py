@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill", type=int, nargs="+", default=[128, 512], help="prompt lengths (default 128 512)")
     p.add_argument("--decode", type=int, default=128, help="tokens to decode (default 128)")
     p.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the best is kept")
+    p.add_argument("--memory", default=None, help="memory the model may use, e.g. 2GiB (default: what is free)")
     p.add_argument("--json", action="store_true")
 
 
@@ -80,10 +81,13 @@ def gemv_layers(ops, repeat: int, group_size: int = 128) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     from .generate import SamplingArgs, generate
     from .load import load_weights, open_source
+    from .plan import check_fits
     from .model import KVCache, forward
     from .ops import select_backend
 
     src = open_source(args.model)
+    n_ctx = max(args.prefill) + args.decode
+    check_fits(src.args, getattr(src, "quantization", {}), str(args.model), n_ctx, args.memory)  # before any weight
     ops = select_backend(args.backend)
     w = load_weights(src, dtype=None)  # stored arrays as they are (fp16 tables stay mapped)
     tok = src.tokenizer()

@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--tokenizer", default=None, help="tokenizer file for a llama2.c checkpoint")
+    p.add_argument("--memory", default=None, help="memory the model may use, e.g. 2GiB (default: what is free)")
 
 
 @dataclass
@@ -134,12 +135,14 @@ def run(args: argparse.Namespace) -> int:
     from .errors import InputError
     from .generate import SamplingArgs
     from .load import load_weights, open_source
+    from .plan import check_fits
     from .ops import select_backend
 
     src = open_source(args.model, args.tokenizer)
     ctx = min(args.ctx, src.args.max_seq_len)
     if ctx < 8:
         raise InputError(f"--ctx {args.ctx}: too small to chat")
+    check_fits(src.args, getattr(src, "quantization", {}), str(args.model), ctx, args.memory)  # before any weight
     ops = select_backend(args.backend)
     if args.backend == "auto":
         print(f"[backend: {ops.name}]", file=sys.stderr)

@@ -1,0 +1,340 @@
+"""Memory planning: will a model fit a device, before anything is loaded?
+
+``make_plan`` adds up what the runtime will hold: the packed decoder weights
+(counted tensor by tensor from the same ``tensor_specs`` the exporter writes),
+the fp16 embedding and head, the KV cache it preallocates, the prefill
+workspace of one chunk, the runtime itself (Python, numpy, numba and its
+compiled kernels, measured) and the memory the OS keeps. ``edge-awq plan``
+prints it; ``chat`` and ``bench`` check it before reading a weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .config import ModelArgs
+from .errors import InputError
+
+GIB, MIB = 1 << 30, 1 << 20
+
+# Published shapes (the models' config.json on the Hugging Face Hub).
+PRESETS = {
+    "llama-2-7b": ModelArgs("llama", 4096, 11008, 32, 32, 32, 128, 32000, 4096),
+    "llama-2-13b": ModelArgs("llama", 5120, 13824, 40, 40, 40, 128, 32000, 4096),
+    "llama-2-70b": ModelArgs("llama", 8192, 28672, 80, 64, 8, 128, 32000, 4096),
+    "llama-3-8b": ModelArgs("llama", 4096, 14336, 32, 32, 8, 128, 128256, 8192, rope_theta=500000.0),
+    "llama-3-70b": ModelArgs("llama", 8192, 28672, 80, 64, 8, 128, 128256, 8192, rope_theta=500000.0),
+    "mistral-7b": ModelArgs("mistral", 4096, 14336, 32, 32, 8, 128, 32000, 32768),
+    "qwen2.5-7b": ModelArgs("qwen2", 3584, 18944, 28, 28, 4, 128, 152064, 32768, qkv_bias=True),
+    "smollm2-135m": ModelArgs("llama", 576, 1536, 30, 9, 3, 64, 49152, 8192, tied_embeddings=True),
+}
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory: int  # bytes the kernel reports as MemTotal
+    reserve: int  # bytes the OS, its services and (Jetson) the GPU driver keep
+    bandwidth: float  # bytes/s, the memory's peak (decode cannot beat memory / bandwidth)
+    source: str
+
+    @property
+    def usable(self) -> int:
+        return self.memory - self.reserve
+
+
+# Memory: the board's DRAM less what firmware and kernel carve out before Linux counts it
+# (MemTotal); reserve: a headless system with its services, and on Jetson the CUDA driver's
+# own allocations. Both are estimates from the boards' documentation: measure your own box
+# (`free -b`, MemAvailable with nothing running) and pass `--memory` for an exact verdict.
+DEVICES = {
+    "jetson-agx-orin-64gb": Device("Jetson AGX Orin 64GB", 62 * GIB, 3 * GIB, 204.8e9,
+                                   "64 GB LPDDR5 (NVIDIA data sheet), ~62 GiB MemTotal under JetPack 6; 3 GiB for a "
+                                   "headless L4T and the CUDA driver"),
+    "jetson-agx-orin-32gb": Device("Jetson AGX Orin 32GB", 30 * GIB, 3 * GIB, 204.8e9,
+                                   "32 GB LPDDR5 (NVIDIA data sheet), ~30 GiB MemTotal; 3 GiB for L4T and the driver"),
+    "jetson-orin-nx-16gb": Device("Jetson Orin NX 16GB", 15 * GIB, 2 * GIB, 102.4e9,
+                                  "16 GB LPDDR5 (NVIDIA data sheet), ~15 GiB MemTotal; 2 GiB for L4T and the driver"),
+    "jetson-orin-nano-8gb": Device("Jetson Orin Nano 8GB", 7 * GIB + 512 * MIB, 1536 * MIB, 68e9,
+                                   "8 GB LPDDR5 (NVIDIA data sheet), ~7.5 GiB MemTotal; 1.5 GiB for L4T and the driver"),
+    "rpi5-8gb": Device("Raspberry Pi 5 8GB", 7 * GIB + 768 * MIB, 512 * MIB, 17.1e9,
+                       "8 GB LPDDR4X-4267 on a 32-bit bus (Raspberry Pi product brief), ~7.75 GiB MemTotal; "
+                       "512 MiB for Raspberry Pi OS Lite"),
+}
+
+# Peak RSS of `edge-awq chat --prompt` with a model of 1.3 MB (stories260K): the interpreter,
+# numpy, numba/LLVM and the cached kernels; 168 MB measured on x86-64 with numba 0.68.
+RUNTIME_OVERHEAD = 160 * MIB
+PAGE = 4096
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    device: str
+    device_source: str
+    ctx: int
+    batch: int
+    kv_dtype: str
+    prefill_chunk: int
+    bits: int
+    group_size: int
+    head: str
+    lines: dict  # what -> bytes
+    total: int
+    usable: int
+    fits: bool
+    max_ctx: int  # the longest context that fits (0: none)
+    advice: list
+    decode_bound_tokens_per_s: float | None
+    weights_bytes: int  # what the file holds: packed layers, fp16 embedding and head
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '64MiB', '16GB', '512M', '1073741824' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise InputError(f"--memory {text!r}: give a size such as 24GiB, 16GB or 512MiB")
+    base = 1024 if m.group(3) or not m.group(2) else 1000
+    return int(float(m.group(1)) * base ** "BKMGT".index((m.group(2) or "B").upper()))
+
+
+def kv_bytes_per_token(a: ModelArgs, kv_dtype: str) -> int:
+    """KV cache bytes per token and sequence: keys and values of every layer and KV head."""
+    per_head = a.head_dim * (2 if kv_dtype == "fp16" else 1) + (0 if kv_dtype == "fp16" else 4)  # int8: + f32 scale
+    return a.n_layers * a.n_kv_heads * 2 * per_head
+
+
+def workspace_bytes(a: ModelArgs, chunk: int, ctx: int, group_size: int) -> int:
+    """float32 activations of one prefill chunk (numba backend), with the dequantization buffers."""
+    q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    per_token = 4 * (4 * a.dim + 2 * q_out + 2 * kv_out + 3 * a.hidden_dim)
+    dequant = 2 * 256 * max(a.dim, a.hidden_dim) * 4  # DEQUANT_ROWS rows of the widest input, two planes
+    scores = 2 * ctx * 4  # one score row per thread, two threads per core counted generously
+    logits = 2 * a.vocab_size * 4
+    return chunk * per_token + dequant + scores + logits
+
+
+def _group(in_features: int, group_size) -> int:
+    """The group a linear of this width gets: the size asked where it divides, else the whole row."""
+    if group_size == "channel" or in_features % int(group_size):
+        return in_features
+    return int(group_size)
+
+
+def weight_lines(a: ModelArgs, bits: int, group_size: int, head: str, ctx: int) -> dict:
+    """Bytes of the packed layers, the embedding rows the runtime touches and the head."""
+    import numpy as np
+
+    from .format import tensor_specs
+
+    specs = tensor_specs(a, bits, lambda n: _group(n, group_size), 0, head)
+    nbytes = {name: int(np.dtype(dt).itemsize * np.prod(shape)) for name, dt, shape in specs}
+    layers = sum(v for k, v in nbytes.items() if k.startswith("layers."))
+    emb = nbytes["tok_embeddings"]
+    head_bytes = sum(v for k, v in nbytes.items() if k.startswith("output"))
+    lines = {"packed decoder weights": layers}
+    if head_bytes or not a.tied_embeddings:  # the table is only gathered: pages of the rows used
+        lines["fp16 embedding (rows gathered)"] = min(emb, ctx * max(PAGE, a.dim * 2))
+        lines[f"output head ({head})"] = head_bytes or emb
+    else:
+        lines["fp16 embedding = head (tied)"] = emb
+    if bits not in (4, 8):  # the generic kernels keep float32 scales and zero points
+        lines["float32 scales (3-bit kernels)"] = 8 * a.linear_params // _group(a.dim, group_size)
+    lines["norms and RoPE tables"] = sum(v for k, v in nbytes.items() if k in ("norm", "rope_inv_freq"))
+    return lines
+
+
+def file_weight_bytes(a: ModelArgs, bits: int, group_size, head: str) -> int:
+    """Bytes of every weight tensor an export writes (packed layers, norms, fp16 embedding, head)."""
+    import numpy as np
+
+    from .format import tensor_specs
+
+    specs = tensor_specs(a, bits, lambda n: _group(n, group_size), 0, head)
+    return sum(int(np.dtype(dt).itemsize * np.prod(shape)) for name, dt, shape in specs if name != "tokenizer")
+
+
+def make_plan(a: ModelArgs, model: str, device: Device, ctx: int, batch: int = 1, kv_dtype: str = "fp16",
+              prefill_chunk: int = 512, bits: int = 4, group_size: int = 128, head: str = "fp16") -> Plan:
+    if ctx < 1 or batch < 1 or prefill_chunk < 1:
+        raise InputError("--ctx, --batch and --prefill-chunk must be at least 1")
+    if ctx > a.max_seq_len:
+        raise InputError(f"--ctx {ctx:,}: the model is made for at most {a.max_seq_len:,} tokens")
+    def lines_for(n: int) -> dict:
+        lines = weight_lines(a, bits, group_size, head, n)
+        lines[f"KV cache ({kv_dtype}, {n:,} tokens x {batch})"] = kv_tok * n
+        lines[f"prefill workspace ({min(prefill_chunk, n)} tokens)"] = workspace_bytes(
+            a, min(prefill_chunk, n), n, group_size) * batch
+        lines["runtime (Python, numpy, numba)"] = RUNTIME_OVERHEAD
+        return lines
+
+    kv_tok = kv_bytes_per_token(a, kv_dtype) * batch
+    lines = lines_for(ctx)
+    fixed = weight_lines(a, bits, group_size, head, ctx)
+    total = sum(lines.values())
+    usable = device.usable
+    lo, hi = 0, a.max_seq_len  # the largest context that fits: totals grow with the context
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if sum(lines_for(mid).values()) <= usable else (lo, mid - 1)
+    max_ctx = lo
+    advice = []
+    if total > usable:
+        if max_ctx:
+            advice.append(f"a context of {max_ctx:,} tokens fits (--ctx {max_ctx})")
+        if kv_dtype == "fp16":
+            saved = kv_tok * ctx - kv_bytes_per_token(a, "int8") * batch * ctx
+            advice.append(f"an int8 KV cache would save {size(saved).strip()} (--kv-dtype int8; planned, "
+                          "not yet in the runtime)")
+        if bits == 4:
+            advice.append(f"3-bit weights save {size(fixed['packed decoder weights'] // 4).strip()} at a "
+                          "quality cost (export --bits 3)")
+        advice.append("or a device with more memory")
+    elif group_size != "channel" and int(group_size) > 32:
+        finer = weight_lines(a, bits, int(group_size) // 2, head, ctx)["packed decoder weights"]
+        advice.append(f"group size {int(group_size) // 2} (finer, better quality) would cost "
+                      f"{size(finer - fixed['packed decoder weights']).strip()} more")
+    per_token_read = fixed["packed decoder weights"] + fixed.get(f"output head ({head})",
+                                                                 fixed.get("fp16 embedding = head (tied)", 0))
+    bound = device.bandwidth / per_token_read if device.bandwidth else None
+    weights = file_weight_bytes(a, bits, group_size, head)
+    return Plan(model, device.name, device.source, ctx, batch, kv_dtype, prefill_chunk, bits, group_size, head,
+                lines, total, usable, total <= usable, int(max_ctx), advice, bound, weights)
+
+
+def size(n: int) -> str:
+    """Bytes in GiB, or MiB below one GiB."""
+    return f"{n / GIB:8.2f} GiB" if abs(n) >= GIB else f"{n / MIB:8.1f} MiB"
+
+
+def table(p: Plan) -> str:
+    width = max(len(k) for k in p.lines) + 2
+    out = [f"{p.model} on {p.device}: W{p.bits} group {p.group_size}, head {p.head}, context {p.ctx:,}, "
+           f"batch {p.batch}"]
+    for k, v in p.lines.items():
+        out.append(f"  {k:<{width}} {size(v)}")
+    out.append(f"  {'total':<{width}} {size(p.total)}")
+    out.append(f"  {'usable on the device':<{width}} {size(p.usable)}  ({p.device_source})")
+    out.append(f"weights in the file (packed layers, fp16 embedding and head): {p.weights_bytes / 1e9:.2f} GB")
+    out.append(f"verdict: fits, {size(p.usable - p.total).strip()} to spare" if p.fits else
+               f"verdict: does NOT fit, {size(p.total - p.usable).strip()} short")
+    out.append(f"longest context that fits: {p.max_ctx:,} tokens" if p.max_ctx else "no context fits")
+    if p.decode_bound_tokens_per_s:
+        out.append(f"decode bound by memory bandwidth: {p.decode_bound_tokens_per_s:.1f} tokens/s")
+    out += [f"  - {a}" for a in p.advice]
+    return "\n".join(out)
+
+
+def model_args(model: str) -> tuple[ModelArgs, dict]:
+    """Architecture of a preset, config.json, Hugging Face directory or .eawq file; with its quantization if packed."""
+    if model in PRESETS:
+        return PRESETS[model], {}
+    path = Path(model)
+    if not path.exists():
+        raise InputError(f"{model}: no such file, and not a preset ({', '.join(PRESETS)})")
+    if path.suffix == ".eawq":
+        from .format import EawqSource
+
+        src = EawqSource(path)
+        return src.args, src.quantization
+    if path.name == "config.json" or path.is_dir():
+        from .config import from_hf_config
+
+        cfg = path if path.name == "config.json" else path / "config.json"
+        if not cfg.is_file():
+            raise InputError(f"{model}: no config.json there")
+        return from_hf_config(json.loads(cfg.read_text())), {}
+    from .load import open_source
+
+    return open_source(path).args, {}
+
+
+def device_for(name: str | None, memory: str | None) -> Device:
+    if memory is not None:
+        size = parse_size(memory)
+        return Device(f"{memory} of memory", size, 0, 0.0, "--memory, taken as all usable")
+    if name is None:
+        raise InputError("name a --device profile or give --memory SIZE")
+    if name not in DEVICES:
+        raise InputError(f"--device {name}: unknown; profiles are {', '.join(DEVICES)}")
+    return DEVICES[name]
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (what can be allocated without swapping), or 0 if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def check_fits(a: ModelArgs, quant: dict, model: str, ctx: int, memory: str | None) -> Plan | None:
+    """The runtime's check before loading: refuse (InputError with the plan table) when the model will not fit.
+
+    memory: the user's --memory, else this machine's MemAvailable. Returns the plan (None if unknown).
+    """
+    if memory is None:
+        free = available_memory()
+        if not free:
+            return None
+        device = Device("this machine", free, 0, 0.0, "MemAvailable in /proc/meminfo")
+    else:
+        device = device_for(None, memory)
+    ctx = min(ctx, a.max_seq_len)
+    if "bits" in quant:
+        p = make_plan(a, model, device, ctx, bits=quant["bits"], group_size=quant["group_size"],
+                      head=quant.get("head", "fp16"))
+    else:
+        p = _fp_plan(a, model, device, ctx)
+    if not p.fits:
+        raise InputError(f"{table(p)}\n{model} does not fit in {p.usable / MIB:,.0f} MiB: "
+                         f"{p.advice[0] if p.advice else 'use a smaller model'}")
+    return p
+
+
+def _fp_plan(a: ModelArgs, model: str, device: Device, ctx: int) -> Plan:
+    """A float model (eval and chat of the source): weights as float32 arrays."""
+    lines = {"float32 weights": 4 * (a.n_params + a.dim * (2 * a.n_layers + 1)),
+             f"KV cache (fp16, {ctx:,} tokens)": kv_bytes_per_token(a, "fp16") * ctx,
+             "prefill workspace": workspace_bytes(a, min(512, ctx), ctx, 128),
+             "runtime (Python, numpy, numba)": RUNTIME_OVERHEAD}
+    total = sum(lines.values())
+    return Plan(model, device.name, device.source, ctx, 1, "fp16", 512, 16, 0, "fp32", lines, total, device.usable,
+                total <= device.usable, ctx if total <= device.usable else 0, ["quantize it: edge-awq export"], None,
+                lines["float32 weights"])
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help=f"config.json, Hugging Face directory, .eawq file or a preset: {', '.join(PRESETS)}")
+    p.add_argument("--device", help=f"device profile: {', '.join(DEVICES)}")
+    p.add_argument("--memory", help="usable memory instead of a profile, e.g. 24GiB")
+    p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: the model's, at most 4096)")
+    p.add_argument("--batch", type=int, default=1, help="sequences served at once (default 1)")
+    p.add_argument("--kv-dtype", choices=("fp16", "int8"), default="fp16")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens run per step (default 512)")
+    p.add_argument("--bits", type=int, choices=(3, 4), default=None, help="for a model not yet packed (default 4)")
+    p.add_argument("--group-size", type=int, default=None, help="for a model not yet packed (default 128)")
+    p.add_argument("--head", choices=("fp16", "int8", "w4"), default=None, help="for a model not yet packed")
+    p.add_argument("--json", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    a, quant = model_args(args.model)
+    device = device_for(args.device, args.memory)
+    ctx = args.ctx or min(a.max_seq_len, 4096)
+    p = make_plan(a, Path(args.model).name, device, ctx, args.batch, args.kv_dtype, args.prefill_chunk,
+                  args.bits or quant.get("bits", 4), args.group_size or quant.get("group_size", 128),
+                  args.head or quant.get("head", "fp16"))
+    print(p.to_json() if args.json else table(p))
+    return 0 if p.fits else 2
