@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InputError
-from .model import KVCache, ModelWeights, forward
+from .model import KVCache, ModelWeights, forward, prefill
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def generate(w: ModelWeights, ops, tokenizer, prompt: list[int], s: SamplingArgs
         raise InputError(f"prompt of {len(prompt):,} tokens does not fit a context of {cache.max_seq:,}")
     rng = np.random.default_rng(s.seed)
     stream, pending, context = TextStream(tokenizer), "", list(prompt)
-    logits = forward(w, np.asarray(prompt), 0, cache, ops, last_only=True)[-1]
+    logits = prefill(w, prompt, 0, cache, ops)
     for step in range(s.max_new_tokens):
         token = sample(penalize(logits, np.asarray(context), s.repetition_penalty), s, rng)
         if token in tokenizer.eos_ids:

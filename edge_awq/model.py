@@ -168,3 +168,14 @@ SCALE_GROUPS = (
     ScaleGroup(prev="w3", linears=("w2",)),
 )
 NO_CLIP = ("wq", "wk")  # clipping q/k hurts attention scores more than it saves
+
+
+PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds the activation workspace (see plan.py)
+
+
+def prefill(w: ModelWeights, tokens, pos: int, cache: KVCache, ops, chunk: int = PREFILL_CHUNK):
+    """Run a prompt chunk by chunk into the cache; returns the last position's logits (vocab,)."""
+    tokens = np.asarray(tokens)
+    for start in range(0, len(tokens), chunk):
+        logits = forward(w, tokens[start : start + chunk], pos + start, cache, ops, last_only=True)
+    return logits[-1]

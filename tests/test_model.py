@@ -83,3 +83,17 @@ def test_smollm2_gguf_matches_transformers(smollm2, smollm2_weights):
         want = model(torch.tensor([tokens])).logits[0].numpy()
     got = forward(w, np.array(tokens), 0, KVCache.allocate(w.args, len(tokens)), ops)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
+
+
+def test_prefill_in_chunks_equals_one_pass(stories_weights):
+    from edge_awq.backends.reference import ReferenceBackend
+    from edge_awq.model import KVCache, forward, prefill
+
+    _, w = stories_weights
+    ops = ReferenceBackend()
+    tokens = np.arange(1, 41)
+    caches = [KVCache.allocate(w.args, 64) for _ in range(2)]
+    whole = forward(w, tokens, 0, caches[0], ops, last_only=True)[-1]
+    chunked = prefill(w, tokens, 0, caches[1], ops, chunk=7)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(caches[1].k[:, :, :40], caches[0].k[:, :, :40], rtol=1e-5, atol=1e-5)
