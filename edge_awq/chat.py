@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--tokenizer", default=None, help="tokenizer file for a llama2.c checkpoint")
+    p.add_argument("--kv-dtype", choices=("fp16", "int8"), default="fp16",
+                   help="KV cache precision (int8: half the memory, a scale per token and head)")
     p.add_argument("--memory", default=None, help="memory the model may use, e.g. 2GiB (default: what is free)")
 
 
@@ -70,13 +72,13 @@ def answer(engine, conv: Conversation, out, stats: Stats) -> str:
     """Stream one answer to out; Ctrl-C stops it (what was said is kept)."""
     from .generate import generate
 
-    w, ops, tok, s, ctx = engine
+    w, ops, tok, s, ctx, cache = engine
     ids, dropped = prompt_ids(tok, conv, ctx - min(s.max_new_tokens, ctx // 2))
     if dropped:
         print(f"[dropped the {dropped} oldest exchange(s) to fit the context of {ctx} tokens]", file=sys.stderr)
     text, t0, n = "", time.perf_counter(), 0
     try:
-        for piece in generate(w, ops, tok, ids, s):
+        for piece in generate(w, ops, tok, ids, s, cache):
             if n == 0:
                 stats.first_token_s = time.perf_counter() - t0
             n += 1
@@ -135,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
     from .errors import InputError
     from .generate import SamplingArgs
     from .load import load_weights, open_source
+    import numpy as np
+
+    from .model import KVCache
     from .plan import check_fits
     from .ops import select_backend
 
@@ -142,14 +147,16 @@ def run(args: argparse.Namespace) -> int:
     ctx = min(args.ctx, src.args.max_seq_len)
     if ctx < 8:
         raise InputError(f"--ctx {args.ctx}: too small to chat")
-    check_fits(src.args, getattr(src, "quantization", {}), str(args.model), ctx, args.memory)  # before any weight
+    check_fits(src.args, getattr(src, "quantization", {}), str(args.model), ctx, args.memory,
+               args.kv_dtype)  # before any weight is read
     ops = select_backend(args.backend)
     if args.backend == "auto":
         print(f"[backend: {ops.name}]", file=sys.stderr)
     w = load_weights(src, dtype=None)  # stored arrays as they are (fp16 tables stay mapped)
     s = SamplingArgs(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed,
                      min(args.max_new_tokens, ctx // 2))
-    engine = (w, ops, src.tokenizer(), s, ctx)
+    cache = KVCache.allocate(w.args, ctx, np.int8 if args.kv_dtype == "int8" else ops.kv_dtype)  # the one cache
+    engine = (w, ops, src.tokenizer(), s, ctx, cache)
     conv = Conversation(args.system)
     if args.prompt is not None:
         conv.turns.append({"role": "user", "content": args.prompt})

@@ -92,19 +92,48 @@ class ModelWeights:
 
 @dataclass
 class KVCache:
-    """Preallocated keys and values of every layer."""
+    """Preallocated keys and values of every layer: float32, float16, or int8 with a scale per token and head.
+
+    int8 rows are ``round(x / s)`` with ``s = max|x| / 127`` for each token's head vector, so a
+    row reads back as ``q * s`` (relative error at most 1/254 of the row's largest entry).
+    """
 
     k: np.ndarray  # (n_layers, n_kv_heads, max_seq, head_dim)
     v: np.ndarray  # (n_layers, n_kv_heads, max_seq, head_dim)
+    k_scale: np.ndarray | None = None  # (n_layers, n_kv_heads, max_seq) float32, int8 caches only
+    v_scale: np.ndarray | None = None
 
     @classmethod
     def allocate(cls, args: ModelArgs, max_seq: int, dtype=np.float32) -> "KVCache":
         shape = (args.n_layers, args.n_kv_heads, max_seq, args.head_dim)
+        if np.dtype(dtype) == np.int8:
+            return cls(np.zeros(shape, np.int8), np.zeros(shape, np.int8),
+                       np.zeros(shape[:3], np.float32), np.zeros(shape[:3], np.float32))
         return cls(np.zeros(shape, dtype), np.zeros(shape, dtype))
 
     @property
     def max_seq(self) -> int:
         return self.k.shape[2]
+
+    def write(self, layer: int, pos: int, k, v) -> None:
+        """Store k, v (T, n_kv_heads, head_dim) float32 at rows pos..pos+T-1 of a layer."""
+        T = k.shape[0]
+        for x, store, scale in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
+            x = np.asarray(x, np.float32).transpose(1, 0, 2)  # (n_kv, T, hd)
+            if scale is None:
+                store[layer, :, pos : pos + T] = x
+            else:
+                s = np.maximum(np.abs(x).max(axis=-1), 1e-30) / 127  # (n_kv, T)
+                store[layer, :, pos : pos + T] = np.clip(np.rint(x / s[..., None]), -127, 127)
+                scale[layer, :, pos : pos + T] = s
+
+    def read(self, layer: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values of rows 0..end-1 of a layer as float32 (n_kv_heads, end, head_dim)."""
+        out = []
+        for store, scale in ((self.k, self.k_scale), (self.v, self.v_scale)):
+            x = store[layer, :, :end].astype(np.float32)
+            out.append(x if scale is None else x * scale[layer, :, :end, None])
+        return out[0], out[1]
 
 
 def attention(lw: LayerWeights, x, pos: int, cache: KVCache | None, layer: int, w: ModelWeights, ops):

@@ -192,8 +192,7 @@ def make_plan(a: ModelArgs, model: str, device: Device, ctx: int, batch: int = 1
             advice.append(f"a context of {max_ctx:,} tokens fits (--ctx {max_ctx})")
         if kv_dtype == "fp16":
             saved = kv_tok * ctx - kv_bytes_per_token(a, "int8") * batch * ctx
-            advice.append(f"an int8 KV cache would save {size(saved).strip()} (--kv-dtype int8; planned, "
-                          "not yet in the runtime)")
+            advice.append(f"an int8 KV cache saves {size(saved).strip()} (--kv-dtype int8)")
         if bits == 4:
             advice.append(f"3-bit weights save {size(fixed['packed decoder weights'] // 4).strip()} at a "
                           "quality cost (export --bits 3)")
@@ -279,7 +278,8 @@ def available_memory() -> int:
     return 0
 
 
-def check_fits(a: ModelArgs, quant: dict, model: str, ctx: int, memory: str | None) -> Plan | None:
+def check_fits(a: ModelArgs, quant: dict, model: str, ctx: int, memory: str | None,
+               kv_dtype: str = "fp16") -> Plan | None:
     """The runtime's check before loading: refuse (InputError with the plan table) when the model will not fit.
 
     memory: the user's --memory, else this machine's MemAvailable. Returns the plan (None if unknown).
@@ -293,7 +293,7 @@ def check_fits(a: ModelArgs, quant: dict, model: str, ctx: int, memory: str | No
         device = device_for(None, memory)
     ctx = min(ctx, a.max_seq_len)
     if "bits" in quant:
-        p = make_plan(a, model, device, ctx, bits=quant["bits"], group_size=quant["group_size"],
+        p = make_plan(a, model, device, ctx, kv_dtype=kv_dtype, bits=quant["bits"], group_size=quant["group_size"],
                       head=quant.get("head", "fp16"))
     else:
         p = _fp_plan(a, model, device, ctx)

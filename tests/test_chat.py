@@ -87,3 +87,14 @@ def test_backend_unknown_is_one_line(stories_path):
     r = subprocess.run([sys.executable, "-m", "edge_awq", "chat", str(stories_path), "--prompt", "hi", "--backend",
                         "tpu"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().endswith("use reference, numba or auto")
+
+
+def test_int8_kv_cache_answers_the_same(smollm2):
+    answers = []
+    for kv in ("fp16", "int8"):
+        r = subprocess.run([sys.executable, "-m", "edge_awq", "chat", str(smollm2), "--prompt",
+                            "What is the capital of France?", "--backend", "numba", "--kv-dtype", kv,
+                            "--max-new-tokens", "12"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        answers.append(r.stdout)
+    assert "Paris" in answers[1] and answers[0].split()[:5] == answers[1].split()[:5]

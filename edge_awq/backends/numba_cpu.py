@@ -22,7 +22,7 @@ from numba import njit, prange
 from .. import threads
 from ..model import W4, Dense
 from ..pack import unpack_bits
-from .numba_intrinsics import byte_f32, half_f32, hi_nibble, lo_nibble
+from .numba_intrinsics import byte_f32, half_f32, hi_nibble, int8_f32, lo_nibble
 
 threads.configure()  # before the first parallel kernel starts OpenMP
 
@@ -421,6 +421,40 @@ def attention_kernel(q, keys, values, pos, out):
 
 
 @njit(parallel=True, cache=True, fastmath=True)
+def attention_int8_kernel(q, keys, k_scale, values, v_scale, pos, out):
+    """``attention_kernel`` over an int8 cache: keys/values (n_kv, S, hd) int8, scales (n_kv, S) float32."""
+    T, H, hd = q.shape
+    n_kv = keys.shape[0]
+    group = H // n_kv
+    scale = np.float32(1.0 / np.sqrt(hd))
+    for th in prange(T * H):
+        t, h = th // H, th % H
+        kv, n = h // group, pos + t + 1
+        qv = q[t, h]
+        o = out[t, h]
+        scores = np.empty(n, np.float32)
+        top = np.float32(-np.inf)
+        for s in range(n):
+            krow = keys[kv, s]
+            acc = np.float32(0.0)
+            for d in range(hd):
+                acc += qv[d] * int8_f32(krow[d])
+            scores[s] = acc * k_scale[kv, s] * scale
+            top = max(top, scores[s])
+        total = np.float32(0.0)
+        for s in range(n):
+            scores[s] = np.exp(scores[s] - top)
+            total += scores[s]
+        for d in range(hd):
+            o[d] = 0.0
+        for s in range(n):
+            p = scores[s] / total * v_scale[kv, s]
+            vrow = values[kv, s]
+            for d in range(hd):
+                o[d] += p * int8_f32(vrow[d])
+
+
+@njit(parallel=True, cache=True, fastmath=True)
 def silu_mul_kernel(gate, up, out):
     T, n = gate.shape
     for t in prange(T):
@@ -497,13 +531,15 @@ class NumbaBackend:
 
     def attention(self, q, k, v, cache, layer: int, pos: int) -> np.ndarray:
         T, H, hd = q.shape
-        if cache.k.dtype != np.float16:
-            raise TypeError("the numba backend keeps its KV cache in float16: allocate it with dtype=np.float16")
-        cache.k[layer, :, pos : pos + T] = k.transpose(1, 0, 2)
-        cache.v[layer, :, pos : pos + T] = v.transpose(1, 0, 2)
+        if cache.k.dtype not in (np.float16, np.int8):
+            raise TypeError("the numba backend keeps its KV cache in float16 or int8: allocate it with one of those")
+        cache.write(layer, pos, k, v)
         out = np.empty((T, H, hd), np.float32)
-        keys, values = cache.k[layer].view(np.uint16), cache.v[layer].view(np.uint16)
-        attention_kernel(_f32(q), keys, values, pos, out)
+        if cache.k.dtype == np.int8:
+            attention_int8_kernel(_f32(q), cache.k[layer], cache.k_scale[layer], cache.v[layer], cache.v_scale[layer],
+                                  pos, out)
+        else:
+            attention_kernel(_f32(q), cache.k[layer].view(np.uint16), cache.v[layer].view(np.uint16), pos, out)
         return out.reshape(T, H * hd)
 
     def silu_mul(self, gate, up) -> np.ndarray:

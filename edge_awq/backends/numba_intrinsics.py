@@ -49,6 +49,16 @@ def byte_f32(typingctx, b):
 
 
 @intrinsic
+def int8_f32(typingctx, b):
+    """float32 of an int8."""
+
+    def codegen(context, builder, signature, args):
+        return builder.sitofp(args[0], ir.FloatType())
+
+    return types.float32(types.int8), codegen
+
+
+@intrinsic
 def half_f32(typingctx, h):
     """float32 value of the float16 whose bits are the uint16 h."""
 

@@ -62,10 +62,8 @@ class ReferenceBackend:
         T, n_heads, hd = q.shape
         n_kv = k.shape[1]
         group = n_heads // n_kv
-        cache.k[layer, :, pos : pos + T] = k.transpose(1, 0, 2)
-        cache.v[layer, :, pos : pos + T] = v.transpose(1, 0, 2)
-        keys = _f32(cache.k[layer, :, : pos + T])  # (n_kv, S, hd)
-        values = _f32(cache.v[layer, :, : pos + T])  # (n_kv, S, hd)
+        cache.write(layer, pos, k, v)
+        keys, values = cache.read(layer, pos + T)  # (n_kv, S, hd) float32
         S = pos + T
         qg = _f32(q).reshape(T, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * T, hd)
         scores = (qg @ keys.transpose(0, 2, 1)).reshape(n_kv, group, T, S) * np.float32(1 / np.sqrt(hd))
