@@ -472,6 +472,13 @@ def parallel_sum(a):
     return total
 
 
+# Serial twins of the elementwise kernels for decoding: a token's norm or rotation is a few
+# microseconds of work, less than waking the thread pool for a parallel region.
+rmsnorm_serial = njit(cache=True, fastmath=True)(rmsnorm_kernel.py_func)
+rope_serial = njit(cache=True)(rope_kernel.py_func)
+silu_mul_serial = njit(cache=True, fastmath=True)(silu_mul_kernel.py_func)
+
+
 def _f32(a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
@@ -485,6 +492,7 @@ class NumbaBackend:
     def __init__(self):
         self._prepared: dict[int, tuple[W4, PreparedW4]] = {}
         self._dense: dict[int, tuple[Dense, np.ndarray]] = {}
+        self._angles: tuple = (None,)  # (key, cos, sin, inv_freq kept alive so its id stays unique)
 
     def embed(self, table, tokens) -> np.ndarray:
         return np.asarray(table[np.asarray(tokens, dtype=np.int64)], dtype=np.float32)
@@ -492,7 +500,7 @@ class NumbaBackend:
     def rmsnorm(self, x, weight, eps: float) -> np.ndarray:
         x = _f32(x)
         out = np.empty_like(x)
-        rmsnorm_kernel(x, _f32(weight), eps, out)
+        (rmsnorm_serial if x.shape[0] <= GEMV_MAX_T else rmsnorm_kernel)(x, _f32(weight), eps, out)
         return out
 
     def linear(self, x, w) -> np.ndarray:
@@ -524,9 +532,12 @@ class NumbaBackend:
 
     def rope(self, x, pos: int, inv_freq, interleaved: bool) -> np.ndarray:
         x = _f32(x)
-        angles = np.arange(pos, pos + x.shape[0], dtype=np.float64)[:, None] * inv_freq[None, :]  # (T, hd/2)
+        key = (pos, x.shape[0], id(inv_freq))
+        if self._angles[0] != key:  # q and k of every layer share one position range
+            angles = np.arange(pos, pos + x.shape[0], dtype=np.float64)[:, None] * inv_freq[None, :]  # (T, hd/2)
+            self._angles = (key, np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32), inv_freq)
         out = np.empty_like(x)
-        rope_kernel(x, np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32), interleaved, out)
+        (rope_serial if x.shape[0] <= GEMV_MAX_T else rope_kernel)(x, self._angles[1], self._angles[2], interleaved, out)
         return out
 
     def attention(self, q, k, v, cache, layer: int, pos: int) -> np.ndarray:
@@ -545,5 +556,5 @@ class NumbaBackend:
     def silu_mul(self, gate, up) -> np.ndarray:
         gate = _f32(gate)
         out = np.empty_like(gate)
-        silu_mul_kernel(gate, _f32(up), out)
+        (silu_mul_serial if gate.shape[0] <= GEMV_MAX_T else silu_mul_kernel)(gate, _f32(up), out)
         return out
