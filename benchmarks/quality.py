@@ -59,6 +59,7 @@ def main():
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--head", default="fp16", help="output head of every export (default fp16: the layers compared)")
     ap.add_argument("--gguf", nargs="+", default=[], metavar="NAME=FILE", help="rows for GGUF files made elsewhere")
     ap.add_argument("--reuse", action="store_true", help="keep the rows already in OUT/quality.json")
     ap.add_argument("--out", type=Path, required=True)
@@ -83,7 +84,8 @@ def main():
                 continue
             out = a.out / f"{v}-w{bits}.eawq"
             exp = edge_awq("export", a.model, "--calib", a.calib, "-o", out, "--bits", bits, "--group-size",
-                           a.group_size, "--n-samples", a.n_samples, "--seqlen", a.seqlen, *VARIANTS[v])
+                           a.group_size, "--n-samples", a.n_samples, "--seqlen", a.seqlen, "--head", a.head,
+                           *VARIANTS[v])
             ev = edge_awq("eval", out, "--text", a.text, *limit)
             rows.append({"variant": v, "bits": bits, **ev, "bits_per_weight": exp["bits_per_weight"],
                          "export_seconds": exp["seconds"]["total"], "group_size": exp["group_size"]})

@@ -10,7 +10,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HEAD = "fp16"
+DEFAULT_HEAD = "int8"  # measured: SmolLM2 decode +17 % tokens/s, wikitext2 perplexity unchanged (README "Speed")
 HEAD_ROWS = 8192  # rows of the head quantized at a time (bounded memory for large vocabularies)
 
 

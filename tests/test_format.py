@@ -75,8 +75,9 @@ def test_reader_gives_packed_weights_and_tokenizer(exported, stories_path):
     assert isinstance(w.layers[0].w2, W4) and w.layers[0].w2.group_size == 172 and w.layers[0].wq.group_size == 64
     assert src.tokenizer().encode("Once upon a time") == fp.tokenizer().encode("Once upon a time")
     assert src.verify() == []
-    assert [n for n, _, _ in tensor_specs(src.args, 4, lambda i: i, src.file.tensors["tokenizer"].shape[0])] == list(
-        src.file.tensors)
+    assert src.quantization["head"] == "int8" and isinstance(w.output, W4) and w.output.bits == 8  # the default
+    specs = tensor_specs(src.args, 4, lambda i: i, src.file.tensors["tokenizer"].shape[0], src.quantization["head"])
+    assert [n for n, _, _ in specs] == list(src.file.tensors)
 
 
 def test_damaged_byte_fails_verify(exported, tmp_path):
