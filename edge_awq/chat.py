@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     w = load_weights(src, dtype=None)  # stored arrays as they are (fp16 tables stay mapped)
     s = SamplingArgs(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed,
                      min(args.max_new_tokens, ctx // 2))
-    cache = KVCache.allocate(w.args, ctx, np.int8 if args.kv_dtype == "int8" else ops.kv_dtype)  # the one cache
+    cache = KVCache.allocate(w.args, ctx, np.int8 if args.kv_dtype == "int8" else ops.kv_dtype, commit=True)
     engine = (w, ops, src.tokenizer(), s, ctx, cache)
     conv = Conversation(args.system)
     if args.prompt is not None:

@@ -104,12 +104,19 @@ class KVCache:
     v_scale: np.ndarray | None = None
 
     @classmethod
-    def allocate(cls, args: ModelArgs, max_seq: int, dtype=np.float32) -> "KVCache":
+    def allocate(cls, args: ModelArgs, max_seq: int, dtype=np.float32, commit: bool = False) -> "KVCache":
+        """commit: write every page now, so the memory is held from the start (not when a long answer needs it)."""
         shape = (args.n_layers, args.n_kv_heads, max_seq, args.head_dim)
         if np.dtype(dtype) == np.int8:
-            return cls(np.zeros(shape, np.int8), np.zeros(shape, np.int8),
-                       np.zeros(shape[:3], np.float32), np.zeros(shape[:3], np.float32))
-        return cls(np.zeros(shape, dtype), np.zeros(shape, dtype))
+            cache = cls(np.zeros(shape, np.int8), np.zeros(shape, np.int8),
+                        np.zeros(shape[:3], np.float32), np.zeros(shape[:3], np.float32))
+        else:
+            cache = cls(np.zeros(shape, dtype), np.zeros(shape, dtype))
+        if commit:
+            for a in (cache.k, cache.v, cache.k_scale, cache.v_scale):
+                if a is not None:
+                    a.fill(0)
+        return cache
 
     @property
     def max_seq(self) -> int:

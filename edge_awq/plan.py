@@ -69,6 +69,9 @@ DEVICES = {
 # Peak RSS of `edge-awq chat --prompt` with a model of 1.3 MB (stories260K): the interpreter,
 # numpy, numba/LLVM and the cached kernels; 168 MB measured on x86-64 with numba 0.68.
 RUNTIME_OVERHEAD = 160 * MIB
+# The tokenizer in memory (vocabulary, merges, the chat template's environment): SmolLM2's
+# 49,152 entries take 47 MiB once loaded, about 1 kB an entry.
+TOKENIZER_BYTES_PER_ENTRY = 1000
 PAGE = 4096
 
 
@@ -174,6 +177,7 @@ def make_plan(a: ModelArgs, model: str, device: Device, ctx: int, batch: int = 1
         lines[f"prefill workspace ({min(prefill_chunk, n)} tokens)"] = workspace_bytes(
             a, min(prefill_chunk, n), n, group_size) * batch
         lines["runtime (Python, numpy, numba)"] = RUNTIME_OVERHEAD
+        lines["tokenizer"] = a.vocab_size * TOKENIZER_BYTES_PER_ENTRY
         return lines
 
     kv_tok = kv_bytes_per_token(a, kv_dtype) * batch
@@ -308,7 +312,8 @@ def _fp_plan(a: ModelArgs, model: str, device: Device, ctx: int) -> Plan:
     lines = {"float32 weights": 4 * (a.n_params + a.dim * (2 * a.n_layers + 1)),
              f"KV cache (fp16, {ctx:,} tokens)": kv_bytes_per_token(a, "fp16") * ctx,
              "prefill workspace": workspace_bytes(a, min(512, ctx), ctx, 128),
-             "runtime (Python, numpy, numba)": RUNTIME_OVERHEAD}
+             "runtime (Python, numpy, numba)": RUNTIME_OVERHEAD,
+             "tokenizer": a.vocab_size * TOKENIZER_BYTES_PER_ENTRY}
     total = sum(lines.values())
     return Plan(model, device.name, device.source, ctx, 1, "fp16", 512, 16, 0, "fp32", lines, total, device.usable,
                 total <= device.usable, ctx if total <= device.usable else 0, ["quantize it: edge-awq export"], None,

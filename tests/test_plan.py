@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from edge_awq.plan import DEVICES, GIB, PRESETS, Device, make_plan, parse_size
-from tests.conftest import SHAKESPEARE
+from tests.conftest import SHAKESPEARE, TINYSTORIES
 from tests.test_cli import edge_awq
 
 
@@ -79,7 +79,8 @@ finally:  # VmHWM: this process image's own peak (ru_maxrss would count the fork
 
 
 def _peak_rss_of_chat(model, ctx: int) -> int:
-    r = subprocess.run([sys.executable, "-c", PEAK, "chat", str(model), "--prompt", "Tell me a story.", "--backend",
+    prompt = " ".join(TINYSTORIES.read_text().split()[: ctx // 6])  # a long prompt: the prefill workspace is used
+    r = subprocess.run([sys.executable, "-c", PEAK, "chat", str(model), "--prompt", prompt, "--backend",
                         "numba", "--ctx", str(ctx), "--max-new-tokens", "16"], capture_output=True, text=True)
     peak = [line for line in r.stderr.splitlines() if line.startswith("PEAK ")]
     assert r.returncode == 0 and peak, r.stderr
