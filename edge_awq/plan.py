@@ -302,8 +302,8 @@ def check_fits(a: ModelArgs, quant: dict, model: str, ctx: int, memory: str | No
     else:
         p = _fp_plan(a, model, device, ctx)
     if not p.fits:
-        raise InputError(f"{table(p)}\n{model} does not fit in {p.usable / MIB:,.0f} MiB: "
-                         f"{p.advice[0] if p.advice else 'use a smaller model'}")
+        raise InputError(f"{table(p)}\n{model} needs {size(p.total).strip()} and {size(p.usable).strip()} is "
+                         "usable: free memory, or take one of the changes above")
     return p
 
 
