@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -68,6 +70,31 @@ def prompt_ids(tok, conv: Conversation, budget: int) -> tuple[list[int], int]:
         dropped += 1
 
 
+class _StopOnCtrlC:
+    """While an answer streams, Ctrl-C sets a flag that the token loop checks.
+
+    Raising KeyboardInterrupt wherever the signal lands is not enough: it can land inside a
+    library (numba compiling a kernel on first use) that swallows it, and the answer runs on.
+    """
+
+    def __init__(self):
+        self.stop = False
+
+    def __enter__(self):
+        self._previous = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.stop = True
+
+    def __exit__(self, *exc):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
 def answer(engine, conv: Conversation, out, stats: Stats) -> str:
     """Stream one answer to out; Ctrl-C stops it (what was said is kept)."""
     from .generate import generate
@@ -77,7 +104,7 @@ def answer(engine, conv: Conversation, out, stats: Stats) -> str:
     if dropped:
         print(f"[dropped the {dropped} oldest exchange(s) to fit the context of {ctx} tokens]", file=sys.stderr)
     text, t0, n = "", time.perf_counter(), 0
-    try:
+    with _StopOnCtrlC() as ctrl_c:
         for piece in generate(w, ops, tok, ids, s, cache):
             if n == 0:
                 stats.first_token_s = time.perf_counter() - t0
@@ -85,8 +112,9 @@ def answer(engine, conv: Conversation, out, stats: Stats) -> str:
             text += piece.text
             out.write(piece.text)
             out.flush()
-    except KeyboardInterrupt:
-        out.write(" [stopped]")
+            if ctrl_c.stop:
+                out.write(" [stopped]")
+                break
     out.write("\n")
     out.flush()
     stats.prompt_tokens, stats.new_tokens, stats.seconds = len(ids), n, time.perf_counter() - t0

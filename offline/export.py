@@ -56,6 +56,41 @@ def _metadata(src, qa, calib: dict, tok_fields: dict, head: str) -> dict:
     }
 
 
+class _CtrlC:
+    """Ctrl-C raises KeyboardInterrupt at once, and again at the next phase if a library swallowed it."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self._main = threading.current_thread() is threading.main_thread()
+        if self._main:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        raise KeyboardInterrupt
+
+    def checked(self, callback):
+        def call(*args):
+            if self.requested:
+                raise KeyboardInterrupt
+            return callback(*args)
+
+        return call
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._main:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
 def pack_head(weight, bits: int, group_size: int) -> dict:
     """The output head (vocab, dim) packed by round to nearest, HEAD_ROWS rows at a time."""
     import numpy as np
@@ -100,8 +135,9 @@ def run(args: argparse.Namespace) -> int:
         writer.add("tokenizer", np.frombuffer(tok_bytes, dtype=np.uint8))
         writer.add("rope_inv_freq", inv_freq(src))
         writer.add("tok_embeddings", np.asarray(src.get("tok_embeddings"), dtype=np.float16))
-        reports = quantize_model(src, blocks, qa, writer, specs, TorchOps(args.device), args.device,
-                                 progress.layer_done, progress.phase)
+        with _CtrlC() as ctrl_c:
+            reports = quantize_model(src, blocks, qa, writer, specs, TorchOps(args.device), args.device,
+                                     ctrl_c.checked(progress.layer_done), ctrl_c.checked(progress.phase))
         writer.add("norm", np.asarray(src.get("norm"), dtype=np.float16))
         head = src.get("tok_embeddings" if a.tied_embeddings or not src.has("output") else "output")
         if args.head in HEAD_BITS:
