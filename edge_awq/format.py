@@ -143,6 +143,9 @@ class EawqSource:
     def has(self, key: str) -> bool:
         return key in self.file.tensors
 
+    def release(self) -> None:
+        self.file.release()
+
     def get(self, key: str) -> np.ndarray:
         if key not in self.file.tensors:
             raise FormatError(f"{self.path}: tensor {key} is missing")

@@ -52,6 +52,15 @@ def _read_header(path: Path) -> tuple[dict, int, int]:
         raise FormatError(f"{path}: corrupt safetensors header (not JSON)") from None
 
 
+def release_pages(mm) -> None:
+    """madvise(DONTNEED) over a read-only np.memmap: its pages leave the resident set, the data stays valid."""
+    import mmap
+
+    raw = getattr(mm, "_mmap", None)
+    if raw is not None and hasattr(mmap, "MADV_DONTNEED"):
+        raw.madvise(mmap.MADV_DONTNEED)
+
+
 class SafetensorsFile:
     """Header-checked view of one safetensors file; tensors are memory-mapped on demand."""
 
@@ -85,6 +94,10 @@ class SafetensorsFile:
         if self._mm is None:
             self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
         return self._mm
+
+    def release(self) -> None:
+        """Drop this process's resident pages of the mapping (they are read again from the file if used)."""
+        release_pages(self._mm)
 
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as stored, a read-only memory-mapped uint8 view."""

@@ -198,6 +198,7 @@ def quantize_model(src, blocks: np.ndarray, qa: QuantArgs, writer, specs, ops, d
         for name in (n for n in order if n.startswith(f"layers.{i}.")):
             writer.add(name, arrays[name])
         reports.append(rep)
+        src.release()  # the layer's mapped source pages: without this, peak memory grows with depth
         if on_layer:
             on_layer(rep)
     return reports

@@ -127,3 +127,24 @@ def test_packed_head_keeps_embedding_rows_and_scores_close(stories_path, tmp_pat
     got = forward(packed, tokens, 0, KVCache.allocate(packed.args, 16, np.float16), NumbaBackend())
     assert np.abs(got - logits[head]).max() / np.abs(logits[head]).max() <= 1e-3
     assert ppl(outs[head]) < 1.1 * ppl(outs["fp16"])
+
+
+def test_export_peak_memory_does_not_grow_with_depth(smollm2, tmp_path):
+    """SmolLM2's layers repeated 4x (a sharded fp16 HF directory): the exporter's peak RSS stays put."""
+    import numpy as np
+
+    from edge_awq.load import open_source
+    from tests.hfdir import write_hf_dir
+    from tests.test_plan import PEAK
+
+    src = open_source(smollm2)
+    peaks = []
+    for repeat in (1, 4):
+        hf = write_hf_dir(src, tmp_path / f"x{repeat}", shards=4, dtype=np.float16, repeat=repeat)
+        r = subprocess.run([sys.executable, "-c", PEAK, "export", str(hf), "--calib", str(SHAKESPEARE), "-o",
+                            str(tmp_path / f"x{repeat}.eawq"), "--method", "rtn", "--group-size", "64",
+                            "--n-samples", "2", "--seqlen", "128"], capture_output=True, text=True, timeout=900)
+        peak = [line for line in r.stderr.splitlines() if line.startswith("PEAK ")]
+        assert r.returncode == 0 and peak, r.stderr
+        peaks.append(int(peak[0].split()[1]))
+    assert peaks[1] < 1.10 * peaks[0], peaks

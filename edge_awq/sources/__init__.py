@@ -37,3 +37,6 @@ class Source(Protocol):
 
     def fingerprint(self) -> str:
         """A short identity of the source files (names, sizes, header hashes), read cheaply."""
+
+    def release(self) -> None:
+        """Drop resident pages of memory-mapped files (what the exporter calls after each layer)."""

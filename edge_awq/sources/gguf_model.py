@@ -59,6 +59,12 @@ class GGUFSource:
         self.tensors = {t.name: t for t in self.reader.tensors}
         self.args = self._args()
 
+    def release(self) -> None:
+        """Drop the resident pages of the mapped file."""
+        from ..tensorfile import release_pages
+
+        release_pages(self.reader.data)
+
     def field(self, key: str, default=None):
         f = self.reader.fields.get(key)
         return default if f is None else f.contents()

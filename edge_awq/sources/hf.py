@@ -63,6 +63,11 @@ class HFSource:
         if self.args.tied_embeddings is False and "lm_head.weight" not in self._where:
             self.args = dataclasses.replace(self.args, tied_embeddings=True)
 
+    def release(self) -> None:
+        """Drop the resident pages of every mapped shard."""
+        for f in self._files.values():
+            f.release()
+
     def _index(self) -> dict[str, str]:
         """Tensor name -> shard file name, from the index or from the shards' headers."""
         idx = self.path / "model.safetensors.index.json"

@@ -63,6 +63,12 @@ class Llama2cSource:
         self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
         self._tokenizer_path = tokenizer_path
 
+    def release(self) -> None:
+        """Drop the resident pages of the mapped file."""
+        from ..tensorfile import release_pages
+
+        release_pages(self._mm)
+
     def _offsets(self, offset: int, legacy: bool) -> dict[str, tuple[int, tuple[int, ...]]]:
         """Canonical name -> (byte offset, shape) of every tensor, in file order."""
         a = self.args
