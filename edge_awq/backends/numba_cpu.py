@@ -382,6 +382,16 @@ def rope_kernel(x, cos, sin, interleaved, out):
                 out[t, h, b] = x0 * sin[t, i] + x1 * cos[t, i]
 
 
+@njit(cache=True, inline="always", fastmath=True)
+def _exp_shifted(scores, top):
+    """scores <- exp(scores - top) in place; returns their sum (the softmax denominator)."""
+    total = np.float32(0.0)
+    for s in range(scores.shape[0]):
+        scores[s] = np.exp(scores[s] - top)
+        total += scores[s]
+    return total
+
+
 @njit(parallel=True, cache=True, fastmath=True)
 def attention_kernel(q, keys, values, pos, out):
     """Causal GQA over an fp16 cache read as uint16 bits.
@@ -407,10 +417,7 @@ def attention_kernel(q, keys, values, pos, out):
                 acc += qv[d] * half_f32(krow[d])
             scores[s] = acc * scale
             top = max(top, scores[s])
-        total = np.float32(0.0)
-        for s in range(n):
-            scores[s] = np.exp(scores[s] - top)
-            total += scores[s]
+        total = _exp_shifted(scores, top)
         for d in range(hd):
             o[d] = 0.0
         for s in range(n):
@@ -441,10 +448,7 @@ def attention_int8_kernel(q, keys, k_scale, values, v_scale, pos, out):
                 acc += qv[d] * int8_f32(krow[d])
             scores[s] = acc * k_scale[kv, s] * scale
             top = max(top, scores[s])
-        total = np.float32(0.0)
-        for s in range(n):
-            scores[s] = np.exp(scores[s] - top)
-            total += scores[s]
+        total = _exp_shifted(scores, top)
         for d in range(hd):
             o[d] = 0.0
         for s in range(n):
