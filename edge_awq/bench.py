@@ -14,7 +14,7 @@ import numpy as np
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=".eawq file (or any model edge-awq reads)")
-    p.add_argument("--backend", default="auto", help="numba, reference or auto (default)")
+    p.add_argument("--backend", default="auto", help="cuda, numba, reference or auto (default)")
     p.add_argument("--prefill", type=int, nargs="+", default=[128, 512], help="prompt lengths (default 128 512)")
     p.add_argument("--decode", type=int, default=128, help="tokens to decode (default 128)")
     p.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the best is kept")
@@ -53,8 +53,9 @@ def kernel_rates(w, ops, repeat: int) -> list[dict]:
     for name, lin in [(n, getattr(lw, n)) for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")] + [("output", w.output)]:
         nbytes, shape = _linear_bytes_shape(lin)
         x = np.random.default_rng(0).standard_normal((1, shape[1])).astype(np.float32)
-        ops.linear(x, lin)
-        t = min(_timed(lambda: ops.linear(x, lin)) for _ in range(max(repeat, 5)))
+        x = ops.upload(x) if hasattr(ops, "upload") else x  # a device backend: time the kernel, not the copy
+        ops.to_host(ops.linear(x, lin))
+        t = min(_timed(lambda: ops.to_host(ops.linear(x, lin))) for _ in range(max(repeat, 5)))
         rows.append({"linear": name, "shape": list(shape), "seconds": t, "gb_per_s": nbytes / t / 1e9})
     return rows
 
@@ -72,8 +73,9 @@ def gemv_layers(ops, repeat: int, group_size: int = 128) -> list[dict]:
         lin = pack_linear(rng.standard_normal((out_f, in_f), dtype=np.float32), 4, group_size)
         nbytes, _ = _linear_bytes_shape(lin)
         x = rng.standard_normal((1, in_f)).astype(np.float32)
-        ops.linear(x, lin)
-        t = min(_timed(lambda: ops.linear(x, lin)) for _ in range(max(repeat, 10)))
+        x = ops.upload(x) if hasattr(ops, "upload") else x
+        ops.to_host(ops.linear(x, lin))
+        t = min(_timed(lambda: ops.to_host(ops.linear(x, lin))) for _ in range(max(repeat, 10)))
         rows.append({"linear": f"W4 g{group_size}", "shape": [out_f, in_f], "seconds": t, "gb_per_s": nbytes / t / 1e9})
     return rows
 
@@ -82,21 +84,22 @@ def run(args: argparse.Namespace) -> int:
     from .generate import SamplingArgs, generate
     from .load import load_weights, open_source
     from .plan import check_fits
-    from .model import KVCache, forward
+    from .model import forward
     from .ops import select_backend
 
     src = open_source(args.model)
     n_ctx = max(args.prefill) + args.decode
     check_fits(src.args, getattr(src, "quantization", {}), str(args.model), n_ctx, args.memory)  # before any weight
     ops = select_backend(args.backend)
-    w = load_weights(src, dtype=None)  # stored arrays as they are (fp16 tables stay mapped)
+    host_w = load_weights(src, dtype=None)  # stored arrays as they are (fp16 tables stay mapped)
+    w = ops.prepare(host_w)  # the same arrays on numpy and numba; uploaded once on cuda
     tok = src.tokenizer()
     rng = np.random.default_rng(0)
     n_ctx = max(args.prefill) + args.decode
     res = {"model": str(args.model), "backend": ops.name, "prefill": {}}
     for n in args.prefill:
         prompt = rng.integers(3, w.args.vocab_size, n)
-        cache = KVCache.allocate(w.args, n_ctx, ops.kv_dtype)
+        cache = ops.allocate_cache(w.args, n_ctx)
         forward(w, prompt[:8], 0, cache, ops, last_only=True)  # warm-up (compiles, converts)
         t = min(_timed(lambda: forward(w, prompt, 0, cache, ops, last_only=True)) for _ in range(args.repeat))
         res["prefill"][str(n)] = {"tokens_per_s": n / t, "time_to_first_token_s": t}
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     res["decode_tokens_per_s"] = (len(steps) - 1) / (steps[-1] - steps[0]) if len(steps) > 1 else 0.0
     res["time_to_first_token_s_16"] = steps[0] - t0
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the probes below
-    res["kernels"] = kernel_rates(w, ops, args.repeat) + gemv_layers(ops, args.repeat)
+    res["kernels"] = kernel_rates(host_w, ops, args.repeat) + gemv_layers(ops, args.repeat)
     res["read_gb_per_s"] = read_bandwidth() / 1e9
     print(json.dumps(res) if args.json else _table(res))
     return 0

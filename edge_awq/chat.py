@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=".eawq file (or any model edge-awq reads)")
     p.add_argument("--prompt", help="answer this once and exit")
     p.add_argument("--system", default=None, help="system message")
-    p.add_argument("--backend", default="auto", help="numba, reference or auto (default)")
+    p.add_argument("--backend", default="auto", help="cuda, numba, reference or auto (default)")
     p.add_argument("--ctx", type=int, default=2048, help="context length in tokens (default 2048)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -167,9 +167,8 @@ def run(args: argparse.Namespace) -> int:
     from .load import load_weights, open_source
     import numpy as np
 
-    from .model import KVCache
     from .plan import check_fits
-    from .ops import select_backend
+    from .ops import pick_backend
 
     src = open_source(args.model, args.tokenizer)
     ctx = min(args.ctx, src.args.max_seq_len)
@@ -177,13 +176,14 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--ctx {args.ctx}: too small to chat")
     check_fits(src.args, getattr(src, "quantization", {}), str(args.model), ctx, args.memory,
                args.kv_dtype)  # before any weight is read
-    ops = select_backend(args.backend)
+    ops, why = pick_backend(args.backend)
     if args.backend == "auto":
-        print(f"[backend: {ops.name}]", file=sys.stderr)
+        print(f"[backend: {ops.name} ({why})]", file=sys.stderr)
     w = load_weights(src, dtype=None)  # stored arrays as they are (fp16 tables stay mapped)
     s = SamplingArgs(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed,
                      min(args.max_new_tokens, ctx // 2))
-    cache = KVCache.allocate(w.args, ctx, np.int8 if args.kv_dtype == "int8" else ops.kv_dtype, commit=True)
+    cache = ops.allocate_cache(w.args, ctx, np.int8 if args.kv_dtype == "int8" else None, commit=True)
+    w = ops.prepare(w)
     engine = (w, ops, src.tokenizer(), s, ctx, cache)
     conv = Conversation(args.system)
     if args.prompt is not None:

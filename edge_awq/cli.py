@@ -22,6 +22,7 @@ COMMANDS = {
     "plan": ("edge_awq.plan", "will a model fit a device? memory plan before loading"),
     "inspect": ("edge_awq.inspect_file", "print an .eawq file's metadata and tensors"),
     "verify": ("edge_awq.verify", "check every checksum of an .eawq file"),
+    "build-native": ("edge_awq.native_build", "build the CUDA library of the cuda backend (needs nvcc and CMake)"),
 }
 
 

@@ -19,3 +19,7 @@ class InputError(EdgeAwqError):
 
 class BackendUnavailable(EdgeAwqError):
     """The asked-for compute backend cannot run on this machine."""
+
+
+class KernelError(EdgeAwqError):
+    """A native kernel refused its arguments or the device failed; names the call and the shapes."""

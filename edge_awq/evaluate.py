@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--ctx {args.ctx}: must be between 2 and the model's context of {a.max_seq_len}")
     ops = select_backend(args.backend)
     tokens = _tokens(src, args, text)
-    weights = load_weights(src, lazy=_should_stream(4 * a.n_params))
+    weights = ops.prepare(load_weights(src, lazy=_should_stream(4 * a.n_params)))
     console = Console(stderr=True)
     columns = (TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:

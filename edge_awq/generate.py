@@ -108,7 +108,7 @@ def generate(w: ModelWeights, ops, tokenizer, prompt: list[int], s: SamplingArgs
     """Stream the continuation of prompt (token ids). The cache, if given, must hold prompt + answer."""
     if not prompt:
         raise InputError("empty prompt: give at least one token")
-    cache = cache or KVCache.allocate(w.args, min(w.args.max_seq_len, len(prompt) + s.max_new_tokens), ops.kv_dtype)
+    cache = cache or ops.allocate_cache(w.args, min(w.args.max_seq_len, len(prompt) + s.max_new_tokens))
     if len(prompt) >= cache.max_seq:
         raise InputError(f"prompt of {len(prompt):,} tokens does not fit a context of {cache.max_seq:,}")
     rng = np.random.default_rng(s.seed)

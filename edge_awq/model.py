@@ -183,7 +183,7 @@ def forward(w: ModelWeights, tokens, pos: int, cache: KVCache, ops, last_only: b
         x = block(lw, x, pos, cache, i, w, ops)
     if last_only:
         x = x[-1:]
-    return ops.linear(ops.rmsnorm(x, w.norm, w.args.norm_eps), w.output)
+    return ops.to_host(ops.linear(ops.rmsnorm(x, w.norm, w.args.norm_eps), w.output))
 
 
 @dataclass(frozen=True)

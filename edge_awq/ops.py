@@ -44,21 +44,70 @@ class Backend(Protocol):
     def silu_mul(self, gate, up) -> np.ndarray:
         """silu(gate) * up, both (T, hidden_dim) float32."""
 
+    # Where the weights, the cache and the logits live: host memory for numpy and numba (these
+    # return their argument, or a KVCache), device memory for cuda.
+    def prepare(self, w):
+        """The model's weights (ModelWeights) in the form this backend's ops read."""
 
-def select_backend(name: str = "auto") -> Backend:
-    """The only place a backend is chosen: "reference" (numpy), "numba" (CPU kernels) or "auto"."""
+    def allocate_cache(self, args, max_seq: int, dtype=None, commit: bool = False):
+        """A KV cache for max_seq positions (dtype: the cache's, default ``kv_dtype``); see model.KVCache."""
+
+    def to_host(self, x) -> np.ndarray:
+        """An op's output as a float32 numpy array (the logits at the end of ``forward``)."""
+
+
+class HostMemory:
+    """prepare, allocate_cache and to_host for backends that compute on host arrays (numpy, numba)."""
+
+    kv_dtype: type
+
+    def prepare(self, w):
+        return w
+
+    def allocate_cache(self, args, max_seq: int, dtype=None, commit: bool = False):
+        from .model import KVCache
+
+        return KVCache.allocate(args, max_seq, self.kv_dtype if dtype is None else dtype, commit)
+
+    def to_host(self, x) -> np.ndarray:
+        return np.asarray(x, dtype=np.float32)
+
+
+def pick_backend(name: str = "auto") -> tuple[Backend, str]:
+    """The only place a backend is chosen, and why: "cuda", "numba", "reference" (numpy) or "auto".
+
+    auto takes cuda when libedge_awq_cuda.so loads and a device answers, else numba, else numpy.
+    """
     if name in ("reference", "numpy"):
         from .backends.reference import ReferenceBackend
 
-        return ReferenceBackend()
-    if name in ("numba", "cpu", "auto"):
-        try:
-            from .backends.numba_cpu import NumbaBackend
-        except ImportError as e:
-            if name == "auto":
-                from .backends.reference import ReferenceBackend
+        return ReferenceBackend(), "asked for"
+    if name == "cuda":
+        from .backends.cuda import CudaBackend
 
-                return ReferenceBackend()
-            raise BackendUnavailable(f"the numba backend needs numba ({e}): pip install numba") from None
-        return NumbaBackend()
-    raise BackendUnavailable(f"backend {name!r} is unknown: use reference, numba or auto")
+        return CudaBackend(), "asked for"
+    if name not in ("numba", "cpu", "auto"):
+        raise BackendUnavailable(f"backend {name!r} is unknown: use cuda, numba, reference or auto")
+    why = "asked for"
+    if name == "auto":
+        try:
+            from .backends.cuda import CudaBackend
+
+            cuda = CudaBackend()
+            return cuda, f"a CUDA device answers: {cuda.device_name}"
+        except BackendUnavailable as e:
+            why = f"no cuda: {e}"
+    try:
+        from .backends.numba_cpu import NumbaBackend
+    except ImportError as e:
+        if name == "auto":
+            from .backends.reference import ReferenceBackend
+
+            return ReferenceBackend(), f"{why}; no numba ({e})"
+        raise BackendUnavailable(f"the numba backend needs numba ({e}): pip install numba") from None
+    return NumbaBackend(), why
+
+
+def select_backend(name: str = "auto") -> Backend:
+    """``pick_backend`` without the reason."""
+    return pick_backend(name)[0]

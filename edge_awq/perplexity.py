@@ -52,7 +52,7 @@ def perplexity(
     """Score tokens (N,) int window by window; on_window(done, total) reports progress."""
     tokens = np.asarray(tokens, dtype=np.int64)
     wins = windows(tokens, ctx)
-    cache = KVCache.allocate(w.args, ctx, ops.kv_dtype)
+    cache = ops.allocate_cache(w.args, ctx)
     total_nll, scored, seen = 0.0, 0, 0
     t0 = time.perf_counter()
     for k, win in enumerate(wins):

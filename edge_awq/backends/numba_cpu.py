@@ -20,6 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 from .. import threads
+from ..ops import HostMemory
 from ..model import W4, Dense
 from ..pack import unpack_bits
 from .numba_intrinsics import byte_f32, half_f32, hi_nibble, int8_f32, lo_nibble
@@ -487,7 +488,7 @@ def _f32(a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-class NumbaBackend:
+class NumbaBackend(HostMemory):
     """The six ops in numba. W4 linears read packed weights; Dense ones (fp16 head, FP models) use BLAS."""
 
     name = "numba"

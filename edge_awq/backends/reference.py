@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..ops import HostMemory
 from ..model import W4, Dense
 from ..pack import unpack_linear
 
@@ -16,7 +17,7 @@ def _f32(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float32)
 
 
-class ReferenceBackend:
+class ReferenceBackend(HostMemory):
     name = "reference"
     kv_dtype = np.float32
 
