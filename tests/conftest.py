@@ -54,3 +54,17 @@ def stories_weights(stories_path):
 
     src = open_source(stories_path)
     return src, load_weights(src)
+
+
+@pytest.fixture(scope="session")
+def cuda_build(tmp_path_factory):
+    """(install prefix, build log) of libedge_awq_cuda.so for sm_87, built as `edge-awq build-native` does."""
+    import shutil
+
+    from edge_awq.native_build import build, source_root
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not on PATH: the CUDA build is checked where the toolkit is installed")
+    d = tmp_path_factory.mktemp("native")
+    log = build(source_root(), d / "build", d / "prefix", "87")
+    return d / "prefix", log
