@@ -19,6 +19,7 @@ COMMANDS = {
     "export": ("edge_awq.offline.export", "quantize a model with AWQ into one .eawq file (needs torch)"),
     "chat": ("edge_awq.chat", "chat with a model in the terminal (or answer one --prompt)"),
     "bench": ("edge_awq.bench", "speed and memory of a model on this machine"),
+    "serve": ("edge_awq.serve", "serve a model over an OpenAI-compatible HTTP API (for systemd)"),
     "plan": ("edge_awq.plan", "will a model fit a device? memory plan before loading"),
     "inspect": ("edge_awq.inspect_file", "print an .eawq file's metadata and tensors"),
     "verify": ("edge_awq.verify", "check every checksum of an .eawq file"),

@@ -86,7 +86,7 @@ def test_prompt_mode_prints_answer_and_exits_zero(smollm2):
 def test_backend_unknown_is_one_line(stories_path):
     r = subprocess.run([sys.executable, "-m", "edge_awq", "chat", str(stories_path), "--prompt", "hi", "--backend",
                         "tpu"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.strip().endswith("use reference, numba or auto")
+    assert r.returncode == 2 and r.stderr.strip().endswith("use cuda, numba, reference or auto")
 
 
 def test_int8_kv_cache_answers_the_same(smollm2):
