@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -76,6 +77,16 @@ def one_request(url: str, rng: random.Random, max_tokens: int) -> dict:
     return {"status": 200, "ttft": ttft, "total": total, "tokens": tokens}
 
 
+def served_ttft(log_path: str) -> list[float]:
+    """Time to first token after leaving the queue (ttft - queued), from the server's request lines."""
+    out = []
+    for line in open(log_path):
+        m = re.search(r" 200 in=\d+ out=\d+ ttft=([\d.]+)s queued=([\d.]+)s", line)
+        if m:
+            out.append(float(m.group(1)) - float(m.group(2)))
+    return out
+
+
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
@@ -125,20 +136,24 @@ def main() -> int:
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(timeout=120)
     ok = [r for r in results if r["status"] == 200]
+    served = served_ttft(f"/tmp/serve_load_{port}.log")
     statuses = Counter(r["status"] for r in results)
     out = {
         "model": os.path.basename(a.model), "requests": len(results), "clients": a.clients,
         "max_tokens": a.max_tokens, "statuses": dict(statuses), "wall_s": wall,
         "ttft_p50_s": pct([r["ttft"] for r in ok if r["ttft"]], 50), "ttft_p95_s": pct([r["ttft"] for r in ok if r["ttft"]], 95),
+        "served_ttft_p50_s": pct(served, 50), "served_ttft_p95_s": pct(served, 95),
         "decode_tokens_per_s_p50": pct([r["tokens"] / (r["total"] - r["ttft"]) for r in ok if r["ttft"] and r["tokens"] > 1], 50),
         "aggregate_tokens_per_s": sum(r["tokens"] for r in ok) / wall,
         "rss_before_mib": before, "rss_after_mib": after, "rss_ratio": after / before, "exit_code": code,
     }
     print(json.dumps(out, indent=1))
-    print(f"\n| requests | clients | statuses | TTFT p50 | TTFT p95 | decode tok/s per request (p50) | tokens/s overall | RSS before → after |")
+    print("\n| requests | clients | statuses | TTFT p50 / p95 | of it, after the queue p50 / p95 | decode tok/s per request (p50) "
+          "| tokens/s overall | RSS before → after |")
     print("|---|---|---|---|---|---|---|---|")
     st = ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items()))
-    print(f"| {out['requests']} | {a.clients} | {st} | {out['ttft_p50_s']:.2f} s | {out['ttft_p95_s']:.2f} s | "
+    print(f"| {out['requests']} | {a.clients} | {st} | {out['ttft_p50_s']:.2f} / {out['ttft_p95_s']:.2f} s | "
+          f"{out['served_ttft_p50_s']:.2f} / {out['served_ttft_p95_s']:.2f} s | "
           f"{out['decode_tokens_per_s_p50']:.1f} | {out['aggregate_tokens_per_s']:.1f} | "
           f"{before:.0f} → {after:.0f} MiB ({out['rss_ratio']:.3f}×) |")
     if a.json:

@@ -44,6 +44,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     created: float = field(default_factory=time.monotonic)
+    started: float | None = None  # when the engine took it (created..started: time in the queue)
     first_token: float | None = None
     finished: float | None = None
     completion_tokens: int = 0
@@ -131,6 +132,7 @@ class Engine:
                 job._emit(None)
 
     def _run(self, job: Job) -> None:
+        job.started = time.monotonic()
         if job.cancel.is_set():
             job._emit(Piece("", None, "cancelled"))
             return

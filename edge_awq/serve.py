@@ -201,9 +201,12 @@ async def _feed_watchdog(engine) -> None:
             log.warning("the engine has not stepped for %.0fs: no watchdog ping (systemd will restart us)", timeout)
 
 
-def request_log(job_id: str, path: str, status: int, n_in: int, n_out: int, t0: float, first: float | None) -> None:
+def request_log(job_id: str, path: str, status: int, n_in: int, n_out: int, t0: float, first: float | None,
+                started: float | None = None) -> None:
+    """One line per request: time to first token from arrival, and of it the time spent queued."""
     ttft = f"{first - t0:.3f}s" if first else "-"
-    log.info("%s %s %d in=%d out=%d ttft=%s total=%.3fs", job_id, path, status, n_in, n_out, ttft,
+    queued = f"{started - t0:.3f}s" if started else "-"
+    log.info("%s %s %d in=%d out=%d ttft=%s queued=%s total=%.3fs", job_id, path, status, n_in, n_out, ttft, queued,
              time.monotonic() - t0)
 
 

@@ -64,6 +64,11 @@ async def _until_disconnected(request: Request, job: Job) -> None:
             return
 
 
+def _log_job(request: Request, status: int, req, job: Job, t0: float) -> None:
+    request_log(job.id, request.url.path, status, len(req.prompt), job.completion_tokens, t0, job.first_token,
+                job.started)
+
+
 def create_app(engine, s: Settings) -> Starlette:
     def authorized(request: Request) -> None:
         if s.api_key is None:
@@ -108,14 +113,14 @@ def create_app(engine, s: Settings) -> Starlette:
         try:
             while (item := await job.out.get()) is not None:
                 if isinstance(item, Exception):
-                    request_log(job.id, request.url.path, 500, len(req.prompt), job.completion_tokens, t0, job.first_token)
+                    _log_job(request, 500, req, job, t0)
                     return _error(ApiError(500, "generation failed; see the server log", None, "internal_error",
                                            "server_error"))
                 text.append(item.text)
                 finish = item.finish or finish
         finally:
             watcher.cancel()
-        request_log(job.id, request.url.path, 200, len(req.prompt), job.completion_tokens, t0, job.first_token)
+        _log_job(request, 200, req, job, t0)
         return JSONResponse(response(req, job.id, s.model_name, "".join(text), finish, len(req.prompt),
                                      job.completion_tokens))
 
@@ -142,7 +147,7 @@ def create_app(engine, s: Settings) -> Starlette:
             job.cancel.set()
             watcher.cancel()
             status = status if completed else 499
-            request_log(job.id, request.url.path, status, len(req.prompt), job.completion_tokens, t0, job.first_token)
+            _log_job(request, status, req, job, t0)
 
     async def chat_completions(request: Request) -> Response:
         return await completions(request, "chat")
