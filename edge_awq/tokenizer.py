@@ -8,6 +8,7 @@ way Hugging Face renders it.
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from dataclasses import dataclass, field
@@ -75,16 +76,9 @@ class Tokenizer:
         if not self.chat_template:
             raise InputError("this model has no chat template: give it plain text instead of chat messages")
         from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(msg):
-            raise InputError(f"chat template refused the messages: {msg}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
-        env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
         try:
-            return env.from_string(self.chat_template).render(
+            return _compiled_template(self.chat_template).render(
                 messages=messages, add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token, eos_token=self.eos_token,
             )
@@ -95,6 +89,21 @@ class Tokenizer:
         text = self.render_chat(messages, add_generation_prompt)
         starts_with_bos = bool(self.bos_token) and text.startswith(self.bos_token)
         return self.encode(text, bos=self.add_bos and not starts_with_bos)
+
+
+def _raise_exception(msg):
+    raise InputError(f"chat template refused the messages: {msg}")
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_template(source: str):
+    """A chat template compiled once (a server renders it for every request), in a sandbox."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals.update(raise_exception=_raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
+    return env.from_string(source)
 
 
 def _special_ids(tok) -> frozenset[int]:
