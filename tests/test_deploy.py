@@ -59,3 +59,26 @@ def test_install_script_parses_and_refuses_bad_use(tmp_path):
     assert r.returncode == 2 and "usage" in r.stderr
     r = subprocess.run(["sh", str(script), str(tmp_path / "missing.eawq"), "--bogus"], capture_output=True, text=True)
     assert r.returncode == 2
+
+
+@needs_systemd
+def test_install_stages_a_service(tmp_path):
+    """install.sh --root: the layout, the settings, MemoryMax from the plan, and a unit that verifies."""
+    model = Path(__file__).parent / "golden" / "tiny.eawq"
+    root = tmp_path / "root"
+    r = subprocess.run(["sh", str(DEPLOY / "install.sh"), str(model), "--ctx", "64", "--root", str(root)],
+                       capture_output=True, text=True, env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+                                                            "EDGE_AWQ_VENV": sys.prefix, "HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert (root / "opt/edge-awq/models/tiny.eawq").read_bytes() == model.read_bytes()
+    env = (root / "etc/edge-awq/edge-awq.env").read_text()
+    assert "EDGE_AWQ_MODEL=/opt/edge-awq/models/tiny.eawq" in env and "EDGE_AWQ_ARGS=--ctx 64" in env
+    import json
+
+    total = json.loads((root / "etc/edge-awq/plan.json").read_text())["total"]
+    conf = (root / "etc/systemd/system/edge-awq.service.d/memory.conf").read_text()
+    assert f"MemoryMax={total * 5 // 4 // 1048576 + 1}M" in conf
+    assert (root / "etc/systemd/system/edge-awq.service").read_text() == UNIT.read_text()
+    r = subprocess.run(["sh", str(DEPLOY / "install.sh"), str(model), "--ctx", "many", "--root", str(root)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--ctx many: not a number" in r.stderr
