@@ -23,6 +23,7 @@ from .. import threads
 from ..ops import HostMemory
 from ..model import W4, Dense
 from ..pack import unpack_bits
+from . import numba_gemv_i16 as i16
 from .numba_intrinsics import byte_f32, half_f32, hi_nibble, int8_f32, lo_nibble
 
 threads.configure()  # before the first parallel kernel starts OpenMP
@@ -301,12 +302,15 @@ def _gemv_inputs(x: np.ndarray, group_size: int):
 def linears_w4(x: np.ndarray, ws: list[PreparedW4]) -> list[np.ndarray]:
     """x (T <= GEMV_MAX_T, in) times two or three 4-bit weights of one group size, as one parallel kernel."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    xe, xo, xsum = _gemv_inputs(x, ws[0].group_size)
+    gs = ws[0].group_size
     ys = [np.empty((x.shape[0], w.qweight.shape[0]), np.float32) for w in ws]
     sets = [(w.qbytes, w.scale_bits, w.zero_bytes, y) for w, y in zip(ws, ys)]
     if len(sets) == 2:  # an empty third weight
         sets.append((ws[0].qbytes[:0], ws[0].scale_bits[:0], ws[0].zero_bytes[:0], ys[0][:, :0]))
-    gemv_w4_three_kernel(*sets[0], *sets[1], *sets[2], xe, xo, xsum, ws[0].group_size)
+    if i16.usable(gs):
+        i16.gemv_w4_i16_three_kernel(*sets[0], *sets[1], *sets[2], *i16.gemv_inputs_i16(x, gs), gs)
+    else:
+        gemv_w4_three_kernel(*sets[0], *sets[1], *sets[2], *_gemv_inputs(x, gs), gs)
     for w, y in zip(ws, ys):
         if w.bias is not None:
             y += w.bias
@@ -323,7 +327,10 @@ def linear_w4(x: np.ndarray, w: PreparedW4) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         xsum = x.reshape(T, n_groups, w.group_size).sum(axis=2)  # (T, G)
         y = np.empty((T, out_f), np.float32)
-        if fast4:
+        if fast4 and i16.usable(w.group_size):  # integer dot products (x86 AVX2)
+            i16.gemv_w4_i16_kernel(w.qbytes, w.scale_bits, w.zero_bytes, *i16.gemv_inputs_i16(x, w.group_size),
+                                   w.group_size, y)
+        elif fast4:
             xe, xo, xsum = _gemv_inputs(x, w.group_size)
             gemv_w4_kernel(w.qbytes, w.scale_bits, w.zero_bytes, xe, xo, xsum, w.group_size, y)
         elif w.bits == 8:
