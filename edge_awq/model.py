@@ -170,7 +170,16 @@ def mlp(lw: LayerWeights, x, w: ModelWeights, ops):
 
 
 def block(lw: LayerWeights, x, pos: int, cache: KVCache | None, layer: int, w: ModelWeights, ops):
-    """One decoder layer: x (..., T, dim) -> (..., T, dim)."""
+    """One decoder layer: x (..., T, dim) -> (..., T, dim).
+
+    A backend may run the whole layer as one call (``decode_block``: numba, for a one-token step);
+    it returns None for what it does not cover, and the layer runs op by op.
+    """
+    fused = getattr(ops, "decode_block", None)
+    if fused is not None and cache is not None:
+        y = fused(lw, x, pos, cache, layer, w)
+        if y is not None:
+            return y
     return mlp(lw, attention(lw, x, pos, cache, layer, w, ops), w, ops)
 
 

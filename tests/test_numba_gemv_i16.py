@@ -57,3 +57,55 @@ def test_zero_activations_give_only_the_bias():
     w = pack_linear(np.random.default_rng(2).standard_normal((5, 128)).astype(np.float32), 4, 64,
                     bias=np.arange(5, dtype=np.float32))
     assert np.array_equal(NumbaBackend().linear(np.zeros((1, 128), np.float32), w), np.arange(5, dtype=np.float32)[None])
+
+
+@pytest.mark.parametrize("out_f,in_f,group", [(1, 16, 16), (9, 576, 64), (37, 1024, 1024), (5, 4096, 128)])
+@pytest.mark.parametrize("T", [1, 3])
+def test_int16_gemv_8bit_matches_reference(out_f, in_f, group, T):
+    """The int8 head's path: one byte per value, natural order."""
+    rng = np.random.default_rng(out_f * T)
+    w = pack_linear(rng.standard_normal((out_f, in_f)).astype(np.float32), 8, group)
+    x = rng.standard_normal((T, in_f)).astype(np.float32)
+    assert i16.usable8(group)
+    assert _rel(linear_w4(x, prepare(w)), ref.linear(x, w)) <= 1e-3
+
+
+def test_8bit_groups_too_long_for_int32_stay_on_the_float_path():
+    assert not i16.usable8(2048)
+
+
+def test_fused_decode_layer_matches_op_by_op(smollm2_weights):
+    """SmolLM2 with W4 g64 layers: decode steps through ``decode_block`` (one call per layer) and through
+    the ops one by one give the same greedy tokens and logits within 1e-2 of the largest."""
+    from dataclasses import replace
+
+    from edge_awq.model import LINEARS, forward
+
+    _, w = smollm2_weights
+    layers = [replace(lw, **{n: pack_linear(np.asarray(getattr(lw, n).weight, np.float32), 4, 64) for n in LINEARS})
+              for lw in w.layers]
+    w = replace(w, layers=layers)
+    fused, plain = NumbaBackend(), NumbaBackend()
+    plain.decode_block = lambda *a: None
+    calls = []
+    real = fused.decode_block
+    fused.decode_block = lambda *a: calls.append(1) or real(*a)
+    caches = [b.allocate_cache(w.args, 64) for b in (fused, plain)]
+    prompt = np.array([1, 400, 401, 402, 403, 404, 405, 406])
+    la = forward(w, prompt, 0, caches[0], fused, last_only=True)[-1]
+    lb = forward(w, prompt, 0, caches[1], plain, last_only=True)[-1]
+    for pos in range(len(prompt), len(prompt) + 12):
+        tok = int(np.argmax(lb))
+        assert int(np.argmax(la)) == tok
+        la = forward(w, np.array([tok]), pos, caches[0], fused, last_only=True)[-1]
+        lb = forward(w, np.array([tok]), pos, caches[1], plain, last_only=True)[-1]
+        assert _rel(la, lb) <= 1e-2
+    assert len(calls) >= 12 * w.args.n_layers  # the fused path ran (and was not declined)
+
+
+def test_fused_decode_declines_what_it_does_not_cover(stories_weights):
+    """stories260K's float layers: decode_block says None and the ops run."""
+    _, w = stories_weights
+    ops = NumbaBackend()
+    cache = ops.allocate_cache(w.args, 8)
+    assert ops.decode_block(w.layers[0], np.zeros((1, w.args.dim), np.float32), 0, cache, 0, w) is None

@@ -333,6 +333,9 @@ def linear_w4(x: np.ndarray, w: PreparedW4) -> np.ndarray:
         elif fast4:
             xe, xo, xsum = _gemv_inputs(x, w.group_size)
             gemv_w4_kernel(w.qbytes, w.scale_bits, w.zero_bytes, xe, xo, xsum, w.group_size, y)
+        elif w.bits == 8 and i16.usable8(w.group_size):
+            i16.gemv_w8_i16_kernel(w.qbytes, w.scale_bits, w.zero_bytes, *i16.gemv_inputs_i16_flat(x, w.group_size),
+                                   w.group_size, y)
         elif w.bits == 8:
             gemv_w8_kernel(w.qbytes, w.scale_bits, w.zero_bytes, x, xsum, w.group_size, y)
         else:
@@ -504,7 +507,8 @@ class NumbaBackend(HostMemory):
     def __init__(self):
         self._prepared: dict[int, tuple[W4, PreparedW4]] = {}
         self._dense: dict[int, tuple[Dense, np.ndarray]] = {}
-        self._angles: tuple = (None,)  # (key, cos, sin, inv_freq kept alive so its id stays unique)
+        self._angles: tuple = (None,)
+        self._fused: dict[int, tuple] = {}  # id(LayerWeights) -> (it, decode_layer's arrays or None)  # (key, cos, sin, inv_freq kept alive so its id stays unique)
 
     def embed(self, table, tokens) -> np.ndarray:
         return np.asarray(table[np.asarray(tokens, dtype=np.int64)], dtype=np.float32)
@@ -541,6 +545,42 @@ class NumbaBackend(HostMemory):
         if hit is None or hit[0] is not w:  # keyed by identity; the W4 is kept so the id stays unique
             hit = self._prepared[id(w)] = (w, prepare(w))
         return hit[1]
+
+    def decode_block(self, lw, x, pos: int, cache, layer: int, w):
+        """One decoder layer for one token as a single compiled call (``numba_decode``), or None when
+        this layer, cache or machine is not the case it covers (the model then runs op by op)."""
+        args = self._decode_args(lw, cache, w) if x.shape[0] == 1 else None
+        if args is None:
+            return None
+        from .numba_decode import decode_layer
+
+        key = (pos, id(w.inv_freq))
+        if self._angles[0] != key:  # once per token, shared by the layers
+            angles = pos * w.inv_freq.astype(np.float64)  # (hd/2,)
+            self._angles = (key, np.cos(angles).astype(np.float32)[None], np.sin(angles).astype(np.float32)[None],
+                            w.inv_freq)
+        a = w.args
+        return decode_layer(_f32(x), *args, self._angles[1][0], self._angles[2][0], a.rope_interleaved,
+                            cache.k[layer].view(np.uint16), cache.v[layer].view(np.uint16), pos, a.n_heads,
+                            a.n_kv_heads, a.head_dim)
+
+    def _decode_args(self, lw, cache, w):
+        """The layer's arrays for ``decode_layer`` (kept per layer), or None if it does not apply."""
+        hit = self._fused.get(id(lw))
+        if hit is not None and hit[0] is lw:
+            return hit[1]
+        lins = [getattr(lw, n) for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")]
+        ok = (cache.k.dtype == np.float16 and all(isinstance(m, W4) and m.bits == 4 and m.bias is None for m in lins)
+              and len({m.group_size for m in lins}) == 1 and i16.usable(lins[0].group_size))
+        args = None
+        if ok:
+            ps = [self._prepare(m) for m in lins]
+            args = (np.asarray(lw.attn_norm, np.float32), np.asarray(lw.ffn_norm, np.float32), w.args.norm_eps,
+                    *[(p.qbytes, p.scale_bits, p.zero_bytes) for p in ps], lins[0].group_size)
+        if len(self._fused) > 4096:
+            self._fused.clear()
+        self._fused[id(lw)] = (lw, args)
+        return args
 
     def rope(self, x, pos: int, inv_freq, interleaved: bool) -> np.ndarray:
         x = _f32(x)

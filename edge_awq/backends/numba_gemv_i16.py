@@ -21,7 +21,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .numba_intrinsics import half_f32, hi_nibble, lo_nibble
+from .numba_intrinsics import byte_f32, half_f32, hi_nibble, lo_nibble
 
 
 def _host_has_avx2() -> bool:
@@ -66,20 +66,113 @@ def dot4_w4_i16(typingctx, q0, q1, q2, q3, xe, xo, n):
                 hi = builder.zext(builder.lshr(b, _splat(_I8, 16, 4)), _V16I16)
                 s = builder.add(builder.call(pmadd, [lo, xev]), builder.call(pmadd, [hi, xov]))
                 builder.store(builder.add(builder.load(acc), s), acc)
-        v = [builder.load(acc) for acc in accs]
-        evens = ir.Constant(ir.VectorType(_I32, 8), list(range(0, 16, 2)))
-        odds = ir.Constant(ir.VectorType(_I32, 8), list(range(1, 16, 2)))
-
-        def pair_sums(a, b):  # lanes 0-3: a's adjacent pairs added, lanes 4-7: b's
-            return builder.add(builder.shuffle_vector(a, b, evens), builder.shuffle_vector(a, b, odds))
-
-        h = pair_sums(pair_sums(v[0], v[1]), pair_sums(v[2], v[3]))  # lanes 2k, 2k+1: halves of row k
-        s = builder.add(builder.shuffle_vector(h, h, ir.Constant(ir.VectorType(_I32, 4), [0, 2, 4, 6])),
-                        builder.shuffle_vector(h, h, ir.Constant(ir.VectorType(_I32, 4), [1, 3, 5, 7])))
-        outs = [builder.extract_element(s, ir.Constant(_I32, k)) for k in range(4)]
+        outs = _row_totals(builder, [builder.load(acc) for acc in accs])
         return context.make_tuple(builder, signature.return_type, outs)
 
     return sig, codegen
+
+
+@intrinsic
+def dot4_w8_i16(typingctx, q0, q1, q2, q3, x, n):
+    """Four rows' int32 sums of byte * activation over n steps of 16 bytes (16 weights); addresses."""
+    sig = types.UniTuple(types.int32, 4)(*([types.int64] * 6))
+
+    def codegen(context, builder, signature, args):
+        *qs, x, n = args
+        pmadd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8I32, [_V16I16, _V16I16]),
+                                               "llvm.x86.avx2.pmadd.wd")
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8I32, None)) for _ in qs]
+        with cgutils.for_range(builder, n) as loop:
+            off = builder.mul(loop.index, ir.Constant(_I64, CHUNK_BYTES))
+            xv = builder.load(builder.inttoptr(builder.add(x, builder.add(off, off)), _V16I16.as_pointer()), align=2)
+            for qa, acc in zip(qs, accs):
+                b = builder.load(builder.inttoptr(builder.add(qa, off), _V16I8.as_pointer()), align=1)
+                s = builder.call(pmadd, [builder.zext(b, _V16I16), xv])
+                builder.store(builder.add(builder.load(acc), s), acc)
+        outs = _row_totals(builder, [builder.load(acc) for acc in accs])
+        return context.make_tuple(builder, signature.return_type, outs)
+
+    return sig, codegen
+
+
+def _row_totals(builder, v):
+    """The four <8 x i32> accumulators' lane sums, with shuffles (no scalar extract per lane)."""
+    evens = ir.Constant(ir.VectorType(_I32, 8), list(range(0, 16, 2)))
+    odds = ir.Constant(ir.VectorType(_I32, 8), list(range(1, 16, 2)))
+
+    def pair_sums(a, b):  # lanes 0-3: a's adjacent pairs added, lanes 4-7: b's
+        return builder.add(builder.shuffle_vector(a, b, evens), builder.shuffle_vector(a, b, odds))
+
+    h = pair_sums(pair_sums(v[0], v[1]), pair_sums(v[2], v[3]))  # lanes 2k, 2k+1: halves of row k
+    s = builder.add(builder.shuffle_vector(h, h, ir.Constant(ir.VectorType(_I32, 4), [0, 2, 4, 6])),
+                    builder.shuffle_vector(h, h, ir.Constant(ir.VectorType(_I32, 4), [1, 3, 5, 7])))
+    return [builder.extract_element(s, ir.Constant(_I32, k)) for k in range(4)]
+
+
+@njit(cache=True, fastmath=True)
+def quantize_x16_flat(x, group_size, x16, xscale, xsum):
+    """As ``quantize_x16`` in natural order (the 8-bit GEMV): x16 (T, in) int16."""
+    T, n = x.shape
+    for t in range(T):
+        for g in range(n // group_size):
+            seg = x[t, g * group_size : (g + 1) * group_size]
+            m = np.float32(0.0)
+            s = np.float32(0.0)
+            for k in range(group_size):
+                m = max(m, abs(seg[k]))
+                s += seg[k]
+            sc = max(m, np.float32(1e-30)) / np.float32(32767.0)
+            inv = np.float32(1.0) / sc
+            xscale[t, g] = sc
+            xsum[t, g] = s
+            out = x16[t, g * group_size : (g + 1) * group_size]
+            for k in range(group_size):
+                out[k] = np.int16(np.rint(seg[k] * inv))
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def gemv_w8_i16_kernel(qb, scale_bits, zero_bytes, x16, xscale, xsum, group_size, y):
+    """y (T, out) = x W^T for 8-bit rows (one byte per value), four rows per iteration."""
+    out_f, n_groups = scale_bits.shape
+    steps = group_size // CHUNK_BYTES
+    last = out_f - 1
+    qa, qs = qb.ctypes.data, qb.strides[0]
+    xa, xstride = x16.ctypes.data, x16.strides[0]
+    for q in prange((out_f + 3) // 4):
+        r0 = 4 * q
+        r1, r2, r3 = min(r0 + 1, last), min(r0 + 2, last), min(r0 + 3, last)
+        for t in range(x16.shape[0]):
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for g in range(n_groups):
+                off = g * group_size
+                i0, i1, i2, i3 = dot4_w8_i16(qa + r0 * qs + off, qa + r1 * qs + off, qa + r2 * qs + off,
+                                             qa + r3 * qs + off, xa + t * xstride + 2 * off, steps)
+                fx, sx = xscale[t, g], xsum[t, g]
+                a0 += half_f32(scale_bits[r0, g]) * (fx * np.float32(i0) - byte_f32(zero_bytes[r0, g]) * sx)
+                a1 += half_f32(scale_bits[r1, g]) * (fx * np.float32(i1) - byte_f32(zero_bytes[r1, g]) * sx)
+                a2 += half_f32(scale_bits[r2, g]) * (fx * np.float32(i2) - byte_f32(zero_bytes[r2, g]) * sx)
+                a3 += half_f32(scale_bits[r3, g]) * (fx * np.float32(i3) - byte_f32(zero_bytes[r3, g]) * sx)
+            y[t, r0] = a0
+            y[t, r1] = a1
+            y[t, r2] = a2
+            y[t, r3] = a3
+
+
+def gemv_inputs_i16_flat(x: np.ndarray, group_size: int) -> tuple[np.ndarray, ...]:
+    """x (T, in) float32 -> (x16, xscale, xsum): what the 8-bit int16 GEMV reads."""
+    T, n = x.shape
+    G = n // group_size
+    out = (np.empty((T, n), np.int16), np.empty((T, G), np.float32), np.empty((T, G), np.float32))
+    quantize_x16_flat(np.ascontiguousarray(x, dtype=np.float32), group_size, *out)
+    return out
+
+
+def usable8(group_size: int) -> bool:
+    """The 8-bit int16 GEMV runs on this machine for this group size (up to 1024: int32 lanes stay exact)."""
+    return AVAILABLE and group_size % CHUNK_BYTES == 0 and group_size <= 1024
 
 
 @njit(cache=True, fastmath=True)

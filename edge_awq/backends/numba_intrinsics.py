@@ -66,3 +66,13 @@ def half_f32(typingctx, h):
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
     return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def f32_half_bits(typingctx, x):
+    """The bits (uint16) of the float16 nearest to the float32 x (round to nearest even)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
