@@ -100,5 +100,6 @@ def test_measured_peak_rss_is_what_plan_predicts(which, ctx, request, tmp_path):
         model = request.getfixturevalue("smollm2_eawq")
     r = edge_awq("plan", model, "--memory", "24GiB", "--ctx", ctx, "--json")
     predicted = json.loads(r.stdout)["total"]
+    _peak_rss_of_chat(model, ctx)  # first run: numba compiles what its cache lacks (LLVM's memory is transient)
     measured = _peak_rss_of_chat(model, ctx)
     assert abs(measured - predicted) <= max(0.10 * predicted, 30e6), (measured, predicted)

@@ -8,7 +8,7 @@ and pair-summed into int32 by two ``vpmaddwd`` against the even and odd activati
 third of the instructions. Sums of a group stay exact in int32 (at most 128 * 15 * 32767 per
 group); group scales and zero points are applied in float32 as in the float kernel.
 
-``dot4_w4_i16`` is LLVM IR calling ``llvm.x86.avx2.pmadd.wd``: x86 with AVX2 only. Elsewhere
+``rows4_w4_i16`` and ``dot4_w8_i16`` are LLVM IR calling ``llvm.x86.avx2.pmadd.wd``: x86 with AVX2 only. Elsewhere
 (ARM) ``AVAILABLE`` is False and the float kernels run.
 """
 
@@ -21,7 +21,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .numba_intrinsics import byte_f32, half_f32, hi_nibble, lo_nibble
+from .numba_intrinsics import byte_f32, half_f32
 
 
 def _host_has_avx2() -> bool:
@@ -40,36 +40,6 @@ _V16I8, _V16I16, _V8I32 = ir.VectorType(_I8, 16), ir.VectorType(_I16, 16), ir.Ve
 
 def _splat(ty, n: int, v: int) -> ir.Constant:
     return ir.Constant(ir.VectorType(ty, n), [v] * n)
-
-
-@intrinsic
-def dot4_w4_i16(typingctx, q0, q1, q2, q3, xe, xo, n):
-    """Four rows' int32 sums of nibble * activation over n steps of 16 bytes (32 weights).
-
-    q0..q3: addresses of the rows' packed bytes (file order: byte k holds values 2k, 2k+1);
-    xe, xo: addresses of the int16 even and odd activations; all int64.
-    """
-    sig = types.UniTuple(types.int32, 4)(*([types.int64] * 7))
-
-    def codegen(context, builder, signature, args):
-        *qs, xe, xo, n = args
-        pmadd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8I32, [_V16I16, _V16I16]),
-                                               "llvm.x86.avx2.pmadd.wd")
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8I32, None)) for _ in qs]
-        with cgutils.for_range(builder, n) as loop:
-            off = builder.mul(loop.index, ir.Constant(_I64, CHUNK_BYTES))
-            xev = builder.load(builder.inttoptr(builder.add(xe, builder.add(off, off)), _V16I16.as_pointer()), align=2)
-            xov = builder.load(builder.inttoptr(builder.add(xo, builder.add(off, off)), _V16I16.as_pointer()), align=2)
-            for qa, acc in zip(qs, accs):
-                b = builder.load(builder.inttoptr(builder.add(qa, off), _V16I8.as_pointer()), align=1)
-                lo = builder.zext(builder.and_(b, _splat(_I8, 16, 15)), _V16I16)
-                hi = builder.zext(builder.lshr(b, _splat(_I8, 16, 4)), _V16I16)
-                s = builder.add(builder.call(pmadd, [lo, xev]), builder.call(pmadd, [hi, xov]))
-                builder.store(builder.add(builder.load(acc), s), acc)
-        outs = _row_totals(builder, [builder.load(acc) for acc in accs])
-        return context.make_tuple(builder, signature.return_type, outs)
-
-    return sig, codegen
 
 
 @intrinsic
@@ -95,8 +65,77 @@ def dot4_w8_i16(typingctx, q0, q1, q2, q3, x, n):
     return sig, codegen
 
 
-def _row_totals(builder, v):
-    """The four <8 x i32> accumulators' lane sums, with shuffles (no scalar extract per lane)."""
+@intrinsic
+def rows4_w4_i16(typingctx, q0, q1, q2, q3, xe, xo, sc0, sc1, sc2, sc3, z0, z1, z2, z3, xscale, xsum, n_groups,
+                 half):
+    """Four rows' whole dot products with x, group scales and zero points applied, as four float32.
+
+    q*: the rows' packed bytes; xe, xo: int16 even and odd activations; sc*: the rows' fp16 scales
+    (uint16 bits); z*: the rows' packed 4-bit zero points; xscale, xsum: float32 per group; all
+    addresses (int64). n_groups groups of half bytes (half a multiple of 16). The per-group work —
+    four scales, four zero points, the float update — runs on 4-lane vectors, once per group.
+    """
+    sig = types.UniTuple(types.float32, 4)(*([types.int64] * 18))
+
+    def codegen(context, builder, signature, args):
+        qs, (xe, xo), scs, zs, (xscale, xsum, n_groups, half) = args[0:4], args[4:6], args[6:10], args[10:14], args[14:]
+        pmadd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8I32, [_V16I16, _V16I16]),
+                                               "llvm.x86.avx2.pmadd.wd")
+        f32, v4f = ir.FloatType(), ir.VectorType(ir.FloatType(), 4)
+        total = cgutils.alloca_once_value(builder, ir.Constant(v4f, None))
+        accs = [cgutils.alloca_once(builder, _V8I32) for _ in qs]
+        steps = builder.udiv(half, ir.Constant(_I64, CHUNK_BYTES))
+        with cgutils.for_range(builder, n_groups) as gl:
+            g = gl.index
+            for acc in accs:
+                builder.store(ir.Constant(_V8I32, None), acc)
+            base = builder.mul(g, half)
+            with cgutils.for_range(builder, steps) as sl:
+                off = builder.add(base, builder.mul(sl.index, ir.Constant(_I64, CHUNK_BYTES)))
+                xoff = builder.add(off, off)
+                xev = builder.load(builder.inttoptr(builder.add(xe, xoff), _V16I16.as_pointer()), align=2)
+                xov = builder.load(builder.inttoptr(builder.add(xo, xoff), _V16I16.as_pointer()), align=2)
+                for qa, acc in zip(qs, accs):
+                    b = builder.load(builder.inttoptr(builder.add(qa, off), _V16I8.as_pointer()), align=1)
+                    lo = builder.zext(builder.and_(b, _splat(_I8, 16, 15)), _V16I16)
+                    hi = builder.zext(builder.lshr(b, _splat(_I8, 16, 4)), _V16I16)
+                    s = builder.add(builder.call(pmadd, [lo, xev]), builder.call(pmadd, [hi, xov]))
+                    builder.store(builder.add(builder.load(acc), s), acc)
+            tot = builder.sitofp(_row_sums(builder, [builder.load(acc) for acc in accs]), v4f)
+            sc_bits = ir.Constant(ir.VectorType(_I16, 4), None)
+            zb = ir.Constant(ir.VectorType(_I8, 4), None)
+            zoff = builder.lshr(g, ir.Constant(_I64, 1))
+            for k in range(4):
+                h = builder.load(builder.inttoptr(builder.add(scs[k], builder.add(g, g)), _I16.as_pointer()))
+                sc_bits = builder.insert_element(sc_bits, h, ir.Constant(_I32, k))
+                z = builder.load(builder.inttoptr(builder.add(zs[k], zoff), _I8.as_pointer()))
+                zb = builder.insert_element(zb, z, ir.Constant(_I32, k))
+            sc = builder.fpext(builder.bitcast(sc_bits, ir.VectorType(ir.HalfType(), 4)), v4f)
+            shift = builder.trunc(builder.mul(builder.and_(g, ir.Constant(_I64, 1)), ir.Constant(_I64, 4)), _I8)
+            shift4 = builder.insert_element(ir.Constant(ir.VectorType(_I8, 4), None), shift, ir.Constant(_I32, 0))
+            shift4 = builder.shuffle_vector(shift4, shift4, ir.Constant(ir.VectorType(_I32, 4), [0, 0, 0, 0]))
+            zf = builder.uitofp(builder.and_(builder.lshr(zb, shift4), _splat(_I8, 4, 15)), v4f)
+            gx = builder.mul(g, ir.Constant(_I64, 4))
+            fx = builder.load(builder.inttoptr(builder.add(xscale, gx), f32.as_pointer()))
+            sx = builder.load(builder.inttoptr(builder.add(xsum, gx), f32.as_pointer()))
+            fx4 = _broadcast(builder, fx, v4f)
+            sx4 = _broadcast(builder, sx, v4f)
+            upd = builder.fmul(sc, builder.fsub(builder.fmul(tot, fx4), builder.fmul(zf, sx4)))
+            builder.store(builder.fadd(builder.load(total), upd), total)
+        v = builder.load(total)
+        outs = [builder.extract_element(v, ir.Constant(_I32, k)) for k in range(4)]
+        return context.make_tuple(builder, signature.return_type, outs)
+
+    return sig, codegen
+
+
+def _broadcast(builder, x, vty):
+    v = builder.insert_element(ir.Constant(vty, None), x, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count))
+
+
+def _row_sums(builder, v):
+    """The four <8 x i32> accumulators' lane sums as one <4 x i32>."""
     evens = ir.Constant(ir.VectorType(_I32, 8), list(range(0, 16, 2)))
     odds = ir.Constant(ir.VectorType(_I32, 8), list(range(1, 16, 2)))
 
@@ -104,8 +143,13 @@ def _row_totals(builder, v):
         return builder.add(builder.shuffle_vector(a, b, evens), builder.shuffle_vector(a, b, odds))
 
     h = pair_sums(pair_sums(v[0], v[1]), pair_sums(v[2], v[3]))  # lanes 2k, 2k+1: halves of row k
-    s = builder.add(builder.shuffle_vector(h, h, ir.Constant(ir.VectorType(_I32, 4), [0, 2, 4, 6])),
-                    builder.shuffle_vector(h, h, ir.Constant(ir.VectorType(_I32, 4), [1, 3, 5, 7])))
+    return builder.add(builder.shuffle_vector(h, h, ir.Constant(ir.VectorType(_I32, 4), [0, 2, 4, 6])),
+                       builder.shuffle_vector(h, h, ir.Constant(ir.VectorType(_I32, 4), [1, 3, 5, 7])))
+
+
+def _row_totals(builder, v):
+    """The four <8 x i32> accumulators' lane sums as four i32."""
+    s = _row_sums(builder, v)
     return [builder.extract_element(s, ir.Constant(_I32, k)) for k in range(4)]
 
 
@@ -200,45 +244,22 @@ def quantize_x16(x, group_size, xe16, xo16, xscale, xsum):
                 o[k] = np.int16(np.rint(seg[2 * k + 1] * inv))
 
 
-@njit(cache=True, inline="always")
-def _scale_zs4(scale_bits, zero_bytes, r, g):
-    s = half_f32(scale_bits[r, g])
-    zb = zero_bytes[r, g >> 1]
-    return s, (hi_nibble(zb) if g & 1 else lo_nibble(zb)) * s
-
-
 @njit(cache=True, inline="always", fastmath=True)
 def _four_rows(qb, scale_bits, zero_bytes, r0, xe16, xo16, xscale, xsum, group_size, y):
     """y[:, r0..r0+3] of 4-bit rows (rows past the end repeat the last), as ``_w4_four_rows`` in int16."""
     out_f, n_groups = scale_bits.shape
-    half = group_size // 2
-    steps = half // CHUNK_BYTES
     last = out_f - 1
     r1, r2, r3 = min(r0 + 1, last), min(r0 + 2, last), min(r0 + 3, last)
     qa, qs = qb.ctypes.data, qb.strides[0]
+    sa, ss = scale_bits.ctypes.data, scale_bits.strides[0]
+    za, zst = zero_bytes.ctypes.data, zero_bytes.strides[0]
     ea, oa, xs = xe16.ctypes.data, xo16.ctypes.data, xe16.strides[0]
+    fa, fs, ma, ms = xscale.ctypes.data, xscale.strides[0], xsum.ctypes.data, xsum.strides[0]
     for t in range(xe16.shape[0]):
-        a0 = np.float32(0.0)
-        a1 = np.float32(0.0)
-        a2 = np.float32(0.0)
-        a3 = np.float32(0.0)
-        for g in range(n_groups):
-            off = g * half
-            i0, i1, i2, i3 = dot4_w4_i16(qa + r0 * qs + off, qa + r1 * qs + off, qa + r2 * qs + off,
-                                         qa + r3 * qs + off, ea + t * xs + 2 * off, oa + t * xs + 2 * off, steps)
-            fx, sx = xscale[t, g], xsum[t, g]
-            sc, zs = _scale_zs4(scale_bits, zero_bytes, r0, g)
-            a0 += sc * fx * np.float32(i0) - zs * sx
-            sc, zs = _scale_zs4(scale_bits, zero_bytes, r1, g)
-            a1 += sc * fx * np.float32(i1) - zs * sx
-            sc, zs = _scale_zs4(scale_bits, zero_bytes, r2, g)
-            a2 += sc * fx * np.float32(i2) - zs * sx
-            sc, zs = _scale_zs4(scale_bits, zero_bytes, r3, g)
-            a3 += sc * fx * np.float32(i3) - zs * sx
-        y[t, r0] = a0
-        y[t, r1] = a1
-        y[t, r2] = a2
-        y[t, r3] = a3
+        y[t, r0], y[t, r1], y[t, r2], y[t, r3] = rows4_w4_i16(
+            qa + r0 * qs, qa + r1 * qs, qa + r2 * qs, qa + r3 * qs, ea + t * xs, oa + t * xs,
+            sa + r0 * ss, sa + r1 * ss, sa + r2 * ss, sa + r3 * ss, za + r0 * zst, za + r1 * zst, za + r2 * zst,
+            za + r3 * zst, fa + t * fs, ma + t * ms, n_groups, group_size // 2)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
