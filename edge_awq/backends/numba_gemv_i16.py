@@ -153,6 +153,18 @@ def _row_totals(builder, v):
     return [builder.extract_element(s, ir.Constant(_I32, k)) for k in range(4)]
 
 
+@njit(cache=True, inline="always", fastmath=True)
+def _group_scale(seg):
+    """(scale, sum, 1/scale) of a group of activations: int16 values are x / scale, |x| <= 32767 * scale."""
+    m = np.float32(0.0)
+    s = np.float32(0.0)
+    for k in range(seg.shape[0]):
+        m = max(m, abs(seg[k]))
+        s += seg[k]
+    sc = max(m, np.float32(1e-30)) / np.float32(32767.0)
+    return sc, s, np.float32(1.0) / sc
+
+
 @njit(cache=True, fastmath=True)
 def quantize_x16_flat(x, group_size, x16, xscale, xsum):
     """As ``quantize_x16`` in natural order (the 8-bit GEMV): x16 (T, in) int16."""
@@ -160,15 +172,7 @@ def quantize_x16_flat(x, group_size, x16, xscale, xsum):
     for t in range(T):
         for g in range(n // group_size):
             seg = x[t, g * group_size : (g + 1) * group_size]
-            m = np.float32(0.0)
-            s = np.float32(0.0)
-            for k in range(group_size):
-                m = max(m, abs(seg[k]))
-                s += seg[k]
-            sc = max(m, np.float32(1e-30)) / np.float32(32767.0)
-            inv = np.float32(1.0) / sc
-            xscale[t, g] = sc
-            xsum[t, g] = s
+            xscale[t, g], xsum[t, g], inv = _group_scale(seg)
             out = x16[t, g * group_size : (g + 1) * group_size]
             for k in range(group_size):
                 out[k] = np.int16(np.rint(seg[k] * inv))
@@ -228,15 +232,7 @@ def quantize_x16(x, group_size, xe16, xo16, xscale, xsum):
     for t in range(T):
         for g in range(n // group_size):
             seg = x[t, g * group_size : (g + 1) * group_size]
-            m = np.float32(0.0)
-            s = np.float32(0.0)
-            for k in range(group_size):
-                m = max(m, abs(seg[k]))
-                s += seg[k]
-            sc = max(m, np.float32(1e-30)) / np.float32(32767.0)
-            inv = np.float32(1.0) / sc
-            xscale[t, g] = sc
-            xsum[t, g] = s
+            xscale[t, g], xsum[t, g], inv = _group_scale(seg)
             e = xe16[t, g * half : (g + 1) * half]
             o = xo16[t, g * half : (g + 1) * half]
             for k in range(half):
