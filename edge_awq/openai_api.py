@@ -7,6 +7,7 @@ own API does with fields it does not use.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -51,7 +52,7 @@ def _number(body: dict, name: str, lo: float, hi: float, default: float, lo_open
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ApiError(400, f"'{name}' must be a number, got {type(v).__name__}", name, "invalid_type")
-    if v < lo or v > hi or (lo_open and v == lo):
+    if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
         raise ApiError(400, f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", name,
                        "invalid_value")
     return float(v)
@@ -136,6 +137,8 @@ def parse_request(kind: str, body, model_name: str, tokenizer, limits: Limits) -
     temperature = _number(body, "temperature", 0.0, 2.0, 1.0)
     top_p = _number(body, "top_p", 0.0, 1.0, 1.0, lo_open=True)
     seed, stop = _integer(body, "seed"), _stop(body)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise ApiError(400, f"'seed' must be between 0 and 2**63 - 1, got {seed}", "seed", "invalid_value")
     asked = _integer(body, "max_completion_tokens")
     asked = _integer(body, "max_tokens") if asked is None else asked
     if asked is not None and not 1 <= asked <= limits.max_new_tokens:

@@ -121,6 +121,8 @@ def test_seed_makes_sampling_repeatable(server):
     (_chat(stream="yes"), 400, "stream"),
     (_chat(stop=[1, 2]), 400, "stop"),
     (_chat(n=3), 400, "n"),
+    (_chat(seed=-5), 400, "seed"),
+    (_chat(max_tokens=True), 400, "max_tokens"),
     ({"model": "m", "messages": "hello"}, 400, "messages"),
     ({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
     ({"model": "m", "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
@@ -137,6 +139,9 @@ def test_wrong_requests_get_openai_errors(server, body, status, param):
 def test_malformed_oversized_and_unknown(server):
     r = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": "m", "messages": [', timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": "m", "temperature": NaN, "messages": '
+                   b'[{"role": "user", "content": "hi"}]}', timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
     r = httpx.post(server.url + "/v1/chat/completions", content=b"\xff\xfe" * 10, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = httpx.post(server.url + "/v1/chat/completions", content=b"x" * 200_000, timeout=30)
