@@ -51,8 +51,8 @@ async def _read_json(request: Request, limit: int):
             raise ApiError(413, f"the request body is larger than {limit:,} bytes", None, "request_too_large")
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, f"the body is not valid JSON: {e}", None, "invalid_json") from None
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, or nesting too deep to parse
+        raise ApiError(400, f"the body is not valid JSON: {str(e)[:200]}", None, "invalid_json") from None
 
 
 async def _until_disconnected(request: Request, job: Job) -> None:

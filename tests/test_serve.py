@@ -142,6 +142,8 @@ def test_malformed_oversized_and_unknown(server):
     r = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": "m", "temperature": NaN, "messages": '
                    b'[{"role": "user", "content": "hi"}]}', timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"[" * 50_000, timeout=30)  # nesting, not size
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = httpx.post(server.url + "/v1/chat/completions", content=b"\xff\xfe" * 10, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = httpx.post(server.url + "/v1/chat/completions", content=b"x" * 200_000, timeout=30)
