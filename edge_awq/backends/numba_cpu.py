@@ -325,7 +325,6 @@ def linear_w4(x: np.ndarray, w: PreparedW4) -> np.ndarray:
     fast4 = w.byte_path and w.bits == 4
     if T <= GEMV_MAX_T:
         x = np.ascontiguousarray(x, dtype=np.float32)
-        xsum = x.reshape(T, n_groups, w.group_size).sum(axis=2)  # (T, G)
         y = np.empty((T, out_f), np.float32)
         if fast4 and i16.usable(w.group_size):  # integer dot products (x86 AVX2)
             i16.gemv_w4_i16_kernel(w.qbytes, w.scale_bits, w.zero_bytes, *i16.gemv_inputs_i16(x, w.group_size),
@@ -337,8 +336,10 @@ def linear_w4(x: np.ndarray, w: PreparedW4) -> np.ndarray:
             i16.gemv_w8_i16_kernel(w.qbytes, w.scale_bits, w.zero_bytes, *i16.gemv_inputs_i16_flat(x, w.group_size),
                                    w.group_size, y)
         elif w.bits == 8:
+            xsum = x.reshape(T, n_groups, w.group_size).sum(axis=2)  # (T, G)
             gemv_w8_kernel(w.qbytes, w.scale_bits, w.zero_bytes, x, xsum, w.group_size, y)
         else:
+            xsum = x.reshape(T, n_groups, w.group_size).sum(axis=2)  # (T, G)
             gemv_any_kernel(w.qweight, w.scales, w.zs, x, xsum, w.group_size, w.bits, y)
     elif fast4:
         y = _blocked(x, out_f, w.in_features // 2,
@@ -366,31 +367,56 @@ def linear_f16(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return _blocked(x, out_f, in_f, lambda r0, out: f16_rows_kernel(bits, r0, out))
 
 
+@njit(cache=True, inline="always", fastmath=True)
+def _rmsnorm_row(x, weight, eps, out, t):
+    dim = x.shape[1]
+    ss = np.float32(0.0)
+    for i in range(dim):
+        ss += x[t, i] * x[t, i]
+    inv = np.float32(1.0) / np.sqrt(ss / dim + np.float32(eps))
+    for i in range(dim):
+        out[t, i] = x[t, i] * inv * weight[i]
+
+
 @njit(parallel=True, cache=True, fastmath=True)
 def rmsnorm_kernel(x, weight, eps, out):
     """out (T, dim) = x / rms(x) * weight."""
-    T, dim = x.shape
-    for t in prange(T):
-        ss = np.float32(0.0)
-        for i in range(dim):
-            ss += x[t, i] * x[t, i]
-        inv = np.float32(1.0) / np.sqrt(ss / dim + np.float32(eps))
-        for i in range(dim):
-            out[t, i] = x[t, i] * inv * weight[i]
+    for t in prange(x.shape[0]):
+        _rmsnorm_row(x, weight, eps, out, t)
+
+
+@njit(cache=True, fastmath=True)
+def rmsnorm_serial(x, weight, eps, out):
+    """``rmsnorm_kernel`` on the calling thread: a token's norm is less work than waking the pool."""
+    for t in range(x.shape[0]):
+        _rmsnorm_row(x, weight, eps, out, t)
+
+
+@njit(cache=True, inline="always")
+def _rope_token(x, cos, sin, interleaved, out, t):
+    _, H, hd = x.shape
+    half = hd // 2
+    for h in range(H):
+        for i in range(half):
+            a, b = (2 * i, 2 * i + 1) if interleaved else (i, i + half)
+            x0, x1 = x[t, h, a], x[t, h, b]
+            out[t, h, a] = x0 * cos[t, i] - x1 * sin[t, i]
+            out[t, h, b] = x0 * sin[t, i] + x1 * cos[t, i]
 
 
 @njit(parallel=True, cache=True)
 def rope_kernel(x, cos, sin, interleaved, out):
-    """out (T, H, hd) = x rotated by cos/sin (T, hd/2); pairs (2i, 2i+1) or (i, i + hd/2)."""
-    T, H, hd = x.shape
-    half = hd // 2
-    for t in prange(T):
-        for h in range(H):
-            for i in range(half):
-                a, b = (2 * i, 2 * i + 1) if interleaved else (i, i + half)
-                x0, x1 = x[t, h, a], x[t, h, b]
-                out[t, h, a] = x0 * cos[t, i] - x1 * sin[t, i]
-                out[t, h, b] = x0 * sin[t, i] + x1 * cos[t, i]
+    """out (T, H, hd) = x rotated by cos/sin (T, hd/2); pairs (2i, 2i+1) or (i, i + hd/2).
+    out may be x: each pair is read before it is written."""
+    for t in prange(x.shape[0]):
+        _rope_token(x, cos, sin, interleaved, out, t)
+
+
+@njit(cache=True)
+def rope_serial(x, cos, sin, interleaved, out):
+    """``rope_kernel`` on the calling thread."""
+    for t in range(x.shape[0]):
+        _rope_token(x, cos, sin, interleaved, out, t)
 
 
 @njit(cache=True, inline="always", fastmath=True)
@@ -469,13 +495,25 @@ def attention_int8_kernel(q, keys, k_scale, values, v_scale, pos, out):
                 o[d] += p * int8_f32(vrow[d])
 
 
+@njit(cache=True, inline="always", fastmath=True)
+def _silu_mul_row(gate, up, out, t):
+    for i in range(gate.shape[1]):
+        g = gate[t, i]
+        out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+
+
 @njit(parallel=True, cache=True, fastmath=True)
 def silu_mul_kernel(gate, up, out):
-    T, n = gate.shape
-    for t in prange(T):
-        for i in range(n):
-            g = gate[t, i]
-            out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+    """out (T, n) = silu(gate) * up; out may be gate."""
+    for t in prange(gate.shape[0]):
+        _silu_mul_row(gate, up, out, t)
+
+
+@njit(cache=True, fastmath=True)
+def silu_mul_serial(gate, up, out):
+    """``silu_mul_kernel`` on the calling thread."""
+    for t in range(gate.shape[0]):
+        _silu_mul_row(gate, up, out, t)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -487,11 +525,6 @@ def parallel_sum(a):
     return total
 
 
-# Serial twins of the elementwise kernels for decoding: a token's norm or rotation is a few
-# microseconds of work, less than waking the thread pool for a parallel region.
-rmsnorm_serial = njit(cache=True, fastmath=True)(rmsnorm_kernel.py_func)
-rope_serial = njit(cache=True)(rope_kernel.py_func)
-silu_mul_serial = njit(cache=True, fastmath=True)(silu_mul_kernel.py_func)
 
 
 def _f32(a) -> np.ndarray:
@@ -554,13 +587,9 @@ class NumbaBackend(HostMemory):
             return None
         from .numba_decode import decode_layer
 
-        key = (pos, id(w.inv_freq))
-        if self._angles[0] != key:  # once per token, shared by the layers
-            angles = pos * w.inv_freq.astype(np.float64)  # (hd/2,)
-            self._angles = (key, np.cos(angles).astype(np.float32)[None], np.sin(angles).astype(np.float32)[None],
-                            w.inv_freq)
+        cos, sin = self._rope_angles(pos, 1, w.inv_freq)
         a = w.args
-        return decode_layer(_f32(x), *args, self._angles[1][0], self._angles[2][0], a.rope_interleaved,
+        return decode_layer(_f32(x), *args, cos, sin, a.rope_interleaved,
                             cache.k[layer].view(np.uint16), cache.v[layer].view(np.uint16), pos, a.n_heads,
                             a.n_kv_heads, a.head_dim)
 
@@ -584,13 +613,18 @@ class NumbaBackend(HostMemory):
 
     def rope(self, x, pos: int, inv_freq, interleaved: bool) -> np.ndarray:
         x = _f32(x)
-        key = (pos, x.shape[0], id(inv_freq))
-        if self._angles[0] != key:  # q and k of every layer share one position range
-            angles = np.arange(pos, pos + x.shape[0], dtype=np.float64)[:, None] * inv_freq[None, :]  # (T, hd/2)
-            self._angles = (key, np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32), inv_freq)
+        cos, sin = self._rope_angles(pos, x.shape[0], inv_freq)
         out = np.empty_like(x)
-        (rope_serial if x.shape[0] <= GEMV_MAX_T else rope_kernel)(x, self._angles[1], self._angles[2], interleaved, out)
+        (rope_serial if x.shape[0] <= GEMV_MAX_T else rope_kernel)(x, cos, sin, interleaved, out)
         return out
+
+    def _rope_angles(self, pos: int, T: int, inv_freq) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin (T, hd/2) float32 of positions pos..pos+T-1, computed once for all layers of a step."""
+        key = (pos, T, id(inv_freq))
+        if self._angles[0] != key:
+            angles = np.arange(pos, pos + T, dtype=np.float64)[:, None] * inv_freq[None, :]  # (T, hd/2)
+            self._angles = (key, np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32), inv_freq)
+        return self._angles[1], self._angles[2]
 
     def attention(self, q, k, v, cache, layer: int, pos: int) -> np.ndarray:
         T, H, hd = q.shape

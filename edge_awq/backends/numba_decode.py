@@ -17,34 +17,9 @@ import numpy as np
 from numba import njit
 
 from . import numba_gemv_i16 as i16
-from .numba_cpu import attention_kernel  # numba_cpu imports this module only when a decode step runs
+from .numba_cpu import attention_kernel, rmsnorm_serial, rope_serial, silu_mul_serial  # numba_cpu imports
+# this module only when a decode step runs, so the import is not circular
 from .numba_intrinsics import f32_half_bits
-
-
-@njit(cache=True, fastmath=True)
-def _rmsnorm(x, weight, eps):
-    out = np.empty_like(x)
-    ss = np.float32(0.0)
-    for i in range(x.shape[1]):
-        ss += x[0, i] * x[0, i]
-    inv = np.float32(1.0) / np.sqrt(ss / x.shape[1] + np.float32(eps))
-    for i in range(x.shape[1]):
-        out[0, i] = x[0, i] * inv * weight[i]
-    return out
-
-
-@njit(cache=True)
-def _rope(v, heads, head_dim, cos, sin, interleaved):
-    """v (1, heads * head_dim) rotated in place; cos, sin (head_dim / 2,)."""
-    half = head_dim // 2
-    for h in range(heads):
-        base = h * head_dim
-        for i in range(half):
-            a = base + (2 * i if interleaved else i)
-            b = base + (2 * i + 1 if interleaved else i + half)
-            x0, x1 = v[0, a], v[0, b]
-            v[0, a] = x0 * cos[i] - x1 * sin[i]
-            v[0, b] = x0 * sin[i] + x1 * cos[i]
 
 
 @njit(cache=True)
@@ -69,31 +44,31 @@ def _gemv(x, qb, sb, zb, group_size):
 def decode_layer(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, w1, w2, w3, group_size, cos, sin, interleaved,
                  keys, values, pos, n_heads, n_kv_heads, head_dim):
     """x (1, dim) float32 -> the layer's output (1, dim). Each w* is (qbytes, scale_bits, zero_bytes);
-    keys, values (n_kv_heads, max_seq, head_dim) uint16 (fp16 bits) of this layer, row pos written
-    here."""
-    h = _rmsnorm(x, attn_norm, eps)
+    cos, sin (1, head_dim / 2); keys, values (n_kv_heads, max_seq, head_dim) uint16 (fp16 bits) of this
+    layer, row pos written here."""
+    h = np.empty_like(x)
+    rmsnorm_serial(x, attn_norm, eps, h)
     xe, xo, xs, xsum = _inputs(h, group_size)
     q = np.empty((1, n_heads * head_dim), np.float32)
     k = np.empty((1, n_kv_heads * head_dim), np.float32)
     v = np.empty((1, n_kv_heads * head_dim), np.float32)
     i16.gemv_w4_i16_three_kernel(wq[0], wq[1], wq[2], q, wk[0], wk[1], wk[2], k, wv[0], wv[1], wv[2], v,
                                  xe, xo, xs, xsum, group_size)
-    _rope(q, n_heads, head_dim, cos, sin, interleaved)
-    _rope(k, n_kv_heads, head_dim, cos, sin, interleaved)
+    q3, k3 = q.reshape(1, n_heads, head_dim), k.reshape(1, n_kv_heads, head_dim)
+    rope_serial(q3, cos, sin, interleaved, q3)  # in place: each pair is read before it is written
+    rope_serial(k3, cos, sin, interleaved, k3)
     for hh in range(n_kv_heads):
         for d in range(head_dim):
             keys[hh, pos, d] = f32_half_bits(k[0, hh * head_dim + d])
             values[hh, pos, d] = f32_half_bits(v[0, hh * head_dim + d])
     att = np.empty((1, n_heads, head_dim), np.float32)
-    attention_kernel(q.reshape(1, n_heads, head_dim), keys, values, pos, att)
+    attention_kernel(q3, keys, values, pos, att)
     x = x + _gemv(att.reshape(1, n_heads * head_dim), wo[0], wo[1], wo[2], group_size)
-    h = _rmsnorm(x, ffn_norm, eps)
+    rmsnorm_serial(x, ffn_norm, eps, h)
     xe, xo, xs, xsum = _inputs(h, group_size)
     gate = np.empty((1, w1[1].shape[0]), np.float32)
     up = np.empty((1, w3[1].shape[0]), np.float32)
     i16.gemv_w4_i16_three_kernel(w1[0], w1[1], w1[2], gate, w3[0], w3[1], w3[2], up, w3[0][:0], w3[1][:0],
                                  w3[2][:0], up[:, :0], xe, xo, xs, xsum, group_size)
-    for i in range(gate.shape[1]):
-        g = gate[0, i]
-        gate[0, i] = g / (np.float32(1.0) + np.exp(-g)) * up[0, i]
+    silu_mul_serial(gate, up, gate)
     return x + _gemv(gate, w2[0], w2[1], w2[2], group_size)
