@@ -244,32 +244,35 @@ class CudaBackend:
         if isinstance(w, CudaLinear):
             return w
         bias = self.upload(w.bias, np.float32) if w.bias is not None else None
-        spec = {"bias": self._f32(bias) if bias is not None else self.ffi.NULL}
         if isinstance(w, Dense):
-            weight = self.upload(w.weight, np.float16)
-            out_f, in_f = w.weight.shape
-            spec.update(kind=1, bits=16, group_size=in_f, weight=self._u16(weight))
-            buffers = (weight, bias)
-        elif isinstance(w, W4):
-            out_f, in_f = w.shape
-            if in_f % w.group_size or (w.group_size != in_f and w.group_size % 32):
-                raise BackendUnavailable(f"the cuda kernels take group sizes that are multiples of 32 (or one group "
-                                         f"per row); this file has {w.group_size}: use --backend numba")
-            words = np.array(w.qweight, dtype=np.uint32)  # a host copy of this one tensor, repacked in place
-            if w.bits == 4:
-                self.call("eawq_repack_w4", self.ffi.cast("uint32_t *", self.ffi.from_buffer(words)), words.size)
-            qweight = self.upload(words.view(np.int32), np.int32)
-            del words
-            scales = self.upload(np.asarray(w.scales).view(np.uint16).view(np.float16), np.float16)
-            zeros = self.upload(np.asarray(w.zeros, np.uint32).view(np.int32), np.int32)
-            spec.update(kind=0, bits=w.bits, group_size=w.group_size, zero_words=w.zeros.shape[1],
-                        qweight=self.ffi.cast("uint32_t *", qweight.ptr), scales=self._u16(scales),
-                        zeros=self.ffi.cast("uint32_t *", zeros.ptr))
-            buffers = (qweight, scales, zeros, bias)
-        else:
+            return self._f16_linear(self.upload(w.weight, np.float16), bias, f32_out)
+        if not isinstance(w, W4):
             raise TypeError(f"cuda linear takes Dense or W4 weights, got {type(w).__name__}")
-        spec.update(in_features=in_f, out_features=out_f)
-        return CudaLinear(self.ffi.new("eawq_linear_t *", spec), buffers, out_f, in_f, f32_out)
+        out_f, in_f = w.shape
+        if in_f % w.group_size or (w.group_size != in_f and w.group_size % 32):
+            raise BackendUnavailable(f"the cuda kernels take group sizes that are multiples of 32 (or one group "
+                                     f"per row); this file has {w.group_size}: use --backend numba")
+        words = np.array(w.qweight, dtype=np.uint32)  # a host copy of this one tensor, repacked in place
+        if w.bits == 4:
+            self.call("eawq_repack_w4", self.ffi.cast("uint32_t *", self.ffi.from_buffer(words)), words.size)
+        qweight = self.upload(words.view(np.int32), np.int32)
+        del words
+        scales = self.upload(np.asarray(w.scales).view(np.uint16).view(np.float16), np.float16)
+        zeros = self.upload(np.asarray(w.zeros, np.uint32).view(np.int32), np.int32)
+        desc = self.ffi.new("eawq_linear_t *", {
+            "kind": 0, "bits": w.bits, "group_size": w.group_size, "in_features": in_f, "out_features": out_f,
+            "zero_words": w.zeros.shape[1], "qweight": self.ffi.cast("uint32_t *", qweight.ptr),
+            "scales": self._u16(scales), "zeros": self.ffi.cast("uint32_t *", zeros.ptr),
+            "bias": self._f32(bias) if bias is not None else self.ffi.NULL})
+        return CudaLinear(desc, (qweight, scales, zeros, bias), out_f, in_f, f32_out)
+
+    def _f16_linear(self, weight: DeviceArray, bias: DeviceArray | None, f32_out: bool) -> CudaLinear:
+        """An fp16 weight (out, in) already on the device as a linear."""
+        out_f, in_f = weight.shape
+        desc = self.ffi.new("eawq_linear_t *", {
+            "kind": 1, "bits": 16, "group_size": in_f, "in_features": in_f, "out_features": out_f,
+            "weight": self._u16(weight), "bias": self._f32(bias) if bias is not None else self.ffi.NULL})
+        return CudaLinear(desc, (weight, bias), out_f, in_f, f32_out)
 
     def prepare(self, w: ModelWeights) -> ModelWeights:
         """The model's weights on the device: linears uploaded, norms fp32, embedding fp16 (shared with a tied head)."""
@@ -280,10 +283,7 @@ class CudaBackend:
                          else self.upload_linear(getattr(lw, f.name))) for f in fields(LayerWeights)}))
         emb = self.upload(w.tok_embeddings, np.float16)
         if isinstance(w.output, Dense) and w.output.weight is w.tok_embeddings:  # tied: one table on the device
-            out = CudaLinear(self.ffi.new("eawq_linear_t *", {
-                "kind": 1, "bits": 16, "group_size": w.args.dim, "in_features": w.args.dim,
-                "out_features": w.args.vocab_size, "weight": self._u16(emb), "bias": self.ffi.NULL}),
-                (emb,), w.args.vocab_size, w.args.dim, True)
+            out = self._f16_linear(emb, None, True)
         else:
             out = self.upload_linear(w.output, f32_out=True)
         return replace(w, tok_embeddings=emb, layers=layers, norm=self.upload(w.norm, np.float32), output=out,
