@@ -17,9 +17,26 @@ import numpy as np
 from numba import njit
 
 from . import numba_gemv_i16 as i16
-from .numba_cpu import attention_kernel, rmsnorm_serial, rope_serial, silu_mul_serial  # numba_cpu imports
+from .numba_cpu import attention_kernel, rmsnorm_serial, silu_mul_serial  # numba_cpu imports
 # this module only when a decode step runs, so the import is not circular
 from .numba_intrinsics import f32_half_bits
+
+
+@njit(cache=True)
+def _rope(v, heads, head_dim, cos, sin, interleaved):
+    """v (1, heads * head_dim) rotated in place; cos, sin (head_dim / 2,).
+
+    Not ``rope_serial`` on a (1, heads, head_dim) view: called here, that cost about 40 us a call
+    (2.5 ms of an 18 ms token on SmolLM2, measured); this flat loop costs about 1."""
+    half = head_dim // 2
+    for h in range(heads):
+        base = h * head_dim
+        for i in range(half):
+            a = base + (2 * i if interleaved else i)
+            b = base + (2 * i + 1 if interleaved else i + half)
+            x0, x1 = v[0, a], v[0, b]
+            v[0, a] = x0 * cos[i] - x1 * sin[i]
+            v[0, b] = x0 * sin[i] + x1 * cos[i]
 
 
 @njit(cache=True)
@@ -54,15 +71,14 @@ def decode_layer(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, w1, w2, w3, group_
     v = np.empty((1, n_kv_heads * head_dim), np.float32)
     i16.gemv_w4_i16_three_kernel(wq[0], wq[1], wq[2], q, wk[0], wk[1], wk[2], k, wv[0], wv[1], wv[2], v,
                                  xe, xo, xs, xsum, group_size)
-    q3, k3 = q.reshape(1, n_heads, head_dim), k.reshape(1, n_kv_heads, head_dim)
-    rope_serial(q3, cos, sin, interleaved, q3)  # in place: each pair is read before it is written
-    rope_serial(k3, cos, sin, interleaved, k3)
+    _rope(q, n_heads, head_dim, cos[0], sin[0], interleaved)
+    _rope(k, n_kv_heads, head_dim, cos[0], sin[0], interleaved)
     for hh in range(n_kv_heads):
         for d in range(head_dim):
             keys[hh, pos, d] = f32_half_bits(k[0, hh * head_dim + d])
             values[hh, pos, d] = f32_half_bits(v[0, hh * head_dim + d])
     att = np.empty((1, n_heads, head_dim), np.float32)
-    attention_kernel(q3, keys, values, pos, att)
+    attention_kernel(q.reshape(1, n_heads, head_dim), keys, values, pos, att)
     x = x + _gemv(att.reshape(1, n_heads * head_dim), wo[0], wo[1], wo[2], group_size)
     rmsnorm_serial(x, ffn_norm, eps, h)
     xe, xo, xs, xsum = _inputs(h, group_size)
