@@ -61,6 +61,23 @@ def release_pages(mm) -> None:
         raw.madvise(mmap.MADV_DONTNEED)
 
 
+def release_array(a: np.ndarray) -> None:
+    """Drop this process's resident pages under a if it lies in a read-only np.memmap (the whole pages
+    inside it; the data stays valid, read again from the file if used). Other arrays: nothing."""
+    import mmap
+
+    base = a
+    while isinstance(base, np.ndarray) and not isinstance(base.base, mmap.mmap):
+        base = base.base
+    if not (isinstance(base, np.memmap) and base.mode == "r" and hasattr(mmap, "MADV_DONTNEED")):
+        return
+    start = a.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (start + a.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > first:
+        base.base.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+
 class SafetensorsFile:
     """Header-checked view of one safetensors file; tensors are memory-mapped on demand."""
 

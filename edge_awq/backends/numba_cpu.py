@@ -2,18 +2,23 @@
 
 Packed layout (``pack.py``): each row of b-bit values is a little-endian bit
 stream; for 4 bits, byte k of a row holds value 2k in its low nibble and value
-2k+1 in its high nibble. The 4-bit GEMV reads that order as it is: x is split
-once per call into its even and odd entries, so that a byte's two nibbles meet
-two contiguous vectors and the loop vectorizes (``numba_intrinsics``). At load,
-each W4 is prepared once (``prepare``): scales widened to float32 and zero
-points turned into ``zs = zero * scale``, so that a group's dot product is
-``scale * sum(q * x) - zs * sum(x)``. The packed weights are not copied.
-Prefill dequantizes blocks of rows into a small float32 buffer and multiplies
-with BLAS; fp16 dense weights (the head, FP models) are read as fp16.
+2k+1 in its high nibble. On x86 with AVX2, 4-bit weights in groups of a multiple
+of 64 are repacked once at load, one tensor at a time, into blocks of four rows
+and 16-bit words (``numba_gemv_blocked``), and the file's pages of that tensor
+leave the resident set: the repacked copy takes their place, never beside a
+second one. Elsewhere the file's bytes are read where they lie: the 4-bit GEMV
+splits x once per call into its even and odd entries, so that a byte's two
+nibbles meet two contiguous vectors and the loop vectorizes
+(``numba_intrinsics``); on AVX2 with other group sizes, with int16 activations
+(``numba_gemv_i16``). A group's dot product is ``scale * sum(q * x) - zs * sum(x)``
+with ``zs = zero * scale``. Prefill dequantizes blocks of rows into a small
+float32 buffer and multiplies with BLAS; fp16 dense weights (the head, FP
+models) are read as fp16.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +28,8 @@ from .. import threads
 from ..ops import HostMemory
 from ..model import W4, Dense
 from ..pack import unpack_bits
+from ..tensorfile import release_array
+from . import numba_gemv_blocked as blocked
 from . import numba_gemv_i16 as i16
 from .numba_intrinsics import byte_f32, half_f32, hi_nibble, int8_f32, lo_nibble
 
@@ -52,6 +59,7 @@ class PreparedW4:
     bits: int
     in_features: int
     bias: np.ndarray | None  # (out,) float32
+    blocked: blocked.BlockedW4 | None = None  # the load-time block layout, where it applies (then read instead)
 
     @property
     def byte_path(self) -> bool:
@@ -59,7 +67,9 @@ class PreparedW4:
         return (self.bits == 4 and self.group_size % 2 == 0) or self.bits == 8
 
 
-def prepare(w: W4) -> PreparedW4:
+def prepare(w: W4, repack: bool = False) -> PreparedW4:
+    """w's arrays as the kernels read them; repack: also the block layout where it applies
+    (``numba_gemv_blocked``), after which the file's pages of w leave the resident set."""
     qweight = np.ascontiguousarray(w.qweight)
     scale_bits = np.ascontiguousarray(w.scales, dtype=np.float16).view(np.uint16)
     zero_bytes = np.ascontiguousarray(w.zeros).view(np.uint8)
@@ -68,8 +78,14 @@ def prepare(w: W4) -> PreparedW4:
     if not ((w.bits == 4 and w.group_size % 2 == 0) or w.bits == 8):
         scales = w.scales.astype(np.float32)
         zs = unpack_bits(w.zeros, w.bits, w.in_features // w.group_size).astype(np.float32) * scales
-    return PreparedW4(qweight, qweight.view(np.uint8), scale_bits, zero_bytes, scales, zs, w.group_size, w.bits,
-                      w.in_features, bias)
+    qbytes = qweight.view(np.uint8)
+    packed = None
+    if repack and blocked.usable(w.bits, w.group_size):
+        packed = blocked.repack(qbytes, scale_bits, zero_bytes, w.group_size)
+        for a in (w.qweight, w.scales, w.zeros):
+            release_array(a)
+    return PreparedW4(qweight, qbytes, scale_bits, zero_bytes, scales, zs, w.group_size, w.bits, w.in_features, bias,
+                      packed)
 
 
 @njit(cache=True, inline="always")
@@ -304,10 +320,16 @@ def linears_w4(x: np.ndarray, ws: list[PreparedW4]) -> list[np.ndarray]:
     x = np.ascontiguousarray(x, dtype=np.float32)
     gs = ws[0].group_size
     ys = [np.empty((x.shape[0], w.qweight.shape[0]), np.float32) for w in ws]
-    sets = [(w.qbytes, w.scale_bits, w.zero_bytes, y) for w, y in zip(ws, ys)]
+    use_blocked = all(w.blocked is not None for w in ws)
+    if use_blocked:
+        sets = [(w.blocked.words, w.blocked.scales, w.blocked.zeros, y) for w, y in zip(ws, ys)]
+    else:
+        sets = [(w.qbytes, w.scale_bits, w.zero_bytes, y) for w, y in zip(ws, ys)]
     if len(sets) == 2:  # an empty third weight
-        sets.append((ws[0].qbytes[:0], ws[0].scale_bits[:0], ws[0].zero_bytes[:0], ys[0][:, :0]))
-    if i16.usable(gs):
+        sets.append(tuple(a[:0] for a in sets[0][:3]) + (ys[0][:, :0],))
+    if use_blocked:
+        blocked.gemv_three_kernel(*sets[0], *sets[1], *sets[2], *blocked.inputs(x, gs), gs)
+    elif i16.usable(gs):
         i16.gemv_w4_i16_three_kernel(*sets[0], *sets[1], *sets[2], *i16.gemv_inputs_i16(x, gs), gs)
     else:
         gemv_w4_three_kernel(*sets[0], *sets[1], *sets[2], *_gemv_inputs(x, gs), gs)
@@ -326,7 +348,10 @@ def linear_w4(x: np.ndarray, w: PreparedW4) -> np.ndarray:
     if T <= GEMV_MAX_T:
         x = np.ascontiguousarray(x, dtype=np.float32)
         y = np.empty((T, out_f), np.float32)
-        if fast4 and i16.usable(w.group_size):  # integer dot products (x86 AVX2)
+        if w.blocked is not None:  # the load-time block layout (x86 AVX2)
+            b = w.blocked
+            blocked.gemv_kernel(b.words, b.scales, b.zeros, *blocked.inputs(x, w.group_size), w.group_size, y)
+        elif fast4 and i16.usable(w.group_size):  # integer dot products (x86 AVX2)
             i16.gemv_w4_i16_kernel(w.qbytes, w.scale_bits, w.zero_bytes, *i16.gemv_inputs_i16(x, w.group_size),
                                    w.group_size, y)
         elif fast4:
@@ -341,6 +366,10 @@ def linear_w4(x: np.ndarray, w: PreparedW4) -> np.ndarray:
         else:
             xsum = x.reshape(T, n_groups, w.group_size).sum(axis=2)  # (T, G)
             gemv_any_kernel(w.qweight, w.scales, w.zs, x, xsum, w.group_size, w.bits, y)
+    elif w.blocked is not None:
+        b = w.blocked
+        y = _blocked(x, out_f, w.in_features,
+                     lambda r0, out: blocked.dequant_kernel(b.words, b.scales, b.zeros, w.group_size, r0, out))
     elif fast4:
         y = _blocked(x, out_f, w.in_features // 2,
                      lambda r0, e, o: dequant_w4_planes_kernel(w.qbytes, w.scale_bits, w.zero_bytes, w.group_size, r0, e, o), 2)
@@ -538,10 +567,10 @@ class NumbaBackend(HostMemory):
     kv_dtype = np.float16
 
     def __init__(self):
-        self._prepared: dict[int, tuple[W4, PreparedW4]] = {}
+        self._prepared: dict[int, tuple[weakref.ref, PreparedW4]] = {}  # dropped when the W4 is
         self._dense: dict[int, tuple[Dense, np.ndarray]] = {}
         self._angles: tuple = (None,)
-        self._fused: dict[int, tuple] = {}  # id(LayerWeights) -> (it, decode_layer's arrays or None)  # (key, cos, sin, inv_freq kept alive so its id stays unique)
+        self._fused: dict[int, tuple] = {}  # id(LayerWeights) -> (a weak ref to it, decode_layer's arrays or None)
 
     def embed(self, table, tokens) -> np.ndarray:
         return np.asarray(table[np.asarray(tokens, dtype=np.int64)], dtype=np.float32)
@@ -573,10 +602,24 @@ class NumbaBackend(HostMemory):
                 return linears_w4(x, ps)
         return [self.linear(x, w) for w in ws]
 
+    def prepare(self, w):
+        """Repack every 4-bit linear of a model held in memory now, one at a time, rather than at its
+        first token (layers read lazily are prepared as they come, and dropped with them)."""
+        if isinstance(w.layers, list):
+            for lw in w.layers:
+                for lin in (lw.wq, lw.wk, lw.wv, lw.wo, lw.w1, lw.w2, lw.w3):
+                    if isinstance(lin, W4):
+                        self._prepare(lin)
+        if isinstance(w.output, W4):
+            self._prepare(w.output)
+        return w
+
     def _prepare(self, w: W4) -> PreparedW4:
-        hit = self._prepared.get(id(w))
-        if hit is None or hit[0] is not w:  # keyed by identity; the W4 is kept so the id stays unique
-            hit = self._prepared[id(w)] = (w, prepare(w))
+        key = id(w)
+        hit = self._prepared.get(key)
+        if hit is None or hit[0]() is not w:
+            hit = self._prepared[key] = (weakref.ref(w), prepare(w, repack=True))
+            weakref.finalize(w, self._prepared.pop, key, None)
         return hit[1]
 
     def decode_block(self, lw, x, pos: int, cache, layer: int, w):
@@ -591,24 +634,25 @@ class NumbaBackend(HostMemory):
         a = w.args
         return decode_layer(_f32(x), *args, cos, sin, a.rope_interleaved,
                             cache.k[layer].view(np.uint16), cache.v[layer].view(np.uint16), pos, a.n_heads,
-                            a.n_kv_heads, a.head_dim)
+                            a.n_kv_heads, a.head_dim, lw.w1.shape[0])
 
     def _decode_args(self, lw, cache, w):
         """The layer's arrays for ``decode_layer`` (kept per layer), or None if it does not apply."""
-        hit = self._fused.get(id(lw))
-        if hit is not None and hit[0] is lw:
+        key = id(lw)
+        hit = self._fused.get(key)
+        if hit is not None and hit[0]() is lw:
             return hit[1]
         lins = [getattr(lw, n) for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")]
         ok = (cache.k.dtype == np.float16 and all(isinstance(m, W4) and m.bits == 4 and m.bias is None for m in lins)
-              and len({m.group_size for m in lins}) == 1 and i16.usable(lins[0].group_size))
+              and len({m.group_size for m in lins}) == 1)
         args = None
         if ok:
             ps = [self._prepare(m) for m in lins]
-            args = (np.asarray(lw.attn_norm, np.float32), np.asarray(lw.ffn_norm, np.float32), w.args.norm_eps,
-                    *[(p.qbytes, p.scale_bits, p.zero_bytes) for p in ps], lins[0].group_size)
-        if len(self._fused) > 4096:
-            self._fused.clear()
-        self._fused[id(lw)] = (lw, args)
+            if all(p.blocked is not None for p in ps):
+                args = (np.asarray(lw.attn_norm, np.float32), np.asarray(lw.ffn_norm, np.float32), w.args.norm_eps,
+                        *[(p.blocked.words, p.blocked.scales, p.blocked.zeros) for p in ps], lins[0].group_size)
+        self._fused[key] = (weakref.ref(lw), args)
+        weakref.finalize(lw, self._fused.pop, key, None)
         return args
 
     def rope(self, x, pos: int, inv_freq, interleaved: bool) -> np.ndarray:

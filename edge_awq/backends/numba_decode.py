@@ -3,12 +3,12 @@
 Decoding runs about thirteen small ops per layer; as separate calls, each pays Python and the
 numba dispatcher some ten microseconds, and SmolLM2's 30 layers spent about 9 ms of a 32 ms token
 there. ``decode_layer`` runs the same sequence — the model's ``attention`` and ``mlp`` sub-blocks
-(model.py) — inside compiled code: RMSNorm, q/k/v as one int16 GEMV kernel, RoPE, the fp16 cache
+(model.py) — inside compiled code: RMSNorm, q/k/v as one GEMV kernel, RoPE, the fp16 cache
 write, attention, o, the residual, RMSNorm, gate/up, SiLU-mul, down, the residual.
 
 It covers the common case and says no to the rest (``NumbaBackend.decode_block`` returns None
-and the model runs op by op): one token, 4-bit layers of one group size the int16 GEMV takes, no
-biases, an fp16 cache. Tests hold it to the op-by-op path.
+and the model runs op by op): one token, 4-bit layers of one group size repacked into the block
+layout (``numba_gemv_blocked``), no biases, an fp16 cache. Tests hold it to the op-by-op path.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from . import numba_gemv_i16 as i16
+from . import numba_gemv_blocked as blocked
+from .numba_gemv_i16 import quantize_x16_flat
 from .numba_cpu import attention_kernel, rmsnorm_serial, silu_mul_serial  # numba_cpu imports
 # this module only when a decode step runs, so the import is not circular
 from .numba_intrinsics import f32_half_bits
@@ -43,34 +44,33 @@ def _rope(v, heads, head_dim, cos, sin, interleaved):
 def _inputs(x, group_size):
     T, n = x.shape
     G = n // group_size
-    xe, xo = np.empty((T, n // 2), np.int16), np.empty((T, n // 2), np.int16)
-    xs, xsum = np.empty((T, G), np.float32), np.empty((T, G), np.float32)
-    i16.quantize_x16(x, group_size, xe, xo, xs, xsum)
-    return xe, xo, xs, xsum
+    x16, xs, xsum = np.empty((T, n), np.int16), np.empty((T, G), np.float32), np.empty((T, G), np.float32)
+    quantize_x16_flat(x, group_size, x16, xs, xsum)
+    return x16, xs, xsum
 
 
 @njit(cache=True, fastmath=True)
-def _gemv(x, qb, sb, zb, group_size):
-    xe, xo, xs, xsum = _inputs(x, group_size)
-    y = np.empty((1, sb.shape[0]), np.float32)
-    i16.gemv_w4_i16_kernel(qb, sb, zb, xe, xo, xs, xsum, group_size, y)
+def _gemv(x, w, out_f, group_size):
+    x16, xs, xsum = _inputs(x, group_size)
+    y = np.empty((1, out_f), np.float32)
+    blocked.gemv_kernel(w[0], w[1], w[2], x16, xs, xsum, group_size, y)
     return y
 
 
 @njit(cache=True, fastmath=True)
 def decode_layer(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, w1, w2, w3, group_size, cos, sin, interleaved,
-                 keys, values, pos, n_heads, n_kv_heads, head_dim):
-    """x (1, dim) float32 -> the layer's output (1, dim). Each w* is (qbytes, scale_bits, zero_bytes);
+                 keys, values, pos, n_heads, n_kv_heads, head_dim, hidden_dim):
+    """x (1, dim) float32 -> the layer's output (1, dim). Each w* is a blocked weight's (words, scales, zeros);
     cos, sin (1, head_dim / 2); keys, values (n_kv_heads, max_seq, head_dim) uint16 (fp16 bits) of this
     layer, row pos written here."""
     h = np.empty_like(x)
     rmsnorm_serial(x, attn_norm, eps, h)
-    xe, xo, xs, xsum = _inputs(h, group_size)
+    x16, xs, xsum = _inputs(h, group_size)
     q = np.empty((1, n_heads * head_dim), np.float32)
     k = np.empty((1, n_kv_heads * head_dim), np.float32)
     v = np.empty((1, n_kv_heads * head_dim), np.float32)
-    i16.gemv_w4_i16_three_kernel(wq[0], wq[1], wq[2], q, wk[0], wk[1], wk[2], k, wv[0], wv[1], wv[2], v,
-                                 xe, xo, xs, xsum, group_size)
+    blocked.gemv_three_kernel(wq[0], wq[1], wq[2], q, wk[0], wk[1], wk[2], k, wv[0], wv[1], wv[2], v,
+                              x16, xs, xsum, group_size)
     _rope(q, n_heads, head_dim, cos[0], sin[0], interleaved)
     _rope(k, n_kv_heads, head_dim, cos[0], sin[0], interleaved)
     for hh in range(n_kv_heads):
@@ -79,12 +79,12 @@ def decode_layer(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, w1, w2, w3, group_
             values[hh, pos, d] = f32_half_bits(v[0, hh * head_dim + d])
     att = np.empty((1, n_heads, head_dim), np.float32)
     attention_kernel(q.reshape(1, n_heads, head_dim), keys, values, pos, att)
-    x = x + _gemv(att.reshape(1, n_heads * head_dim), wo[0], wo[1], wo[2], group_size)
+    x = x + _gemv(att.reshape(1, n_heads * head_dim), wo, x.shape[1], group_size)
     rmsnorm_serial(x, ffn_norm, eps, h)
-    xe, xo, xs, xsum = _inputs(h, group_size)
-    gate = np.empty((1, w1[1].shape[0]), np.float32)
-    up = np.empty((1, w3[1].shape[0]), np.float32)
-    i16.gemv_w4_i16_three_kernel(w1[0], w1[1], w1[2], gate, w3[0], w3[1], w3[2], up, w3[0][:0], w3[1][:0],
-                                 w3[2][:0], up[:, :0], xe, xo, xs, xsum, group_size)
+    x16, xs, xsum = _inputs(h, group_size)
+    gate = np.empty((1, hidden_dim), np.float32)
+    up = np.empty((1, hidden_dim), np.float32)
+    blocked.gemv_three_kernel(w1[0], w1[1], w1[2], gate, w3[0], w3[1], w3[2], up, w3[0][:0], w3[1][:0],
+                              w3[2][:0], up[:, :0], x16, xs, xsum, group_size)
     silu_mul_serial(gate, up, gate)
-    return x + _gemv(gate, w2[0], w2[1], w2[2], group_size)
+    return x + _gemv(gate, w2, x.shape[1], group_size)
