@@ -55,7 +55,7 @@ def kernel_rates(w, ops, repeat: int) -> list[dict]:
         x = np.random.default_rng(0).standard_normal((1, shape[1])).astype(np.float32)
         x = ops.upload(x) if hasattr(ops, "upload") else x  # a device backend: time the kernel, not the copy
         ops.to_host(ops.linear(x, lin))
-        t = min(_timed(lambda: ops.to_host(ops.linear(x, lin))) for _ in range(max(repeat, 5)))
+        t = min(_timed(lambda: ops.to_host(ops.linear(x, lin))) for _ in range(max(repeat, 20)))
         rows.append({"linear": name, "shape": list(shape), "seconds": t, "gb_per_s": nbytes / t / 1e9})
     return rows
 
@@ -75,7 +75,7 @@ def gemv_layers(ops, repeat: int, group_size: int = 128) -> list[dict]:
         x = rng.standard_normal((1, in_f)).astype(np.float32)
         x = ops.upload(x) if hasattr(ops, "upload") else x
         ops.to_host(ops.linear(x, lin))
-        t = min(_timed(lambda: ops.to_host(ops.linear(x, lin))) for _ in range(max(repeat, 10)))
+        t = min(_timed(lambda: ops.to_host(ops.linear(x, lin))) for _ in range(max(repeat, 30)))
         rows.append({"linear": f"W4 g{group_size}", "shape": [out_f, in_f], "seconds": t, "gb_per_s": nbytes / t / 1e9})
     return rows
 
