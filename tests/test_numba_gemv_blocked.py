@@ -1,5 +1,5 @@
-"""The 4-bit GEMV on the block layout against the numpy reference: random and real weights,
-awkward shapes; the layout's dequantization; what repacking does to memory."""
+"""The 4- and 8-bit GEMVs on the block layout against the numpy reference: random and real
+weights, awkward shapes; the layout's dequantization; what repacking does to memory."""
 
 import gc
 import mmap
@@ -21,9 +21,9 @@ def _rel(got, want) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-def _packed(out_f, in_f, group, seed, bias=False):
+def _packed(out_f, in_f, group, seed, bias=False, bits=4):
     rng = np.random.default_rng(seed)
-    return pack_linear(rng.standard_normal((out_f, in_f)).astype(np.float32), 4, group,
+    return pack_linear(rng.standard_normal((out_f, in_f)).astype(np.float32), bits, group,
                        bias=rng.standard_normal(out_f).astype(np.float32) if bias else None)
 
 
@@ -84,9 +84,43 @@ def test_blocked_down_projection_on_real_weights(smollm2_weights):
     assert _rel(linear_w4(x, prepare(wt, repack=True)), ref.linear(x, wt)) <= 1e-3
 
 
-def test_layout_applies_to_4_bits_in_groups_of_64_only():
-    assert not blocked.usable(4, 32) and not blocked.usable(3, 64) and not blocked.usable(8, 128)
-    assert blocked.usable(4, 128) == blocked.AVAILABLE
+@needs_avx2
+@pytest.mark.parametrize("out_f,in_f,group", [(1, 32, 32), (6, 96, 96), (9, 576, 64), (5, 4096, 1024),
+                                              (37, 1536, 128)])
+@pytest.mark.parametrize("T", [1, 3])
+def test_blocked_8bit_gemv_matches_reference(out_f, in_f, group, T):
+    """The int8 head's layout: 32 columns a chunk, two bytes a word."""
+    w = _packed(out_f, in_f, group, out_f * T, bits=8)
+    p = prepare(w, repack=True)
+    assert p.blocked is not None and p.blocked.bits == 8
+    x = np.random.default_rng(T).standard_normal((T, in_f)).astype(np.float32)
+    assert _rel(linear_w4(x, p), ref.linear(x, w)) <= 1e-3
+
+
+@needs_avx2
+def test_blocked_8bit_dequantization_and_prefill():
+    w = _packed(10, 192, 64, 4, bits=8)
+    b = prepare(w, repack=True).blocked
+    out = np.empty((9, 192), np.float32)
+    blocked.dequantize_rows(b, 1, out)
+    np.testing.assert_allclose(out, unpack_linear(w)[1:10].astype(np.float32), rtol=1e-6, atol=1e-6)
+    x = np.random.default_rng(0).standard_normal((7, 192)).astype(np.float32)
+    assert _rel(linear_w4(x, prepare(w, repack=True)), ref.linear(x, w)) <= 1e-3
+
+
+@needs_avx2
+def test_blocked_8bit_head_rows_on_real_weights(smollm2_weights):
+    """The first 3000 rows of SmolLM2's (tied) head, packed 8-bit g64 as ``export --head int8`` does."""
+    _, w = smollm2_weights
+    wt = pack_linear(np.asarray(w.output.weight[:3000], np.float32), 8, 64)
+    x = np.random.default_rng(2).standard_normal((1, 576)).astype(np.float32)
+    assert _rel(linear_w4(x, prepare(wt, repack=True)), ref.linear(x, wt)) <= 1e-3
+
+
+def test_layout_applies_to_4_bits_in_groups_of_64_and_8_bits_in_groups_of_32():
+    assert not blocked.usable(4, 32) and not blocked.usable(3, 64) and not blocked.usable(8, 16)
+    assert not blocked.usable(8, 2048)  # int32 group sums would no longer be exact
+    assert blocked.usable(4, 128) == blocked.usable(8, 128) == blocked.usable(8, 32) == blocked.AVAILABLE
 
 
 def test_backend_forgets_a_prepared_weight_when_it_is_dropped():

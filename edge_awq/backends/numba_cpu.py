@@ -81,7 +81,7 @@ def prepare(w: W4, repack: bool = False) -> PreparedW4:
     qbytes = qweight.view(np.uint8)
     packed = None
     if repack and blocked.usable(w.bits, w.group_size):
-        packed = blocked.repack(qbytes, scale_bits, zero_bytes, w.group_size)
+        packed = blocked.repack(qbytes, scale_bits, zero_bytes, w.group_size, w.bits)
         for a in (w.qweight, w.scales, w.zeros):
             release_array(a)
     return PreparedW4(qweight, qbytes, scale_bits, zero_bytes, scales, zs, w.group_size, w.bits, w.in_features, bias,
@@ -348,7 +348,7 @@ def linear_w4(x: np.ndarray, w: PreparedW4) -> np.ndarray:
     if T <= GEMV_MAX_T:
         x = np.ascontiguousarray(x, dtype=np.float32)
         y = np.empty((T, out_f), np.float32)
-        if w.blocked is not None:  # the load-time block layout (x86 AVX2)
+        if w.blocked is not None:  # the load-time block layout (x86 AVX2; 4- and 8-bit)
             b = w.blocked
             blocked.gemv_kernel(b.words, b.scales, b.zeros, *blocked.inputs(x, w.group_size), w.group_size, y)
         elif fast4 and i16.usable(w.group_size):  # integer dot products (x86 AVX2)
@@ -367,9 +367,7 @@ def linear_w4(x: np.ndarray, w: PreparedW4) -> np.ndarray:
             xsum = x.reshape(T, n_groups, w.group_size).sum(axis=2)  # (T, G)
             gemv_any_kernel(w.qweight, w.scales, w.zs, x, xsum, w.group_size, w.bits, y)
     elif w.blocked is not None:
-        b = w.blocked
-        y = _blocked(x, out_f, w.in_features,
-                     lambda r0, out: blocked.dequant_kernel(b.words, b.scales, b.zeros, w.group_size, r0, out))
+        y = _blocked(x, out_f, w.in_features, lambda r0, out: blocked.dequantize_rows(w.blocked, r0, out))
     elif fast4:
         y = _blocked(x, out_f, w.in_features // 2,
                      lambda r0, e, o: dequant_w4_planes_kernel(w.qbytes, w.scale_bits, w.zero_bytes, w.group_size, r0, e, o), 2)

@@ -1,4 +1,4 @@
-"""The 4-bit GEMV on a load-time layout of four-row blocks and 16-bit words (x86 AVX2).
+"""The 4- and 8-bit GEMVs on a load-time layout of four-row blocks and 16-bit words (x86 AVX2).
 
 The file-order GEMV (``numba_gemv_i16``) widens each byte's two nibbles to int16 with a
 lane-crossing ``vpmovzxbw`` before its ``vpmaddwd``, and reads four rows as four separate
@@ -11,12 +11,16 @@ at a time, into:
   ``(w >> 4p) & 15`` is already sixteen int16 lanes that meet sixteen consecutive activations:
   three shifts, three ANDs and four ``vpmaddwd`` per 64 weights, no widening, and one contiguous
   stream per block of rows.
+- 8-bit weights (the int8 head), groups of a multiple of 32: the same with 32 columns a chunk;
+  byte h of word i is the value of column ``32 c + 16 h + i`` (one AND, one shift, two
+  ``vpmaddwd`` per 32 weights).
 - ``scales`` (blocks, G * 4) uint16 (fp16 bits) and ``zeros`` (blocks, G * 4) uint8: the four
   rows' group scale and zero point side by side, read as one 4-lane vector per group.
 
 Rows past the end (out not a multiple of 4) are zero and never written out. Activations are int16
 in natural order with a scale per group (``numba_gemv_i16.quantize_x16_flat``, error below
-2^-15); each group's int32 sums are exact (at most group_size * 15 * 32767). A row's result is
+2^-15); each group's int32 sums are exact (at most group_size * 255 * 32767, groups of up to 1024
+for 8 bits). A row's result is
 ``sum_g s_g * xscale_g * dot_g - sum_g s_g * z_g * xsum_g``.
 
 On this project's 2-core Zen 1 test machine the integer multiplier (one port, two cycles per
@@ -37,7 +41,8 @@ from numba.extending import intrinsic
 from .numba_gemv_i16 import AVAILABLE, quantize_x16_flat
 from .numba_intrinsics import half_f32
 
-CHUNK = 64  # columns per 32-byte vector of 16 words
+CHUNK = 64  # columns per 32-byte vector of 16 words (4-bit)
+CHUNK8 = 32  # the same for 8-bit values
 ROWS = 4  # rows per block
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -55,6 +60,7 @@ class BlockedW4:
     zeros: np.ndarray  # (blocks, G * 4) uint8
     out_features: int
     group_size: int
+    bits: int = 4
 
     @property
     def nbytes(self) -> int:
@@ -62,8 +68,15 @@ class BlockedW4:
 
 
 def usable(bits: int, group_size: int) -> bool:
-    """The block layout applies: 4 bits, groups of a multiple of 64 columns, x86 AVX2."""
-    return AVAILABLE and bits == 4 and group_size % CHUNK == 0
+    """The block layout applies: x86 AVX2 and 4 bits in groups of a multiple of 64 columns, or
+    8 bits in groups of a multiple of 32 up to 1024 (int32 sums stay exact)."""
+    if bits == 4:
+        return AVAILABLE and group_size % CHUNK == 0
+    return AVAILABLE and bits == 8 and group_size % CHUNK8 == 0 and group_size <= 1024
+
+
+def chunk_columns(bits: int) -> int:
+    return CHUNK if bits == 4 else CHUNK8
 
 
 @njit(parallel=True, cache=True)
@@ -92,16 +105,37 @@ def _repack_kernel(qb, scale_bits, zero_bytes, group_size, words, scales, zeros)
                         words[b, base + i] = word
 
 
-def repack(qbytes: np.ndarray, scale_bits: np.ndarray, zero_bytes: np.ndarray, group_size: int) -> BlockedW4:
-    """The block layout of a 4-bit weight given as file-order bytes (out, in/2), fp16 scale bits
-    (out, G) and packed 4-bit zero points (out, >= G/2 bytes)."""
+@njit(parallel=True, cache=True)
+def _repack8_kernel(qb, scale_bits, zero_bytes, group_size, words, scales, zeros):
+    out_f, n_groups = scale_bits.shape
+    chunks = group_size // CHUNK8
+    for b in prange(words.shape[0]):
+        for k in range(ROWS):
+            r = ROWS * b + k
+            if r >= out_f:
+                continue
+            for g in range(n_groups):
+                scales[b, ROWS * g + k] = scale_bits[r, g]
+                zeros[b, ROWS * g + k] = zero_bytes[r, g]
+                for c in range(chunks):
+                    base = ((g * chunks + c) * ROWS + k) * 16
+                    col0 = g * group_size + c * CHUNK8
+                    for i in range(16):
+                        words[b, base + i] = np.uint16(qb[r, col0 + i]) | (np.uint16(qb[r, col0 + 16 + i]) << np.uint16(8))
+
+
+def repack(qbytes: np.ndarray, scale_bits: np.ndarray, zero_bytes: np.ndarray, group_size: int,
+           bits: int = 4) -> BlockedW4:
+    """The block layout of a 4- or 8-bit weight given as file-order bytes (out, in * bits / 8),
+    fp16 scale bits (out, G) and packed zero points (out, >= G * bits / 8 bytes)."""
     out_f, n_groups = scale_bits.shape
     blocks = -(-out_f // ROWS)
-    words = np.zeros((blocks, n_groups * (group_size // CHUNK) * ROWS * 16), np.uint16)
+    words = np.zeros((blocks, n_groups * group_size * bits // 16 * ROWS), np.uint16)
     scales = np.zeros((blocks, n_groups * ROWS), np.uint16)
     zeros = np.zeros((blocks, n_groups * ROWS), np.uint8)
-    _repack_kernel(qbytes, scale_bits, zero_bytes, group_size, words, scales, zeros)
-    return BlockedW4(words, scales, zeros, out_f, group_size)
+    (_repack_kernel if bits == 4 else _repack8_kernel)(qbytes, scale_bits, zero_bytes, group_size, words, scales,
+                                                       zeros)
+    return BlockedW4(words, scales, zeros, out_f, group_size, bits)
 
 
 def _splat(builder, x, vty):
@@ -113,14 +147,10 @@ def _const(ty, n: int, v: int) -> ir.Constant:
     return ir.Constant(ir.VectorType(ty, n), [v] * n)
 
 
-@intrinsic
-def block4(typingctx, wp, sp, zp, xp, fxp, sxp, n_groups, chunks):
-    """The four rows of one block dotted with one token's activations, as four float32.
-
-    wp, sp, zp: the block's words, scales and zeros; xp: int16 activations (natural order);
-    fxp, sxp: float32 activation scale and sum per group; all addresses (int64).
-    """
-    sig = types.UniTuple(types.float32, ROWS)(*([types.int64] * 8))
+def _block4_codegen(bits: int):
+    """The code of one block's four dot products for 4- or 8-bit words (see ``block4``)."""
+    cols = chunk_columns(bits)
+    parts_per_word = 16 // bits
 
     def codegen(context, builder, signature, args):
         wp, sp, zp, xp, fxp, sxp, n_groups, chunks = args
@@ -129,27 +159,29 @@ def block4(typingctx, wp, sp, zp, xp, fxp, sxp, n_groups, chunks):
         facc = [cgutils.alloca_once_value(builder, ir.Constant(_V8F, None)) for _ in range(ROWS)]
         ztot = cgutils.alloca_once_value(builder, ir.Constant(_V4F, None))
         accs = [cgutils.alloca_once(builder, _V8I32) for _ in range(ROWS)]
-        mask = _const(_I16, 16, 15)
-        shifts = [_const(_I16, 16, 4 * p) for p in range(4)]
+        mask = _const(_I16, 16, (1 << bits) - 1)
+        shifts = [_const(_I16, 16, bits * p) for p in range(parts_per_word)]
         vec_bytes = ir.Constant(_I64, 32)
         fma8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F, [_V8F] * 3), "llvm.fma.v8f32")
 
         def chunk(gc):
-            """Add chunk number gc of the rows (64 columns) to the four int32 accumulators."""
-            xbase = builder.add(xp, builder.mul(gc, ir.Constant(_I64, 2 * CHUNK)))
+            """Add chunk number gc of the rows to the four int32 accumulators."""
+            xbase = builder.add(xp, builder.mul(gc, ir.Constant(_I64, 2 * cols)))
             xs = [builder.load(builder.inttoptr(builder.add(xbase, ir.Constant(_I64, 32 * p)),
-                                                _V16I16.as_pointer()), align=2) for p in range(4)]
+                                                _V16I16.as_pointer()), align=2) for p in range(parts_per_word)]
             wbase = builder.add(wp, builder.mul(gc, ir.Constant(_I64, ROWS * 32)))
             for k, acc in enumerate(accs):
                 addr = builder.add(wbase, builder.mul(ir.Constant(_I64, k), vec_bytes))
                 w = builder.load(builder.inttoptr(addr, _V16I16.as_pointer()), align=2)
                 parts = []
-                for p in range(4):
+                for p in range(parts_per_word):
                     v = w if p == 0 else builder.lshr(w, shifts[p])
-                    if p < 3:
+                    if p < parts_per_word - 1:
                         v = builder.and_(v, mask)
                     parts.append(builder.call(pmadd, [v, xs[p]]))
-                s = builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
+                while len(parts) > 1:
+                    parts = [builder.add(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+                s = parts[0]
                 builder.store(builder.add(builder.load(acc), s), acc)
 
         with cgutils.for_range(builder, n_groups) as gl:
@@ -195,22 +227,45 @@ def block4(typingctx, wp, sp, zp, xp, fxp, sxp, n_groups, chunks):
             outs.append(builder.fsub(total, builder.extract_element(z, ir.Constant(_I32, k))))
         return context.make_tuple(builder, signature.return_type, outs)
 
-    return sig, codegen
+    return codegen
+
+
+_SIG = types.UniTuple(types.float32, ROWS)(*([types.int64] * 8))
+
+
+@intrinsic
+def block4(typingctx, wp, sp, zp, xp, fxp, sxp, n_groups, chunks):
+    """The four rows of one block of a 4-bit weight dotted with one token's activations, as four
+    float32. wp, sp, zp: the block's words, scales and zeros; xp: int16 activations (natural
+    order); fxp, sxp: float32 activation scale and sum per group; all addresses (int64)."""
+    return _SIG, _block4_codegen(4)
+
+
+@intrinsic
+def block4_w8(typingctx, wp, sp, zp, xp, fxp, sxp, n_groups, chunks):
+    """As ``block4`` for 8-bit weights."""
+    return _SIG, _block4_codegen(8)
 
 
 @njit(cache=True, inline="always")
 def _block_rows(words, scales, zeros, b, x16, xscale, xsum, group_size, y):
-    """y[:, 4b..4b+3] (the rows that exist) of one block, for every token of x16."""
+    """y[:, 4b..4b+3] (the rows that exist) of one block, for every token of x16; the words per
+    group tell 4-bit (group_size / 4 per row) from 8-bit (group_size / 2)."""
     n_groups = scales.shape[1] // ROWS
     out_f = y.shape[1]
+    eight = words.shape[1] // (n_groups * ROWS) == group_size // 2
     wa = words.ctypes.data + b * words.strides[0]
     sa = scales.ctypes.data + b * scales.strides[0]
     za = zeros.ctypes.data + b * zeros.strides[0]
     r = ROWS * b
     for t in range(x16.shape[0]):
-        y0, y1, y2, y3 = block4(wa, sa, za, x16.ctypes.data + t * x16.strides[0],
-                                xscale.ctypes.data + t * xscale.strides[0], xsum.ctypes.data + t * xsum.strides[0],
-                                n_groups, group_size // CHUNK)
+        xa = x16.ctypes.data + t * x16.strides[0]
+        fa = xscale.ctypes.data + t * xscale.strides[0]
+        ma = xsum.ctypes.data + t * xsum.strides[0]
+        if eight:
+            y0, y1, y2, y3 = block4_w8(wa, sa, za, xa, fa, ma, n_groups, group_size // CHUNK8)
+        else:
+            y0, y1, y2, y3 = block4(wa, sa, za, xa, fa, ma, n_groups, group_size // CHUNK)
         y[t, r] = y0
         if r + 1 < out_f:
             y[t, r + 1] = y1
@@ -241,8 +296,34 @@ def gemv_three_kernel(wa, sa, za, ya, wb, sb, zb, yb, wc, sc, zc, yc, x16, xscal
 
 
 @njit(parallel=True, cache=True, fastmath=True)
+def dequant8_kernel(words, scales, zeros, group_size, r0, out):
+    """As ``dequant_kernel`` for 8-bit values."""
+    rows = out.shape[0]
+    n_groups = scales.shape[1] // ROWS
+    chunks = group_size // CHUNK8
+    for j in prange(rows):
+        r = r0 + j
+        b, k = r // ROWS, r % ROWS
+        for g in range(n_groups):
+            s = half_f32(scales[b, ROWS * g + k])
+            z = np.float32(zeros[b, ROWS * g + k]) * s
+            for c in range(chunks):
+                base = ((g * chunks + c) * ROWS + k) * 16
+                dst = out[j, g * group_size + c * CHUNK8 : g * group_size + (c + 1) * CHUNK8]
+                for i in range(16):
+                    wd = words[b, base + i]
+                    dst[i] = np.float32(wd & np.uint16(255)) * s - z
+                    dst[16 + i] = np.float32(wd >> np.uint16(8)) * s - z
+
+
+def dequantize_rows(b: BlockedW4, r0: int, out: np.ndarray) -> None:
+    """out (rows, in) float32 = dequantized rows r0.. of b (rows past its end are not asked for)."""
+    (dequant_kernel if b.bits == 4 else dequant8_kernel)(b.words, b.scales, b.zeros, b.group_size, r0, out)
+
+
+@njit(parallel=True, cache=True, fastmath=True)
 def dequant_kernel(words, scales, zeros, group_size, r0, out):
-    """out (rows, in) float32 = dequantized rows r0.. of a blocked weight, natural column order."""
+    """out (rows, in) float32 = dequantized rows r0.. of a blocked 4-bit weight, natural column order."""
     rows = out.shape[0]
     n_groups = scales.shape[1] // ROWS
     chunks = group_size // CHUNK
