@@ -19,9 +19,9 @@ at a time, into:
 
 Rows past the end (out not a multiple of 4) are zero and never written out. Activations are int16
 in natural order with a scale per group (``numba_gemv_i16.quantize_x16_flat``, error below
-2^-15); each group's int32 sums are exact (at most group_size * 255 * 32767, groups of up to 1024
-for 8 bits). A row's result is
-``sum_g s_g * xscale_g * dot_g - sum_g s_g * z_g * xsum_g``.
+2^-15). Each of the eight int32 lanes sums group_size / 8 products of a group exactly (at most
+128 * 255 * 32767 < 2^31 for 8-bit groups of 1024) before it is converted to float32, so a row's
+result is ``sum_g s_g * xscale_g * dot_g - sum_g s_g * z_g * xsum_g``.
 
 On this project's 2-core Zen 1 test machine the integer multiplier (one port, two cycles per
 256-bit ``vpmaddwd``) bounds this at 8 weights per cycle per core; the README's Speed section
@@ -61,10 +61,6 @@ class BlockedW4:
     out_features: int
     group_size: int
     bits: int = 4
-
-    @property
-    def nbytes(self) -> int:
-        return self.words.nbytes + self.scales.nbytes + self.zeros.nbytes
 
 
 def usable(bits: int, group_size: int) -> bool:
@@ -121,7 +117,8 @@ def _repack8_kernel(qb, scale_bits, zero_bytes, group_size, words, scales, zeros
                     base = ((g * chunks + c) * ROWS + k) * 16
                     col0 = g * group_size + c * CHUNK8
                     for i in range(16):
-                        words[b, base + i] = np.uint16(qb[r, col0 + i]) | (np.uint16(qb[r, col0 + 16 + i]) << np.uint16(8))
+                        lo, hi = np.uint16(qb[r, col0 + i]), np.uint16(qb[r, col0 + 16 + i])
+                        words[b, base + i] = lo | (hi << np.uint16(8))
 
 
 def repack(qbytes: np.ndarray, scale_bits: np.ndarray, zero_bytes: np.ndarray, group_size: int,
