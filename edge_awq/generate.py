@@ -47,23 +47,71 @@ def penalize(logits: np.ndarray, context: np.ndarray, penalty: float) -> np.ndar
 
 
 def sample(logits: np.ndarray, s: SamplingArgs, rng: np.random.Generator) -> int:
-    """Pick a token from logits (vocab,) float32 by greedy, temperature, top-k and top-p."""
+    """Pick a token from logits (vocab,) by greedy, temperature, top-k and top-p.
+
+    Once a token: float32 over the vocabulary, the nucleus sorted only among the tokens that can
+    be in it, and one draw against the cumulative sum (about 0.2 ms for 49k tokens; a full sort
+    in float64 and ``Generator.choice`` took 1.7 ms, 5 ms with top-p: a third of a decode step).
+    """
     if s.temperature <= 0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / s.temperature
+    z = np.asarray(logits, dtype=np.float32)
+    ids = None  # the candidates' token ids, where they are not the whole vocabulary
     if 0 < s.top_k < len(z):
         kth = np.partition(z, -s.top_k)[-s.top_k]
-        z = np.where(z >= kth, z, -np.inf)
-    p = np.exp(z - z.max())
-    p /= p.sum()
+        ids = np.flatnonzero(z >= kth)
+        z = z[ids]
+    p = np.exp((z - z.max()) / np.float32(s.temperature))
     if s.top_p < 1.0:
-        order = np.argsort(-p)
-        keep = np.cumsum(p[order]) - p[order] < s.top_p  # the smallest prefix reaching top_p
-        mask = np.zeros_like(p, dtype=bool)
-        mask[order[keep]] = True
-        p = np.where(mask, p, 0.0)
-        p /= p.sum()
-    return int(rng.choice(len(p), p=p))
+        keep = _nucleus(p, s.top_p)
+        ids = keep if ids is None else ids[keep]
+        p = p[keep]
+    j = _draw(p, rng.random())
+    return int(j if ids is None else ids[j])
+
+
+def _draw(p: np.ndarray, u: float, block: int = 1024) -> int:
+    """The index i where u (in [0, 1)) of p's total mass falls: p[:i] holds at most u of it and
+    p[:i + 1] more. A cumulative sum of block totals, then one within the block: a plain one over
+    the vocabulary is a sequential pass that cost more than the rest of the sampling together."""
+    n = len(p)
+    if n <= block:
+        c = np.cumsum(p, dtype=np.float64)
+        return _first_above(c, u * c[-1], p)
+    padded = np.zeros(-(-n // block) * block, np.float32)
+    padded[:n] = p
+    totals = np.cumsum(padded.reshape(-1, block).sum(axis=1, dtype=np.float64))
+    target = u * totals[-1]
+    b = min(int(np.searchsorted(totals, target, side="right")), len(totals) - 1)
+    while totals[b] == (totals[b - 1] if b else 0.0):  # rounding landed on an empty block
+        b -= 1
+    seg = p[b * block : (b + 1) * block]
+    return b * block + _first_above(np.cumsum(seg, dtype=np.float64), target - (totals[b - 1] if b else 0.0), seg)
+
+
+def _first_above(c: np.ndarray, t: float, p: np.ndarray) -> int:
+    """The first index with c[i] > t (c the cumulative sum of p); the last nonzero p if rounding put t past the end."""
+    j = int(np.searchsorted(c, t, side="right"))
+    return j if j < len(c) else int(np.flatnonzero(p)[-1])
+
+
+def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
+    """Indices of the smallest set of the largest p whose mass reaches top_p of the total.
+
+    Only tokens above a threshold are sorted when they already hold that mass: they are a prefix
+    of the sorted order, so the nucleus lies among them (otherwise a lower threshold, then all).
+    """
+    need = top_p * float(p.sum(dtype=np.float64))
+    top = float(p.max())
+    for cand in (np.flatnonzero(p >= top * 1e-3), np.flatnonzero(p >= top * 1e-6), None):
+        if cand is None:
+            cand = np.arange(len(p))
+        elif float(p[cand].sum(dtype=np.float64)) < need:
+            continue
+        order = cand[np.argsort(-p[cand], kind="stable")]
+        po = p[order]
+        before = np.cumsum(po, dtype=np.float64) - po  # the mass ahead of each token
+        return order[: max(1, int(np.count_nonzero(before < need)))]
 
 
 class TextStream:

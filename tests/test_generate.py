@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from edge_awq.errors import InputError
-from edge_awq.generate import Piece, SamplingArgs, TextStream, fit_prompt, generate, penalize, sample
+from edge_awq.generate import Piece, SamplingArgs, TextStream, _draw, _nucleus, fit_prompt, generate, penalize, sample
 from edge_awq.ops import select_backend
 from tests.test_model import LLAMA2C_GREEDY
 
@@ -56,6 +56,51 @@ def test_sample_rules_on_hand_made_logits():
     draws = {sample(logits, SamplingArgs(temperature=1.0, top_p=0.7), rng) for _ in range(200)}
     assert draws == {0, 1}  # 0.5 alone is short of 0.7; 0.5 + 0.3 reaches it
     assert sample(logits, SamplingArgs(temperature=1.0, top_p=0.4), rng) == 0
+
+
+def test_draw_is_the_inverse_cumulative_sum():
+    """Blocks of 1024 then within a block: the same index as a search in the whole cumulative sum,
+    and never a token of probability zero."""
+    rng = np.random.default_rng(3)
+    for n in (7, 1024, 5000, 49152):
+        p = rng.random(n).astype(np.float32) ** 4
+        p[rng.random(n) < 0.5] = 0  # masked tokens, whole empty blocks among them
+        p[n // 3 : n // 3 + min(2048, n // 3)] = 0
+        c = np.cumsum(p, dtype=np.float64)
+        for u in np.concatenate([rng.random(300), [0.0, 1 - 1e-12]]):
+            got = _draw(p, float(u))
+            assert p[got] > 0
+            want = min(int(np.searchsorted(c, u * c[-1], side="right")), n - 1)
+            assert got == want or abs(c[got] - c[want]) <= 1e-9 * c[-1]
+
+
+def test_nucleus_is_the_smallest_prefix_of_the_sorted_order():
+    rng = np.random.default_rng(4)
+    for flat, top_p in [(False, 0.9), (True, 0.9), (False, 0.3), (True, 0.999)]:
+        z = rng.standard_normal(3000) * (0.01 if flat else 4)
+        p = np.exp(z - z.max()).astype(np.float32)
+        order = np.argsort(-p, kind="stable")
+        before = np.cumsum(p[order], dtype=np.float64) - p[order]
+        want = set(order[before < top_p * p.sum(dtype=np.float64)].tolist())
+        assert set(_nucleus(p, top_p).tolist()) == want
+
+
+def test_sampling_follows_the_tempered_softmax():
+    """20,000 draws over 3,000 tokens (three blocks): each of the likeliest tokens within 5 sigma of
+    its probability, and top-k / top-p never draw outside their set."""
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal(3000) * 2).astype(np.float32)
+    q = np.exp((logits - logits.max()) / 0.8)
+    q /= q.sum()
+    draws = np.array([sample(logits, SamplingArgs(temperature=0.8), rng) for _ in range(20000)])
+    counts = np.bincount(draws, minlength=3000)
+    for i in np.argsort(-q)[:5]:
+        sigma = np.sqrt(20000 * q[i] * (1 - q[i]))
+        assert abs(counts[i] - 20000 * q[i]) <= 5 * sigma
+    top5 = set(np.argsort(-logits)[:5].tolist())
+    assert {sample(logits, SamplingArgs(temperature=0.8, top_k=5), rng) for _ in range(500)} <= top5
+    nucleus = set(_nucleus(q.astype(np.float32), 0.5).tolist())
+    assert {sample(logits, SamplingArgs(temperature=0.8, top_p=0.5), rng) for _ in range(500)} <= nucleus
 
 
 def test_repetition_penalty():
