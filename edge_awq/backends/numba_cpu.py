@@ -154,14 +154,14 @@ def _w4_four_rows(qb, scale_bits, zero_bytes, r0, xe, xo, xsum, group_size, y):
         y[t, r3] = a3
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(nogil=True, parallel=True, cache=True, fastmath=True)
 def gemv_w4_kernel(qb, scale_bits, zero_bytes, xe, xo, xsum, group_size, y):
     """y (T, out) = x W^T for 4-bit rows, four rows per iteration (``_w4_four_rows``)."""
     for q in prange((scale_bits.shape[0] + 3) // 4):
         _w4_four_rows(qb, scale_bits, zero_bytes, 4 * q, xe, xo, xsum, group_size, y)
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(nogil=True, parallel=True, cache=True, fastmath=True)
 def gemv_w4_three_kernel(qa, sa, za, ya, qb, sb, zb, yb, qc, sc, zc, yc, xe, xo, xsum, group_size):
     """Three 4-bit weights that share their input (q, k, v; or gate, up and an empty one) in one parallel loop."""
     na, nb, nc = (sa.shape[0] + 3) // 4, (sb.shape[0] + 3) // 4, (sc.shape[0] + 3) // 4
@@ -174,7 +174,7 @@ def gemv_w4_three_kernel(qa, sa, za, ya, qb, sb, zb, yb, qc, sc, zc, yc, xe, xo,
             _w4_four_rows(qc, sc, zc, 4 * (q - na - nb), xe, xo, xsum, group_size, yc)
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(nogil=True, parallel=True, cache=True, fastmath=True)
 def gemv_w8_kernel(qb, scale_bits, zero_bytes, x, xsum, group_size, y):
     """y (T, out) = x W^T for 8-bit rows (one byte per value); x (T, in), xsum (T, G)."""
     T = x.shape[0]
@@ -202,7 +202,7 @@ def gemv_w8_kernel(qb, scale_bits, zero_bytes, x, xsum, group_size, y):
             y[t, r1] = acc1
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(nogil=True, parallel=True, cache=True, fastmath=True)
 def gemv_any_kernel(qweight, scales, zs, x, xsum, group_size, bits, y):
     """y (T, out) = x W^T for any bit width and group size; x (T, in), xsum (T, G)."""
     T = x.shape[0]
@@ -219,7 +219,7 @@ def gemv_any_kernel(qweight, scales, zs, x, xsum, group_size, bits, y):
             y[t, r] = acc
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(nogil=True, parallel=True, cache=True, fastmath=True)
 def dequant_w4_planes_kernel(qb, scale_bits, zero_bytes, group_size, r0, even, odd):
     """even, odd (rows, in/2) float32 = the even and odd columns of rows r0.. of a 4-bit weight."""
     rows = even.shape[0]
@@ -237,7 +237,7 @@ def dequant_w4_planes_kernel(qb, scale_bits, zero_bytes, group_size, r0, even, o
                 o[k] = hi_nibble(b[k]) * s - z
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(nogil=True, parallel=True, cache=True, fastmath=True)
 def dequant_w8_kernel(qb, scale_bits, zero_bytes, group_size, r0, out):
     """out (rows, in) float32 = dequantized rows r0.. of an 8-bit weight."""
     rows = out.shape[0]
@@ -252,7 +252,7 @@ def dequant_w8_kernel(qb, scale_bits, zero_bytes, group_size, r0, out):
                 o[k] = byte_f32(b[k]) * s - z
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, parallel=True, cache=True)
 def dequant_rows_kernel(qweight, scales, zs, group_size, bits, r0, out):
     """out (rows, in) float32 = dequantized rows r0..r0+rows of the weight (any bit width)."""
     rows, in_f = out.shape
@@ -263,7 +263,7 @@ def dequant_rows_kernel(qweight, scales, zs, group_size, bits, r0, out):
             out[j, i] = np.float32(_value(row, i, bits)) * scales[r0 + j, g] - zs[r0 + j, g]
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(nogil=True, parallel=True, cache=True, fastmath=True)
 def gemv_f16_kernel(w, x, y):
     """y (T, out) = x W^T for a float16 weight read as uint16 bits (out, in); x (T, in)."""
     T = x.shape[0]
@@ -283,7 +283,7 @@ def gemv_f16_kernel(w, x, y):
             y[t, r1] = s1
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, parallel=True, cache=True)
 def f16_rows_kernel(w, r0, out):
     """out (rows, in) float32 = rows r0.. of a float16 weight read as uint16 bits."""
     rows, in_f = out.shape
@@ -405,14 +405,14 @@ def _rmsnorm_row(x, weight, eps, out, t):
         out[t, i] = x[t, i] * inv * weight[i]
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(nogil=True, parallel=True, cache=True, fastmath=True)
 def rmsnorm_kernel(x, weight, eps, out):
     """out (T, dim) = x / rms(x) * weight."""
     for t in prange(x.shape[0]):
         _rmsnorm_row(x, weight, eps, out, t)
 
 
-@njit(cache=True, fastmath=True)
+@njit(nogil=True, cache=True, fastmath=True)
 def rmsnorm_serial(x, weight, eps, out):
     """``rmsnorm_kernel`` on the calling thread: a token's norm is less work than waking the pool."""
     for t in range(x.shape[0]):
@@ -431,7 +431,7 @@ def _rope_token(x, cos, sin, interleaved, out, t):
             out[t, h, b] = x0 * sin[t, i] + x1 * cos[t, i]
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, parallel=True, cache=True)
 def rope_kernel(x, cos, sin, interleaved, out):
     """out (T, H, hd) = x rotated by cos/sin (T, hd/2); pairs (2i, 2i+1) or (i, i + hd/2).
     out may be x: each pair is read before it is written."""
@@ -439,7 +439,7 @@ def rope_kernel(x, cos, sin, interleaved, out):
         _rope_token(x, cos, sin, interleaved, out, t)
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def rope_serial(x, cos, sin, interleaved, out):
     """``rope_kernel`` on the calling thread."""
     for t in range(x.shape[0]):
@@ -456,7 +456,7 @@ def _exp_shifted(scores, top):
     return total
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(nogil=True, parallel=True, cache=True, fastmath=True)
 def attention_kernel(q, keys, values, pos, out):
     """Causal GQA over an fp16 cache read as uint16 bits.
 
@@ -491,7 +491,7 @@ def attention_kernel(q, keys, values, pos, out):
                 o[d] += p * half_f32(vrow[d])
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(nogil=True, parallel=True, cache=True, fastmath=True)
 def attention_int8_kernel(q, keys, k_scale, values, v_scale, pos, out):
     """``attention_kernel`` over an int8 cache: keys/values (n_kv, S, hd) int8, scales (n_kv, S) float32."""
     T, H, hd = q.shape
@@ -529,21 +529,21 @@ def _silu_mul_row(gate, up, out, t):
         out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(nogil=True, parallel=True, cache=True, fastmath=True)
 def silu_mul_kernel(gate, up, out):
     """out (T, n) = silu(gate) * up; out may be gate."""
     for t in prange(gate.shape[0]):
         _silu_mul_row(gate, up, out, t)
 
 
-@njit(cache=True, fastmath=True)
+@njit(nogil=True, cache=True, fastmath=True)
 def silu_mul_serial(gate, up, out):
     """``silu_mul_kernel`` on the calling thread."""
     for t in range(gate.shape[0]):
         _silu_mul_row(gate, up, out, t)
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(nogil=True, parallel=True, cache=True, fastmath=True)
 def parallel_sum(a):
     """Sum of a float32 array with every thread reading: the machine's read bandwidth."""
     total = np.float32(0.0)

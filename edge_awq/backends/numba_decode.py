@@ -23,7 +23,7 @@ from .numba_cpu import attention_kernel, rmsnorm_serial, silu_mul_serial  # numb
 from .numba_intrinsics import f32_half_bits
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _rope(v, heads, head_dim, cos, sin, interleaved):
     """v (1, heads * head_dim) rotated in place; cos, sin (head_dim / 2,).
 
@@ -40,7 +40,7 @@ def _rope(v, heads, head_dim, cos, sin, interleaved):
             v[0, b] = x0 * sin[i] + x1 * cos[i]
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _inputs(x, group_size):
     T, n = x.shape
     G = n // group_size
@@ -49,7 +49,7 @@ def _inputs(x, group_size):
     return x16, xs, xsum
 
 
-@njit(cache=True, fastmath=True)
+@njit(nogil=True, cache=True, fastmath=True)
 def _gemv(x, w, out_f, group_size):
     x16, xs, xsum = _inputs(x, group_size)
     y = np.empty((1, out_f), np.float32)
@@ -57,7 +57,7 @@ def _gemv(x, w, out_f, group_size):
     return y
 
 
-@njit(cache=True, fastmath=True)
+@njit(nogil=True, cache=True, fastmath=True)
 def decode_layer(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, w1, w2, w3, group_size, cos, sin, interleaved,
                  keys, values, pos, n_heads, n_kv_heads, head_dim, hidden_dim):
     """x (1, dim) float32 -> the layer's output (1, dim). Each w* is a blocked weight's (words, scales, zeros);

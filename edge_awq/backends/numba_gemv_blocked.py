@@ -75,7 +75,7 @@ def chunk_columns(bits: int) -> int:
     return CHUNK if bits == 4 else CHUNK8
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, parallel=True, cache=True)
 def _repack_kernel(qb, scale_bits, zero_bytes, group_size, words, scales, zeros):
     out_f, n_groups = scale_bits.shape
     chunks = group_size // CHUNK
@@ -101,7 +101,7 @@ def _repack_kernel(qb, scale_bits, zero_bytes, group_size, words, scales, zeros)
                         words[b, base + i] = word
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, parallel=True, cache=True)
 def _repack8_kernel(qb, scale_bits, zero_bytes, group_size, words, scales, zeros):
     out_f, n_groups = scale_bits.shape
     chunks = group_size // CHUNK8
@@ -272,14 +272,14 @@ def _block_rows(words, scales, zeros, b, x16, xscale, xsum, group_size, y):
             y[t, r + 3] = y3
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, parallel=True, cache=True)
 def gemv_kernel(words, scales, zeros, x16, xscale, xsum, group_size, y):
     """y (T, out) = x W^T of one blocked weight; x16 (T, in) int16, xscale, xsum (T, G) float32."""
     for b in prange(words.shape[0]):
         _block_rows(words, scales, zeros, b, x16, xscale, xsum, group_size, y)
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, parallel=True, cache=True)
 def gemv_three_kernel(wa, sa, za, ya, wb, sb, zb, yb, wc, sc, zc, yc, x16, xscale, xsum, group_size):
     """Three blocked weights that share their input (q, k, v; gate, up and an empty one), one parallel loop."""
     na, nb, nc = wa.shape[0], wb.shape[0], wc.shape[0]
@@ -292,7 +292,7 @@ def gemv_three_kernel(wa, sa, za, ya, wb, sb, zb, yb, wc, sc, zc, yc, x16, xscal
             _block_rows(wc, sc, zc, q - na - nb, x16, xscale, xsum, group_size, yc)
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(nogil=True, parallel=True, cache=True, fastmath=True)
 def dequant8_kernel(words, scales, zeros, group_size, r0, out):
     """As ``dequant_kernel`` for 8-bit values."""
     rows = out.shape[0]
@@ -318,7 +318,7 @@ def dequantize_rows(b: BlockedW4, r0: int, out: np.ndarray) -> None:
     (dequant_kernel if b.bits == 4 else dequant8_kernel)(b.words, b.scales, b.zeros, b.group_size, r0, out)
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(nogil=True, parallel=True, cache=True, fastmath=True)
 def dequant_kernel(words, scales, zeros, group_size, r0, out):
     """out (rows, in) float32 = dequantized rows r0.. of a blocked 4-bit weight, natural column order."""
     rows = out.shape[0]

@@ -165,7 +165,7 @@ def _group_scale(seg):
     return sc, s, np.float32(1.0) / sc
 
 
-@njit(cache=True, fastmath=True)
+@njit(nogil=True, cache=True, fastmath=True)
 def quantize_x16_flat(x, group_size, x16, xscale, xsum):
     """As ``quantize_x16`` in natural order (the 8-bit GEMV): x16 (T, in) int16."""
     T, n = x.shape
@@ -178,7 +178,7 @@ def quantize_x16_flat(x, group_size, x16, xscale, xsum):
                 out[k] = np.int16(np.rint(seg[k] * inv))
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(nogil=True, parallel=True, cache=True, fastmath=True)
 def gemv_w8_i16_kernel(qb, scale_bits, zero_bytes, x16, xscale, xsum, group_size, y):
     """y (T, out) = x W^T for 8-bit rows (one byte per value), four rows per iteration."""
     out_f, n_groups = scale_bits.shape
@@ -223,7 +223,7 @@ def usable8(group_size: int) -> bool:
     return AVAILABLE and group_size % CHUNK_BYTES == 0 and group_size <= 1024
 
 
-@njit(cache=True, fastmath=True)
+@njit(nogil=True, cache=True, fastmath=True)
 def quantize_x16(x, group_size, xe16, xo16, xscale, xsum):
     """x (T, in) float32 -> its even and odd entries as int16 with a scale per group (x ~ x16 * scale),
     and the float sums of each group (for the zero points). Out: xe16, xo16 (T, in/2), xscale, xsum (T, G)."""
@@ -258,14 +258,14 @@ def _four_rows(qb, scale_bits, zero_bytes, r0, xe16, xo16, xscale, xsum, group_s
             za + r3 * zst, fa + t * fs, ma + t * ms, n_groups, group_size // 2)
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(nogil=True, parallel=True, cache=True, fastmath=True)
 def gemv_w4_i16_kernel(qb, scale_bits, zero_bytes, xe16, xo16, xscale, xsum, group_size, y):
     """y (T, out) = x W^T for 4-bit rows in file order, qb (out, in/2) uint8, four rows per iteration."""
     for q in prange((scale_bits.shape[0] + 3) // 4):
         _four_rows(qb, scale_bits, zero_bytes, 4 * q, xe16, xo16, xscale, xsum, group_size, y)
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(nogil=True, parallel=True, cache=True, fastmath=True)
 def gemv_w4_i16_three_kernel(qa, sa, za, ya, qb, sb, zb, yb, qc, sc, zc, yc, xe16, xo16, xscale, xsum, group_size):
     """Three 4-bit weights sharing their input (q, k, v; gate, up and an empty one) in one parallel loop."""
     na, nb, nc = (sa.shape[0] + 3) // 4, (sb.shape[0] + 3) // 4, (sc.shape[0] + 3) // 4
