@@ -9,7 +9,9 @@ third of the instructions. Sums of a group stay exact in int32 (at most 128 * 15
 group); group scales and zero points are applied in float32 as in the float kernel.
 
 ``rows4_w4_i16`` and ``dot4_w8_i16`` are LLVM IR calling ``llvm.x86.avx2.pmadd.wd``: x86 with AVX2 only. Elsewhere
-(ARM) ``AVAILABLE`` is False and the float kernels run.
+(ARM) ``AVAILABLE`` is False and the float kernels run. These kernels read the file's own bytes; the
+backend prefers the faster block layout (``numba_gemv_blocked``, which takes this module's activation
+quantizer) wherever its group sizes allow, and runs these for the rest.
 """
 
 from __future__ import annotations
