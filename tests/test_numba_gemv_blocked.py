@@ -47,7 +47,7 @@ def test_blocked_dequantization_is_the_file_values_exactly():
     w = _packed(11, 384, 64, 1)
     b = prepare(w, repack=True).blocked
     out = np.empty((7, 384), np.float32)
-    blocked.dequant_kernel(b.words, b.scales, b.zeros, 64, 4, out)  # rows 4..10: a block boundary, the tail
+    blocked.dequantize_rows(b, 4, out)  # rows 4..10: a block boundary, the tail
     want = unpack_linear(w)[4:11].astype(np.float32)
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
 

@@ -109,3 +109,18 @@ def test_fused_decode_declines_what_it_does_not_cover(stories_weights):
     ops = NumbaBackend()
     cache = ops.allocate_cache(w.args, 8)
     assert ops.decode_block(w.layers[0], np.zeros((1, w.args.dim), np.float32), 0, cache, 0, w) is None
+
+
+def test_fused_decode_declines_an_int8_cache_after_serving_an_fp16_one(smollm2_weights):
+    """The layer's arrays are kept per layer; whether the cache fits is asked on every call."""
+    from dataclasses import replace
+
+    from edge_awq.model import LINEARS
+
+    _, w = smollm2_weights
+    lw = replace(w.layers[0], **{n: pack_linear(np.asarray(getattr(w.layers[0], n).weight, np.float32), 4, 64)
+                                 for n in LINEARS})
+    ops = NumbaBackend()
+    x = np.random.default_rng(0).standard_normal((1, w.args.dim)).astype(np.float32)
+    assert ops.decode_block(lw, x, 0, ops.allocate_cache(w.args, 8), 0, w) is not None
+    assert ops.decode_block(lw, x, 0, ops.allocate_cache(w.args, 8, np.int8), 0, w) is None

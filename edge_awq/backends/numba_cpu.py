@@ -26,7 +26,7 @@ from numba import njit, prange
 
 from .. import threads
 from ..ops import HostMemory
-from ..model import W4, Dense
+from ..model import LINEARS, W4, Dense
 from ..pack import unpack_bits
 from ..tensorfile import release_array
 from . import numba_gemv_blocked as blocked
@@ -552,10 +552,19 @@ def parallel_sum(a):
     return total
 
 
-
-
 def _f32(a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _kept_while_alive(table: dict, obj, make):
+    """make(obj), computed once and kept in table while obj lives (keyed by identity; the entry
+    leaves with obj, so layers read lazily do not pile up their prepared copies)."""
+    key = id(obj)
+    hit = table.get(key)
+    if hit is None or hit[0]() is not obj:
+        hit = table[key] = (weakref.ref(obj), make(obj))
+        weakref.finalize(obj, table.pop, key, None)
+    return hit[1]
 
 
 class NumbaBackend(HostMemory):
@@ -565,8 +574,8 @@ class NumbaBackend(HostMemory):
     kv_dtype = np.float16
 
     def __init__(self):
-        self._prepared: dict[int, tuple[weakref.ref, PreparedW4]] = {}  # dropped when the W4 is
-        self._dense: dict[int, tuple[Dense, np.ndarray]] = {}
+        self._prepared: dict[int, tuple[weakref.ref, PreparedW4]] = {}  # id(W4) -> (a weak ref to it, prepared)
+        self._dense: dict[int, tuple[weakref.ref, np.ndarray]] = {}  # id(Dense) -> (..., its float32 weight)
         self._angles: tuple = (None,)
         self._fused: dict[int, tuple] = {}  # id(LayerWeights) -> (a weak ref to it, decode_layer's arrays or None)
 
@@ -585,10 +594,7 @@ class NumbaBackend(HostMemory):
             if w.weight.dtype == np.float16:  # read as it is stored: half the bytes of a float32 copy
                 y = linear_f16(x, w.weight)
             else:
-                hit = self._dense.get(id(w))
-                if hit is None or hit[0] is not w:  # float32 view of the weight, converted once
-                    hit = self._dense[id(w)] = (w, _f32(w.weight))
-                y = x @ hit[1].T
+                y = x @ _kept_while_alive(self._dense, w, lambda d: _f32(d.weight)).T  # converted once
             return y if w.bias is None else y + _f32(w.bias)
         return linear_w4(x, self._prepare(w))
 
@@ -605,7 +611,7 @@ class NumbaBackend(HostMemory):
         first token (layers read lazily are prepared as they come, and dropped with them)."""
         if isinstance(w.layers, list):
             for lw in w.layers:
-                for lin in (lw.wq, lw.wk, lw.wv, lw.wo, lw.w1, lw.w2, lw.w3):
+                for lin in (getattr(lw, n) for n in LINEARS):
                     if isinstance(lin, W4):
                         self._prepare(lin)
         if isinstance(w.output, W4):
@@ -613,17 +619,12 @@ class NumbaBackend(HostMemory):
         return w
 
     def _prepare(self, w: W4) -> PreparedW4:
-        key = id(w)
-        hit = self._prepared.get(key)
-        if hit is None or hit[0]() is not w:
-            hit = self._prepared[key] = (weakref.ref(w), prepare(w, repack=True))
-            weakref.finalize(w, self._prepared.pop, key, None)
-        return hit[1]
+        return _kept_while_alive(self._prepared, w, lambda m: prepare(m, repack=True))
 
     def decode_block(self, lw, x, pos: int, cache, layer: int, w):
         """One decoder layer for one token as a single compiled call (``numba_decode``), or None when
         this layer, cache or machine is not the case it covers (the model then runs op by op)."""
-        args = self._decode_args(lw, cache, w) if x.shape[0] == 1 else None
+        args = self._decode_args(lw, w) if x.shape[0] == 1 and cache.k.dtype == np.float16 else None
         if args is None:
             return None
         from .numba_decode import decode_layer
@@ -634,24 +635,21 @@ class NumbaBackend(HostMemory):
                             cache.k[layer].view(np.uint16), cache.v[layer].view(np.uint16), pos, a.n_heads,
                             a.n_kv_heads, a.head_dim, lw.w1.shape[0])
 
-    def _decode_args(self, lw, cache, w):
+    def _decode_args(self, lw, w):
         """The layer's arrays for ``decode_layer`` (kept per layer), or None if it does not apply."""
-        key = id(lw)
-        hit = self._fused.get(key)
-        if hit is not None and hit[0]() is lw:
-            return hit[1]
-        lins = [getattr(lw, n) for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")]
-        ok = (cache.k.dtype == np.float16 and all(isinstance(m, W4) and m.bits == 4 and m.bias is None for m in lins)
+        return _kept_while_alive(self._fused, lw, lambda layer: self._layer_args(layer, w))
+
+    def _layer_args(self, lw, w):
+        lins = [getattr(lw, n) for n in LINEARS]  # decode_layer takes them in this order
+        ok = (all(isinstance(m, W4) and m.bits == 4 and m.bias is None for m in lins)
               and len({m.group_size for m in lins}) == 1)
-        args = None
-        if ok:
-            ps = [self._prepare(m) for m in lins]
-            if all(p.blocked is not None for p in ps):
-                args = (np.asarray(lw.attn_norm, np.float32), np.asarray(lw.ffn_norm, np.float32), w.args.norm_eps,
-                        *[(p.blocked.words, p.blocked.scales, p.blocked.zeros) for p in ps], lins[0].group_size)
-        self._fused[key] = (weakref.ref(lw), args)
-        weakref.finalize(lw, self._fused.pop, key, None)
-        return args
+        if not ok:
+            return None
+        ps = [self._prepare(m) for m in lins]
+        if not all(p.blocked is not None for p in ps):
+            return None
+        return (np.asarray(lw.attn_norm, np.float32), np.asarray(lw.ffn_norm, np.float32), w.args.norm_eps,
+                *[(p.blocked.words, p.blocked.scales, p.blocked.zeros) for p in ps], lins[0].group_size)
 
     def rope(self, x, pos: int, inv_freq, interleaved: bool) -> np.ndarray:
         x = _f32(x)

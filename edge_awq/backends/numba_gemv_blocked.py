@@ -75,10 +75,20 @@ def chunk_columns(bits: int) -> int:
     return CHUNK if bits == 4 else CHUNK8
 
 
+@njit(cache=True, inline="always")
+def _file_value(qb, r, col, bits):
+    """Value number col of file-order row r: a nibble (low one first) or a byte."""
+    if bits == 8:
+        return np.uint16(qb[r, col])
+    byte = qb[r, col >> 1]
+    return np.uint16((byte >> np.uint8(4)) if col & 1 else (byte & np.uint8(15)))
+
+
 @njit(nogil=True, parallel=True, cache=True)
-def _repack_kernel(qb, scale_bits, zero_bytes, group_size, words, scales, zeros):
+def _repack_kernel(qb, scale_bits, zero_bytes, group_size, bits, words, scales, zeros):
     out_f, n_groups = scale_bits.shape
-    chunks = group_size // CHUNK
+    parts = 16 // bits  # values per word
+    chunks = group_size // (16 * parts)
     for b in prange(words.shape[0]):
         for k in range(ROWS):
             r = ROWS * b + k
@@ -86,39 +96,15 @@ def _repack_kernel(qb, scale_bits, zero_bytes, group_size, words, scales, zeros)
                 continue  # padding rows stay zero
             for g in range(n_groups):
                 scales[b, ROWS * g + k] = scale_bits[r, g]
-                zb = zero_bytes[r, g >> 1]
-                zeros[b, ROWS * g + k] = (zb >> np.uint8(4)) if g & 1 else (zb & np.uint8(15))
+                zeros[b, ROWS * g + k] = _file_value(zero_bytes, r, g, bits)
                 for c in range(chunks):
                     base = ((g * chunks + c) * ROWS + k) * 16
-                    col0 = g * group_size + c * CHUNK
+                    col0 = g * group_size + c * 16 * parts
                     for i in range(16):
                         word = np.uint16(0)
-                        for p in range(4):
-                            col = col0 + 16 * p + i
-                            byte = qb[r, col >> 1]
-                            v = (byte >> np.uint8(4)) if col & 1 else (byte & np.uint8(15))
-                            word |= np.uint16(v) << np.uint16(4 * p)
+                        for p in range(parts):
+                            word |= _file_value(qb, r, col0 + 16 * p + i, bits) << np.uint16(bits * p)
                         words[b, base + i] = word
-
-
-@njit(nogil=True, parallel=True, cache=True)
-def _repack8_kernel(qb, scale_bits, zero_bytes, group_size, words, scales, zeros):
-    out_f, n_groups = scale_bits.shape
-    chunks = group_size // CHUNK8
-    for b in prange(words.shape[0]):
-        for k in range(ROWS):
-            r = ROWS * b + k
-            if r >= out_f:
-                continue
-            for g in range(n_groups):
-                scales[b, ROWS * g + k] = scale_bits[r, g]
-                zeros[b, ROWS * g + k] = zero_bytes[r, g]
-                for c in range(chunks):
-                    base = ((g * chunks + c) * ROWS + k) * 16
-                    col0 = g * group_size + c * CHUNK8
-                    for i in range(16):
-                        lo, hi = np.uint16(qb[r, col0 + i]), np.uint16(qb[r, col0 + 16 + i])
-                        words[b, base + i] = lo | (hi << np.uint16(8))
 
 
 def repack(qbytes: np.ndarray, scale_bits: np.ndarray, zero_bytes: np.ndarray, group_size: int,
@@ -130,8 +116,7 @@ def repack(qbytes: np.ndarray, scale_bits: np.ndarray, zero_bytes: np.ndarray, g
     words = np.zeros((blocks, n_groups * group_size * bits // 16 * ROWS), np.uint16)
     scales = np.zeros((blocks, n_groups * ROWS), np.uint16)
     zeros = np.zeros((blocks, n_groups * ROWS), np.uint8)
-    (_repack_kernel if bits == 4 else _repack8_kernel)(qbytes, scale_bits, zero_bytes, group_size, words, scales,
-                                                       zeros)
+    _repack_kernel(qbytes, scale_bits, zero_bytes, group_size, bits, words, scales, zeros)
     return BlockedW4(words, scales, zeros, out_f, group_size, bits)
 
 
@@ -293,11 +278,13 @@ def gemv_three_kernel(wa, sa, za, ya, wb, sb, zb, yb, wc, sc, zc, yc, x16, xscal
 
 
 @njit(nogil=True, parallel=True, cache=True, fastmath=True)
-def dequant8_kernel(words, scales, zeros, group_size, r0, out):
-    """As ``dequant_kernel`` for 8-bit values."""
+def dequant_kernel(words, scales, zeros, group_size, bits, r0, out):
+    """out (rows, in) float32 = dequantized rows r0.. of a blocked weight, natural column order."""
     rows = out.shape[0]
     n_groups = scales.shape[1] // ROWS
-    chunks = group_size // CHUNK8
+    parts = 16 // bits
+    chunks = group_size // (16 * parts)
+    mask = np.uint16((1 << bits) - 1)
     for j in prange(rows):
         r = r0 + j
         b, k = r // ROWS, r % ROWS
@@ -306,37 +293,16 @@ def dequant8_kernel(words, scales, zeros, group_size, r0, out):
             z = np.float32(zeros[b, ROWS * g + k]) * s
             for c in range(chunks):
                 base = ((g * chunks + c) * ROWS + k) * 16
-                dst = out[j, g * group_size + c * CHUNK8 : g * group_size + (c + 1) * CHUNK8]
-                for i in range(16):
-                    wd = words[b, base + i]
-                    dst[i] = np.float32(wd & np.uint16(255)) * s - z
-                    dst[16 + i] = np.float32(wd >> np.uint16(8)) * s - z
+                dst = out[j, g * group_size + c * 16 * parts : g * group_size + (c + 1) * 16 * parts]
+                for p in range(parts):
+                    for i in range(16):
+                        v = (words[b, base + i] >> np.uint16(bits * p)) & mask
+                        dst[16 * p + i] = np.float32(v) * s - z
 
 
 def dequantize_rows(b: BlockedW4, r0: int, out: np.ndarray) -> None:
     """out (rows, in) float32 = dequantized rows r0.. of b (rows past its end are not asked for)."""
-    (dequant_kernel if b.bits == 4 else dequant8_kernel)(b.words, b.scales, b.zeros, b.group_size, r0, out)
-
-
-@njit(nogil=True, parallel=True, cache=True, fastmath=True)
-def dequant_kernel(words, scales, zeros, group_size, r0, out):
-    """out (rows, in) float32 = dequantized rows r0.. of a blocked 4-bit weight, natural column order."""
-    rows = out.shape[0]
-    n_groups = scales.shape[1] // ROWS
-    chunks = group_size // CHUNK
-    for j in prange(rows):
-        r = r0 + j
-        b, k = r // ROWS, r % ROWS
-        for g in range(n_groups):
-            s = half_f32(scales[b, ROWS * g + k])
-            z = np.float32(zeros[b, ROWS * g + k]) * s
-            for c in range(chunks):
-                base = ((g * chunks + c) * ROWS + k) * 16
-                dst = out[j, g * group_size + c * CHUNK : g * group_size + (c + 1) * CHUNK]
-                for p in range(4):
-                    for i in range(16):
-                        v = (words[b, base + i] >> np.uint16(4 * p)) & np.uint16(15)
-                        dst[16 * p + i] = np.float32(v) * s - z
+    dequant_kernel(b.words, b.scales, b.zeros, b.group_size, b.bits, r0, out)
 
 
 def inputs(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
