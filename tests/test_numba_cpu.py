@@ -143,8 +143,17 @@ def test_whole_model_numba_equals_reference_greedy(stories_weights, tmp_path):
     assert runs[0] == runs[1] and len(runs[0]) == 64
 
 
-def test_smollm2_packed_numba_and_reference_agree_for_64_greedy_steps(smollm2_weights):
-    """SmolLM2 packed to W4 (group 64, int8 head): both backends choose the same 64 greedy tokens."""
+def _greedy_64(packed, prompt, ops) -> list[int]:
+    cache = KVCache.allocate(packed.args, len(prompt) + 64, ops.kv_dtype)
+    toks = [int(np.argmax(forward(packed, prompt, 0, cache, ops, last_only=True)[-1]))]
+    for pos in range(len(prompt), len(prompt) + 63):
+        toks.append(int(np.argmax(forward(packed, np.array(toks[-1:]), pos, cache, ops)[-1])))
+    return toks
+
+
+@pytest.fixture(scope="module")
+def smollm2_packed_greedy(smollm2_weights):
+    """SmolLM2 packed to W4 (group 64, int8 head), a prompt, and the reference's 64 greedy tokens."""
     import dataclasses
 
     from edge_awq.model import LINEARS
@@ -155,14 +164,23 @@ def test_smollm2_packed_numba_and_reference_agree_for_64_greedy_steps(smollm2_we
     head = pack_linear(np.asarray(w.tok_embeddings, np.float32), 8, 64)
     packed = dataclasses.replace(w, layers=layers, output=head)
     prompt = np.array(src.tokenizer().encode("The capital of France is"))
-    outs = []
-    for ops in (ReferenceBackend(), NumbaBackend()):
-        cache = KVCache.allocate(w.args, len(prompt) + 64, ops.kv_dtype)
-        toks = [int(np.argmax(forward(packed, prompt, 0, cache, ops, last_only=True)[-1]))]
-        for pos in range(len(prompt), len(prompt) + 63):
-            toks.append(int(np.argmax(forward(packed, np.array(toks[-1:]), pos, cache, ops)[-1])))
-        outs.append(toks)
-    assert outs[0] == outs[1]
+    return packed, prompt, _greedy_64(packed, prompt, ReferenceBackend())
+
+
+@pytest.mark.parametrize("integer_kernels", [True, False], ids=["x86-integer", "float-as-on-arm"])
+def test_smollm2_packed_numba_and_reference_agree_for_64_greedy_steps(smollm2_packed_greedy, integer_kernels,
+                                                                      monkeypatch):
+    """Both backends choose the same 64 greedy tokens on packed SmolLM2, with this machine's integer
+    kernels and with the float ones that run where AVX2 is missing (ARM)."""
+    from edge_awq.backends import numba_gemv_blocked, numba_gemv_i16
+
+    if not integer_kernels:
+        for module in (numba_gemv_i16, numba_gemv_blocked):
+            monkeypatch.setattr(module, "AVAILABLE", False)
+        assert not numba_gemv_blocked.usable(4, 64) and not numba_gemv_i16.usable(64)
+    packed, prompt, want = smollm2_packed_greedy
+    assert (prepare(packed.layers[0].wq, repack=True).blocked is None) != integer_kernels
+    assert _greedy_64(packed, prompt, NumbaBackend()) == want
 
 
 @pytest.mark.parametrize("T", [1, 3, 9])
