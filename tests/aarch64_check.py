@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from edge_awq.backends import numba_gemv_blocked, numba_gemv_i16
+from edge_awq.backends import numba_gemv_i16
 from edge_awq.backends.numba_cpu import NumbaBackend, linear_w4, prepare
 from edge_awq.generate import SamplingArgs, generate
 from edge_awq.load import load_weights, open_source
@@ -53,7 +53,7 @@ def main() -> int:
     model, prompt, path = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     res = {
         "machine": platform.machine(),
-        "integer_kernels": bool(numba_gemv_i16.AVAILABLE or numba_gemv_blocked.usable(4, 64)),
+        "integer_kernels": numba_gemv_i16.AVAILABLE,  # the block layout and the int16 GEMVs both need it
         "kernels": kernel_errors(),
         "tokens": greedy(model, prompt, 32),
     }
