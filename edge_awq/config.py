@@ -112,24 +112,59 @@ def _family(cfg: dict) -> str:
     )
 
 
-def _rope_scaling(cfg: dict) -> RopeScaling | None:
-    rs = cfg.get("rope_scaling")
-    if not rs:
-        return None
-    kind = rs.get("rope_type", rs.get("type"))
+ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+             "original_max_position_embeddings"}
+
+
+def _rope_parameters(cfg: dict) -> dict:
+    """The RoPE settings as one flat dict: transformers 5's ``rope_parameters`` (theta and scaling
+    together), or the older top-level ``rope_theta`` with ``rope_scaling``."""
+    rp = cfg.get("rope_parameters")
+    if rp is None:
+        legacy = dict(cfg.get("rope_scaling") or {})
+        if "rope_theta" in cfg:
+            legacy["rope_theta"] = cfg["rope_theta"]
+        return legacy
+    if not isinstance(rp, dict):
+        raise ConfigError(f"rope_parameters {rp!r} is not an object: edge-awq reads rope_type, rope_theta and scaling")
+    if rp and all(isinstance(v, dict) for v in rp.values()):  # per layer type ({"full_attention": {...}, ...})
+        kinds = list(rp.values())
+        if any(k != kinds[0] for k in kinds[1:]):
+            raise ConfigError(f"rope_parameters differ between layer types ({', '.join(rp)}): edge-awq runs one RoPE "
+                              "for every layer")
+        rp = kinds[0]
+    if "rope_theta" in cfg and "rope_theta" in rp and float(cfg["rope_theta"]) != float(rp["rope_theta"]):
+        raise ConfigError(f"config.json gives rope_theta {cfg['rope_theta']} and rope_parameters.rope_theta "
+                          f"{rp['rope_theta']}: fix the one that is wrong")
+    return rp
+
+
+def _rope(cfg: dict) -> tuple[float, RopeScaling | None]:
+    """RoPE base and scaling; a setting edge-awq does not implement is refused, never defaulted."""
+    rp = _rope_parameters(cfg)
+    unknown = sorted(set(rp) - ROPE_KEYS)
+    if unknown:
+        raise ConfigError(f"RoPE setting {', '.join(unknown)} is not supported: edge-awq implements rope_theta "
+                          "with 'default', 'linear' and 'llama3' scaling")
+    theta = float(rp.get("rope_theta", 10000.0))  # transformers' default for these architectures
+    if not theta > 0:
+        raise ConfigError(f"rope_theta {theta} must be positive")
+    kind = rp.get("rope_type", rp.get("type"))
     if kind in (None, "default"):
-        return None
+        return theta, None
+    if kind not in ("linear", "llama3"):
+        raise ConfigError(f"unsupported rope_scaling type {kind!r}: edge-awq supports 'linear' and 'llama3'")
+    if "factor" not in rp:
+        raise ConfigError(f"rope scaling {kind!r} without its factor: add rope_parameters.factor")
     if kind == "linear":
-        return RopeScaling("linear", float(rs["factor"]))
-    if kind == "llama3":
-        return RopeScaling(
-            "llama3",
-            float(rs["factor"]),
-            float(rs.get("low_freq_factor", 1.0)),
-            float(rs.get("high_freq_factor", 4.0)),
-            int(rs.get("original_max_position_embeddings", 8192)),
-        )
-    raise ConfigError(f"unsupported rope_scaling type {kind!r}: edge-awq supports 'linear' and 'llama3'")
+        return theta, RopeScaling("linear", float(rp["factor"]))
+    return theta, RopeScaling(
+        "llama3",
+        float(rp["factor"]),
+        float(rp.get("low_freq_factor", 1.0)),
+        float(rp.get("high_freq_factor", 4.0)),
+        int(rp.get("original_max_position_embeddings", 8192)),
+    )
 
 
 def _refuse_unsupported(cfg: dict, family: str) -> None:
@@ -169,6 +204,7 @@ def from_hf_config(cfg: dict) -> ModelArgs:
     _refuse_unsupported(cfg, family)
     dim = int(_require(cfg, "hidden_size"))
     n_heads = int(_require(cfg, "num_attention_heads"))
+    theta, scaling = _rope(cfg)
     return ModelArgs(
         arch=family,
         dim=dim,
@@ -180,8 +216,8 @@ def from_hf_config(cfg: dict) -> ModelArgs:
         vocab_size=int(_require(cfg, "vocab_size")),
         max_seq_len=_context(cfg, family),
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
-        rope_scaling=_rope_scaling(cfg),
+        rope_theta=theta,
+        rope_scaling=scaling,
         rope_interleaved=False,
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2",

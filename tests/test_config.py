@@ -72,3 +72,36 @@ def test_rope_frequencies_llama3_scaling():
 def test_args_round_trip_through_dict():
     a = ModelArgs("llama", 64, 172, 5, 8, 4, 8, 512, 512, rope_scaling=RopeScaling("linear", 2.0))
     assert ModelArgs.from_dict(a.to_dict()) == a
+
+
+def test_transformers5_rope_parameters_are_read():
+    """transformers 5 writes theta and scaling inside rope_parameters, with no top-level rope_theta."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0).to_dict()
+    assert "rope_theta" not in cfg and cfg["rope_parameters"]["rope_theta"] == 100000.0
+    a = from_hf_config(cfg)
+    assert a.rope_theta == 100000.0 and a.rope_scaling is None
+    scaled = from_hf_config({**LLAMA, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                          "original_max_position_embeddings": 8192}})
+    assert scaled.rope_theta == 500000.0 and scaled.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
+    per_type = from_hf_config({**LLAMA, "rope_parameters": {"full_attention": {"rope_type": "default",
+                                                                               "rope_theta": 1e6}}})
+    assert per_type.rope_theta == 1e6
+
+
+@pytest.mark.parametrize("rope,words", [
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_scaling type 'yarn'"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, "without its factor"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor"),
+    ({"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 1e5}}, "fix the one"),
+    ({"rope_parameters": {"full_attention": {"rope_theta": 1e4}, "sliding_attention": {"rope_theta": 1e6}}},
+     "differ between layer types"),
+    ({"rope_parameters": "default"}, "not an object"),
+])
+def test_rope_settings_not_understood_are_refused(rope, words):
+    with pytest.raises(ConfigError, match=words):
+        from_hf_config({**LLAMA, **rope})
