@@ -68,3 +68,12 @@ def cuda_build(tmp_path_factory):
     d = tmp_path_factory.mktemp("native")
     log = build(source_root(), d / "build", d / "prefix", "87")
     return d / "prefix", log
+
+
+def to_interleaved(w, n_heads: int):
+    """Q/K rows (n_heads * head_dim, in) from Hugging Face's rotate-half order to Meta's interleaved pairs,
+    as llama2.c and llama.cpp's GGUF store them (the inverse of ``edge_awq.sources.to_rotate_half``)."""
+    import numpy as np
+
+    hd = w.shape[0] // n_heads
+    return np.ascontiguousarray(w.reshape(n_heads, 2, hd // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))

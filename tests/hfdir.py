@@ -1,7 +1,6 @@
 """Test helper: write a model as a Hugging Face directory (config.json, safetensors shards, tokenizer.json).
 
-Q and K rows are moved from the interleaved RoPE layout to Hugging Face's
-rotate-half layout when the source stores them interleaved.
+Sources hand out Q and K rows in Hugging Face's rotate-half order already.
 """
 
 from __future__ import annotations
@@ -13,13 +12,6 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from edge_awq.sources.hf import hf_name
-
-
-def to_rotate_half(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Reorder rows (n_heads*head_dim, in) from pairs (2i, 2i+1) to (i, i + head_dim/2) per head."""
-    out_f, in_f = w.shape
-    hd = out_f // n_heads
-    return w.reshape(n_heads, hd // 2, 2, in_f).transpose(0, 2, 1, 3).reshape(out_f, in_f)  # (out, in)
 
 
 def hf_config(a, layers: int | None = None) -> dict:
@@ -50,8 +42,6 @@ def write_hf_dir(src, out: Path, shards: int = 1, dtype=np.float32, repeat: int 
             tensors[hf_name(f"layers.{i}.{name}")] = src.get(f"layers.{j}.{name}")
         for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
             w = np.asarray(src.get(f"layers.{j}.{name}.weight"), dtype=np.float32)
-            if a.rope_interleaved and name in ("wq", "wk"):
-                w = to_rotate_half(w, a.n_heads if name == "wq" else a.n_kv_heads)
             tensors[hf_name(f"layers.{i}.{name}.weight")] = w
     tensors = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in tensors.items()}
     names = list(tensors)

@@ -11,7 +11,7 @@ from edge_awq.load import load_weights, open_source
 from edge_awq.model import KVCache, forward
 from edge_awq.ops import select_backend
 from edge_awq.tokenizer import from_llama2c_bin
-from tests.conftest import TOK512_BIN
+from tests.conftest import TOK512_BIN, to_interleaved
 from tests.hfdir import write_hf_dir
 
 ops = select_backend("reference")
@@ -35,8 +35,23 @@ def test_llama2c_header(stories_weights):
     a = src.args
     assert (a.dim, a.hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.max_seq_len) == (
         64, 172, 5, 8, 4, 512, 512)
-    assert a.tied_embeddings and a.rope_interleaved
+    assert a.tied_embeddings and not a.rope_interleaved
     assert w.output.weight is w.tok_embeddings
+
+
+def test_llama2c_qk_rows_come_in_rotate_half_order(stories_path):
+    """The file stores Q/K rows interleaved for Meta's RoPE; the reader hands them out in Hugging Face's order."""
+    src = open_source(stories_path)
+    a = src.args
+    off, shape = src._layout["layers.2.wk.weight"]
+    raw = np.fromfile(stories_path, np.float32, count=shape[0] * shape[1], offset=off).reshape(shape)
+    hd = a.head_dim
+    got = src.get("layers.2.wk.weight").reshape(a.n_kv_heads, hd, a.dim)
+    raw = raw.reshape(a.n_kv_heads, hd, a.dim)
+    np.testing.assert_array_equal(got[:, : hd // 2], raw[:, 0::2])  # first halves: the pairs' first members
+    np.testing.assert_array_equal(got[:, hd // 2 :], raw[:, 1::2])
+    np.testing.assert_array_equal(src.get("layers.2.wv.weight"), np.fromfile(
+        stories_path, np.float32, count=shape[0] * shape[1], offset=src._layout["layers.2.wv.weight"][0]).reshape(shape))
 
 
 def test_hf_directory_matches_llama2c(stories_path, stories_hf):
@@ -76,7 +91,9 @@ def test_llama2c_version1_layout(stories_path, tmp_path):
     parts = [src.get(f"layers.{i}.attn_norm") for i in range(5)] + [src.get(f"layers.{i}.ffn_norm") for i in range(5)]
     parts += [src.get("norm"), src.get("tok_embeddings")]
     for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
-        parts += [src.get(f"layers.{i}.{name}.weight") for i in range(5)]
+        h = {"wq": a.n_heads, "wk": a.n_kv_heads}.get(name)
+        parts += [to_interleaved(src.get(f"layers.{i}.{name}.weight"), h) if h else src.get(f"layers.{i}.{name}.weight")
+                  for i in range(5)]
     out = tmp_path / "v1.bin"
     out.write_bytes(head.ljust(256, b"\0") + b"".join(np.ascontiguousarray(p, np.float32).tobytes() for p in parts))
     np.testing.assert_array_equal(logits_of(open_source(out, TOK512_BIN)), logits_of(src))
@@ -105,12 +122,14 @@ def test_gguf_quant_types_load(stories_path, tmp_path):
     for i in range(a.n_layers):
         for k, g in names.items():
             t = np.ascontiguousarray(src.get(f"layers.{i}.{k}" + ("" if "norm" in k else ".weight")), np.float32)
+            if k in ("wq", "wk"):  # llama.cpp's files keep Meta's interleaved order
+                t = to_interleaved(t, a.n_heads if k == "wq" else a.n_kv_heads)
             qt = qtypes[i % 3] if t.ndim == 2 and t.shape[1] % 32 == 0 else gguf.GGMLQuantizationType.F32
             data = t if qt == gguf.GGMLQuantizationType.F32 else (t.astype(np.float16) if qt == qtypes[0] else quantize(t, qt))
             w.add_tensor(f"blk.{i}.{g}.weight", data, raw_dtype=qt)
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     g = open_source(tmp_path / "s.gguf")
-    assert g.args.rope_interleaved and g.args.tied_embeddings
+    assert not g.args.rope_interleaved and g.args.tied_embeddings
     assert g.tokenizer().encode("Once upon a time") == tok.encode("Once upon a time")
     for i, limit in enumerate((1e-3, 1e-2, 0.15)):  # F16, Q8_0, Q4_0: relative RMS error of the rows
         ref = np.asarray(src.get(f"layers.{i}.w1.weight"))

@@ -9,6 +9,12 @@ canonical name, float32 or float16, shaped as ``edge_awq.model`` expects:
     layers.{i}.attn_norm|ffn_norm  (dim,)
     layers.{i}.{wq..w3}.weight     (out, in)
     layers.{i}.{wq,wk,wv}.bias     (out,)               qwen2 only
+
+Q and K rows are always in Hugging Face's "rotate half" order (RoPE pairs
+(i, i + head_dim/2) of each head): readers of formats that store them
+interleaved for Meta's RoPE (llama2.c, llama.cpp's GGUF) reorder them as they
+read, so every file edge-awq writes, and every engine it hands them to, sees
+one order.
 """
 
 from __future__ import annotations
@@ -20,6 +26,14 @@ import numpy as np
 
 from ..config import ModelArgs
 from ..tokenizer import Tokenizer
+
+
+def to_rotate_half(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows (n_heads * head_dim, in) from interleaved RoPE pairs (2i, 2i+1) to (i, i + head_dim/2), per head."""
+    out_f = w.shape[0]
+    hd = out_f // n_heads
+    return np.ascontiguousarray(
+        w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))  # (out, in)
 
 
 class Source(Protocol):

@@ -1,9 +1,8 @@
 """A GGUF file (llama.cpp), read with the ``gguf`` package and dequantized per tensor.
 
 Every tensor type the ``gguf`` package dequantizes is accepted. llama.cpp stores
-the Q and K rows of llama-family models permuted for its interleaved RoPE, so
-those models run with ``rope_interleaved=True``; qwen2 files keep the Hugging
-Face order.
+the Q and K rows of llama-family models permuted for its interleaved RoPE: they
+are put back in Hugging Face's order as they are read (qwen2 files keep it).
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import numpy as np
 from ..config import ModelArgs, RopeScaling, rope_frequencies
 from ..errors import ConfigError, FormatError
 from ..tokenizer import Tokenizer, byte_level_bpe, spm_bpe
+from . import to_rotate_half
 
 GGUF_NAMES = {
     "tok_embeddings": "token_embd",
@@ -91,7 +91,6 @@ class GGUFSource:
             norm_eps=float(k("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(k("rope.freq_base", 10000.0)),
             rope_scaling=RopeScaling("linear", float(k("rope.scale_linear"))) if k("rope.scale_linear") else None,
-            rope_interleaved=arch in INTERLEAVED_ROPE,
             tied_embeddings="output.weight" not in self.tensors,
             qkv_bias="blk.0.attn_q.bias" in self.tensors,
         )
@@ -115,11 +114,16 @@ class GGUFSource:
             raise FormatError(f"{self.path}: tensor {name} is missing")
         shape = tuple(int(s) for s in reversed(t.shape))  # ggml lists the fastest dimension first
         if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-            return np.asarray(t.data).reshape(shape)
-        try:
-            return dequantize(t.data, t.tensor_type).reshape(shape)
-        except NotImplementedError:
-            raise FormatError(f"{self.path}: tensor {name} has type {t.tensor_type.name}, which gguf cannot dequantize") from None
+            a = np.asarray(t.data).reshape(shape)
+        else:
+            try:
+                a = dequantize(t.data, t.tensor_type).reshape(shape)
+            except NotImplementedError:
+                raise FormatError(f"{self.path}: tensor {name} has type {t.tensor_type.name}, "
+                                  "which gguf cannot dequantize") from None
+        if self.args.arch in INTERLEAVED_ROPE and key.endswith((".wq.weight", ".wk.weight")):
+            return to_rotate_half(a, self.args.n_heads if ".wq." in key else self.args.n_kv_heads)
+        return a
 
     def tokenizer(self) -> Tokenizer:
         model = self.field("tokenizer.ggml.model")

@@ -5,7 +5,8 @@ seq_len; a negative vocab_size means an unshared classifier), then float32
 tensors in a fixed order, with RoPE tables between the final norm and the
 classifier. Version 1: magic "ak42", version, the seven int32, a shared-head
 byte, padded to 256 bytes, then the same tensors without the RoPE tables.
-Weights are stored in Meta's layout: RoPE pairs are interleaved.
+Weights are stored in Meta's layout, with RoPE pairs interleaved: Q and K rows
+are reordered to Hugging Face's as they are read (``sources.to_rotate_half``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from ..config import ModelArgs
 from ..errors import FormatError
 from ..tokenizer import Tokenizer, from_llama2c_bin, from_sentencepiece
+from . import to_rotate_half
 
 MAGIC = 0x616B3432  # "ak42"
 
@@ -54,7 +56,7 @@ class Llama2cSource:
         self.args = ModelArgs(
             arch="llama", dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
             head_dim=dim // n_heads, vocab_size=vocab, max_seq_len=seq_len, norm_eps=1e-5,
-            rope_theta=10000.0, rope_interleaved=True, tied_embeddings=shared,
+            rope_theta=10000.0, tied_embeddings=shared,
         )
         self._layout = self._offsets(offset, legacy)
         end = max(o + 4 * math.prod(s) for o, s in self._layout.values())
@@ -104,7 +106,10 @@ class Llama2cSource:
         if key not in self._layout:
             raise FormatError(f"{self.path}: a llama2.c checkpoint has no tensor {key}")
         off, shape = self._layout[key]
-        return self._mm[off : off + 4 * math.prod(shape)].view(np.float32).reshape(shape)
+        t = self._mm[off : off + 4 * math.prod(shape)].view(np.float32).reshape(shape)
+        if key.endswith((".wq.weight", ".wk.weight")):
+            return to_rotate_half(t, self.args.n_heads if ".wq." in key else self.args.n_kv_heads)
+        return t
 
     def tokenizer(self) -> Tokenizer:
         path = self._tokenizer_path or self._find_tokenizer()
