@@ -4,7 +4,8 @@ Tensors (canonical names as in ``edge_awq.sources``):
     tok_embeddings, norm, output (untied only)      float16
     rope_inv_freq                                   float32 (head_dim/2,)
     layers.{i}.attn_norm, layers.{i}.ffn_norm       float16
-    layers.{i}.{wq..w3}.qweight|scales|zeros        uint32, float16, uint32 (layout: pack.py)
+    layers.{i}.{wq..w3}.qweight|scales|zeros        uint32 (out, words), float16 (out, G), uint32 (words,)
+                                                    (layout: pack.py; version 1 stored zeros (out, words))
     layers.{i}.{wq,wk,wv}.bias                      float32 (qwen2)
     tokenizer                                       uint8: tokenizer.json or sentencepiece model bytes
 Metadata (JSON strings): format, version, layout, model_args, quantization,
@@ -32,7 +33,8 @@ from .tensorfile import SafetensorsFile
 from .tokenizer import Tokenizer
 
 FORMAT = "edge-awq"
-VERSION = 1
+VERSION = 2  # 2: zero points stored as one stream per tensor (pack.pack_zeros_flat); 1 still reads
+READS = {1: "bits-le-v1", 2: "bits-le-v2"}  # version -> the packing layout it carries
 ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint32): "U32",
              np.dtype(np.uint8): "U8"}
 
@@ -127,13 +129,14 @@ class EawqSource:
         meta = self.file.metadata
         if meta.get("format") != FORMAT:
             raise FormatError(f"{self.path}: not an edge-awq file (format {meta.get('format')!r})")
-        if meta.get("version") != str(VERSION):
-            raise FormatError(f"{self.path}: version {meta.get('version')} unsupported (expected {VERSION}); "
-                              "re-export it with this edge-awq")
-        from .pack import LAYOUT
-
-        if meta.get("layout") != LAYOUT:
-            raise FormatError(f"{self.path}: packing layout {meta.get('layout')!r} unsupported (expected {LAYOUT})")
+        version = {str(v): v for v in READS}.get(meta.get("version"))
+        if version is None:
+            raise FormatError(f"{self.path}: version {meta.get('version')} unsupported (this edge-awq reads "
+                              f"{', '.join(map(str, READS))}); re-export it with this edge-awq")
+        if meta.get("layout") != READS[version]:
+            raise FormatError(f"{self.path}: packing layout {meta.get('layout')!r} unsupported in version {version} "
+                              f"(expected {READS[version]})")
+        self.version = version
         self.args = ModelArgs.from_dict(_json_field(self.path, meta, "model_args"))
         self.quantization = _json_field(self.path, meta, "quantization")
         self.source_info = _json_field(self.path, meta, "source")
@@ -170,7 +173,42 @@ class EawqSource:
         return bad
 
 
+def stored_bits_per_weight(nbytes: dict[str, int], a: ModelArgs) -> float:
+    """Bits per decoder weight counted from the bytes stored: every linear's packed codes, scales and zero points
+    (padding included) over the decoder's matrix weights. nbytes: tensor name -> bytes, as in the file."""
+    from .model import LINEARS
+
+    parts = (".qweight", ".scales", ".zeros")
+    stored = sum(v for k, v in nbytes.items()
+                 if k.startswith("layers.") and k.endswith(parts) and k.split(".")[2] in LINEARS)
+    return 8 * stored / a.linear_params
+
+
 HEAD_BITS = {"int8": 8, "w4": 4}  # packed output heads; "fp16" keeps the float16 table
+
+
+def linear_specs(name: str, out_f: int, in_f: int, bits: int, group_size: int,
+                 bias: bool = False) -> list[tuple[str, object, tuple[int, ...]]]:
+    """The file tensors of one packed linear (out, in): qweight, scales, zero points as one stream, bias."""
+    from .pack import packed_words
+
+    n_groups = in_f // group_size
+    specs = [(f"{name}.qweight", np.uint32, (out_f, packed_words(in_f, bits))),
+             (f"{name}.scales", np.float16, (out_f, n_groups)),
+             (f"{name}.zeros", np.uint32, (packed_words(out_f * n_groups, bits),))]
+    return specs + ([(f"{name}.bias", np.float32, (out_f,))] if bias else [])
+
+
+def linear_arrays(name: str, w) -> dict[str, np.ndarray]:
+    """A packed linear (``model.W4``) as the file's tensors, named as ``linear_specs`` names them."""
+    from .pack import pack_zeros_flat, unpack_bits
+
+    zeros = unpack_bits(w.zeros, w.bits, w.in_features // w.group_size)  # (out, G)
+    out = {f"{name}.qweight": w.qweight, f"{name}.scales": np.asarray(w.scales, np.float16),
+           f"{name}.zeros": pack_zeros_flat(zeros, w.bits)}
+    if w.bias is not None:
+        out[f"{name}.bias"] = np.asarray(w.bias, np.float32)
+    return out
 
 
 def tensor_specs(a: ModelArgs, bits: int, group_for, tokenizer_nbytes: int,
@@ -184,7 +222,6 @@ def tensor_specs(a: ModelArgs, bits: int, group_for, tokenizer_nbytes: int,
     """
     from .load import expected_shapes
     from .model import LINEARS
-    from .pack import packed_words
 
     specs = [("tokenizer", np.uint8, (tokenizer_nbytes,)), ("rope_inv_freq", np.float32, (a.head_dim // 2,)),
              ("tok_embeddings", np.float16, (a.vocab_size, a.dim))]
@@ -193,18 +230,11 @@ def tensor_specs(a: ModelArgs, bits: int, group_for, tokenizer_nbytes: int,
         specs += [(f"layers.{i}.{n}", np.float16, (a.dim,)) for n in ("attn_norm", "ffn_norm")]
         for n in LINEARS:
             out_f, in_f = shapes[n]
-            n_groups = in_f // group_for(in_f)
-            specs += [(f"layers.{i}.{n}.qweight", np.uint32, (out_f, packed_words(in_f, bits))),
-                      (f"layers.{i}.{n}.scales", np.float16, (out_f, n_groups)),
-                      (f"layers.{i}.{n}.zeros", np.uint32, (out_f, packed_words(n_groups, bits)))]
-            if a.qkv_bias and n in ("wq", "wk", "wv"):
-                specs.append((f"layers.{i}.{n}.bias", np.float32, (out_f,)))
+            specs += linear_specs(f"layers.{i}.{n}", out_f, in_f, bits, group_for(in_f),
+                                  a.qkv_bias and n in ("wq", "wk", "wv"))
     specs.append(("norm", np.float16, (a.dim,)))
     if head in HEAD_BITS:
-        hb, n_groups = HEAD_BITS[head], a.dim // group_for(a.dim)
-        specs += [("output.qweight", np.uint32, (a.vocab_size, packed_words(a.dim, hb))),
-                  ("output.scales", np.float16, (a.vocab_size, n_groups)),
-                  ("output.zeros", np.uint32, (a.vocab_size, packed_words(n_groups, hb)))]
+        specs += linear_specs("output", a.vocab_size, a.dim, HEAD_BITS[head], group_for(a.dim))
     elif not a.tied_embeddings:
         specs.append(("output", np.float16, (a.vocab_size, a.dim)))
     return specs

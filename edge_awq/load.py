@@ -11,7 +11,7 @@ from .config import ModelArgs, rope_frequencies
 from .errors import FormatError
 from .model import LINEARS, W4, Dense, LayerWeights, LazyLayers, ModelWeights
 from .format import HEAD_BITS
-from .pack import packed_words
+from .pack import packed_words, zeros_rows
 from .sources import Source
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,10 @@ def expected_shapes(a: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 
 def _checked(src: Source, key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-    t = src.get(key)
+    return _checked_array(src, key, src.get(key), shape, dtype)
+
+
+def _checked_array(src: Source, key: str, t: np.ndarray, shape: tuple[int, ...], dtype=None) -> np.ndarray:
     if tuple(t.shape) != shape:
         raise FormatError(f"{src.path}: tensor {key} has shape {tuple(t.shape)}, expected {shape} from the config")
     return t if dtype is None else np.ascontiguousarray(t, dtype=dtype)
@@ -76,7 +79,11 @@ def _linear(src: Source, key: str, shape: tuple[int, int], dtype, bits: int | No
     if n_groups == 0 or in_f % n_groups:
         raise FormatError(f"{src.path}: tensor {key}.scales has shape {scales.shape}, which fits no grouping of {in_f}")
     qweight = _checked(src, key + ".qweight", (out_f, packed_words(in_f, bits)), None)
-    zeros = _checked(src, key + ".zeros", (out_f, packed_words(n_groups, bits)), None)
+    zeros = src.get(key + ".zeros")
+    if zeros.ndim == 1:  # one stream for the tensor (format version 2): rows for the kernels
+        zeros = zeros_rows(_checked(src, key + ".zeros", (packed_words(out_f * n_groups, bits),), None),
+                           out_f, n_groups, bits)
+    zeros = _checked_array(src, key + ".zeros", zeros, (out_f, packed_words(n_groups, bits)))
     _checked(src, key + ".scales", (out_f, n_groups), None)
     return W4(qweight, scales, zeros, in_f // n_groups, bits, in_f, bias)
 

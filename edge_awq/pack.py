@@ -6,11 +6,25 @@ of each output row; DESIGN.md): ``max_int = 2**bits - 1``,
 precision, before use), ``zero = clip(-round(min / scale), 0, max_int)``,
 ``q = clip(round(w / scale) + zero, 0, max_int)``, ``w_hat = (q - zero) * scale``.
 
-Layout "bits-le-v1": each row of b-bit values is a little-endian bit stream
-(value j occupies bits j*b .. j*b+b-1; for 4 bits, value 2k is the low nibble
-of byte k), padded with zeros to a multiple of 32 values and stored as uint32
-words, so a row of n values takes ceil(n/32)*b words. Zero points are packed
-the same way. Other layouts (the Hugging Face AWQ GEMM order) convert here.
+Layout of the weights in memory and in ``.eawq`` files: each row of b-bit
+values is a little-endian bit stream (value j occupies bits j*b .. j*b+b-1; for
+4 bits, value 2k is the low nibble of byte k), padded with zeros to a multiple
+of 32 values and stored as uint32 words, so a row of n values takes
+ceil(n/32)*b words. In memory, zero points are packed the same way, a row per
+output row. In the file, "bits-le-v2" stores the zero points of a tensor as one
+stream with no padding between rows (``pack_zeros_flat``); "bits-le-v1" (format
+version 1) stored them row by row, padded like the weights.
+
+The same unsigned integers circulate in two other layouts, converted here and
+only here (``w = (q - z) * s`` in all three):
+- AutoAWQ GEMM (``quant_method: "awq"``, version "gemm"): ``qweight`` int32
+  (in, out/8) and ``qzeros`` int32 (in/group, out/8), eight 4-bit values of
+  consecutive output columns a word, column 8k + AWQ_ORDER[i] in nibble i;
+  ``scales`` float16 (in/group, out).
+- AutoAWQ GEMV and compressed-tensors ``pack-quantized``: rows (out, in/8) in
+  natural order, which is this layout without the padding to 32 values;
+  compressed-tensors stores a code as the signed value plus 2^(b-1) and packs
+  its zero points (signed, so also offset by 2^(b-1)) along the output axis.
 """
 
 from __future__ import annotations
@@ -19,7 +33,9 @@ import numpy as np
 
 from .model import W4
 
-LAYOUT = "bits-le-v1"
+LAYOUT = "bits-le-v2"  # what the writer writes; LAYOUTS is what the reader takes
+LAYOUTS = ("bits-le-v1", "bits-le-v2")
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ GEMM: nibble i of a word holds column 8k + AWQ_ORDER[i]
 
 
 def check_group_size(in_features: int, group_size: int) -> None:
@@ -80,11 +96,6 @@ def unpack_bits(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     return (bitplanes << np.arange(bits, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)
 
 
-def bits_per_weight(bits: int, group_size: int) -> float:
-    """Storage per weight: the value, plus a float16 scale and a b-bit zero per group."""
-    return bits + (16 + bits) / group_size
-
-
 def pack_linear(w: np.ndarray, bits: int, group_size: int, bias: np.ndarray | None = None) -> W4:
     """Quantize and pack a weight (out, in) float into a ``W4``."""
     q, scales, zeros = quantize(w, bits, group_size)
@@ -96,3 +107,63 @@ def unpack_linear(w: W4) -> np.ndarray:
     n_groups = w.in_features // w.group_size
     q = unpack_bits(w.qweight, w.bits, w.in_features)
     return dequantize(q, w.scales, unpack_bits(w.zeros, w.bits, n_groups), w.group_size)
+
+
+def pack_zeros_flat(zeros: np.ndarray, bits: int) -> np.ndarray:
+    """Zero points (out, G) as one little-endian stream of out*G values: (packed_words(out*G, bits),) uint32."""
+    return pack_bits(zeros.reshape(1, -1), bits).reshape(-1)
+
+
+def zeros_rows(flat: np.ndarray, out_f: int, n_groups: int, bits: int) -> np.ndarray:
+    """The in-memory zero points (out, packed_words(G, bits)) of a flat stream; a view when rows need no padding."""
+    if n_groups % 32 == 0:
+        return flat[: out_f * n_groups * bits // 32].reshape(out_f, -1)
+    return pack_bits(unpack_bits(flat.reshape(1, -1), bits, out_f * n_groups).reshape(out_f, n_groups), bits)
+
+
+def fit_rows(words: np.ndarray, n: int, bits: int) -> np.ndarray:
+    """Rows of natural-order words (rows, k) padded or cut to packed_words(n, bits): a view when k already fits.
+
+    Words past a row's n values hold padding only, so cutting drops nothing and padding adds zeros.
+    """
+    words = words.view(np.uint32) if words.dtype == np.int32 else words
+    want = packed_words(n, bits)
+    if words.shape[1] == want:
+        return words
+    out = np.zeros((words.shape[0], want), np.uint32)
+    k = min(want, words.shape[1])
+    out[:, :k] = words[:, :k]
+    return out
+
+
+def unpack_awq_gemm(packed: np.ndarray) -> np.ndarray:
+    """AutoAWQ GEMM words (rows, cols/8) int32 -> values (cols, rows) uint8: transposed to (out, in)."""
+    b = np.ascontiguousarray(packed).view(np.uint8)  # (rows, cols/2): byte j of word k has nibbles 2j, 2j+1
+    nib = np.empty((packed.shape[0], packed.shape[1], 8), np.uint8)  # (rows, cols/8, nibble position)
+    by = b.reshape(packed.shape[0], packed.shape[1], 4)
+    nib[..., 0::2], nib[..., 1::2] = by & 15, by >> 4
+    cols = np.empty_like(nib)
+    cols[..., list(AWQ_ORDER)] = nib  # nibble i holds column AWQ_ORDER[i]
+    return np.ascontiguousarray(cols.reshape(packed.shape[0], -1).T)
+
+
+def pack_awq_gemm(q: np.ndarray) -> np.ndarray:
+    """Values (cols, rows) uint8 < 16 -> AutoAWQ GEMM words (rows, cols/8) int32 (the inverse of unpack_awq_gemm)."""
+    cols, rows = q.shape
+    if cols % 8:
+        raise ValueError(f"AutoAWQ GEMM packs eight output columns a word: {cols} is not a multiple of 8")
+    t = np.ascontiguousarray(q.T).reshape(rows, cols // 8, 8)[..., list(AWQ_ORDER)]  # nibble i <- column ORDER[i]
+    b = t[..., 0::2] | (t[..., 1::2] << 4)  # (rows, cols/8, 4) bytes, low nibble first
+    return np.ascontiguousarray(b).view("<i4").reshape(rows, cols // 8)
+
+
+def unpack_along_columns(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """compressed-tensors' zero points packed along the output axis: (ceil(n*b/32), G) -> (n, G) uint8."""
+    return unpack_bits(np.ascontiguousarray(packed.T).view(np.uint32), bits, n).T
+
+
+def pack_along_columns(values: np.ndarray, bits: int) -> np.ndarray:
+    """(n, G) uint8 -> (ceil(n*b/32), G) int32 packed along the first axis, as compressed-tensors packs zero points."""
+    n = values.shape[0]
+    words = -(-n * bits // 32)
+    return np.ascontiguousarray(pack_bits(np.ascontiguousarray(values.T), bits)[:, :words].T).view(np.int32)

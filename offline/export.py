@@ -92,16 +92,19 @@ class _CtrlC:
 
 
 def pack_head(weight, bits: int, group_size: int) -> dict:
-    """The output head (vocab, dim) packed by round to nearest, HEAD_ROWS rows at a time."""
+    """The output head (vocab, dim) packed by round to nearest, HEAD_ROWS rows at a time: its file tensors."""
+    import dataclasses
+
     import numpy as np
 
+    from edge_awq.format import linear_arrays
     from edge_awq.pack import pack_linear
 
     parts = [pack_linear(np.asarray(weight[r : r + HEAD_ROWS], np.float32), bits, group_size)
              for r in range(0, weight.shape[0], HEAD_ROWS)]
-    return {"output.qweight": np.concatenate([p.qweight for p in parts]),
-            "output.scales": np.concatenate([p.scales for p in parts]),
-            "output.zeros": np.concatenate([p.zeros for p in parts])}
+    head = dataclasses.replace(parts[0], **{f: np.concatenate([getattr(p, f) for p in parts])
+                                            for f in ("qweight", "scales", "zeros")})
+    return linear_arrays("output", head)
 
 
 def run(args: argparse.Namespace) -> int:

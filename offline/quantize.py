@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from edge_awq.errors import InputError
+from edge_awq.format import linear_arrays
 from edge_awq.load import expected_shapes, inv_freq, read_layer
 from edge_awq.model import LINEARS, NO_CLIP, SCALE_GROUPS, Dense, LayerWeights, ModelWeights, attention, block, mlp
 from edge_awq.pack import pack_linear, unpack_linear
@@ -175,10 +176,7 @@ def layer_arrays(i: int, packed: dict, norms: dict) -> dict[str, np.ndarray]:
     """The .eawq tensors of layer i by name."""
     out = {f"layers.{i}.{n}": v.astype(np.float16) for n, v in norms.items()}
     for n, w in packed.items():
-        out.update({f"layers.{i}.{n}.qweight": w.qweight, f"layers.{i}.{n}.scales": w.scales,
-                    f"layers.{i}.{n}.zeros": w.zeros})
-        if w.bias is not None:
-            out[f"layers.{i}.{n}.bias"] = w.bias.astype(np.float32)
+        out.update(linear_arrays(f"layers.{i}.{n}", w))
     return out
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_awq.model import LINEARS
-from edge_awq.pack import bits_per_weight
+from edge_awq.format import stored_bits_per_weight
+from edge_awq.tensorfile import SafetensorsFile
 
 
 class Progress:
@@ -42,10 +42,9 @@ def summary(path: Path, a, qa, reports, t_calib: float, t_total: float) -> dict:
         for k, v in r.seconds.items():
             phases[k] = phases.get(k, 0.0) + v
     size = path.stat().st_size
-    n_quant, n_params = a.linear_params, a.n_params
+    n_params = a.n_params
     gs_note = "per channel" if qa.group_size == "channel" else f"group {qa.group_size}"
-    bpw = (bits_per_weight(qa.bits, qa.group_size) if qa.group_size != "channel"
-           else sum(a.n_layers * o * i * bits_per_weight(qa.bits, i) for o, i in _linear_shapes(a)) / n_quant)
+    bpw = stored_bits_per_weight({k: t.end - t.begin for k, t in SafetensorsFile(path).tensors.items()}, a)
     lines = [f"wrote {path} ({size / 1e6:,.1f} MB): {qa.method.upper()} W{qa.bits} {gs_note}, "
              f"{bpw:.3f} bits per quantized weight, {8 * size / n_params:.2f} bits per parameter overall"]
     lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()) + f"; total {t_total:.1f}s")
@@ -62,9 +61,3 @@ def summary(path: Path, a, qa, reports, t_calib: float, t_total: float) -> dict:
         "text": "\n".join(lines),
     }
 
-
-def _linear_shapes(a):
-    from edge_awq.load import expected_shapes
-
-    shapes = expected_shapes(a)
-    return [shapes[n] for n in LINEARS]

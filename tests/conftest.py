@@ -77,3 +77,31 @@ def to_interleaved(w, n_heads: int):
 
     hd = w.shape[0] // n_heads
     return np.ascontiguousarray(w.reshape(n_heads, 2, hd // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def autoawq_modules():
+    """AutoAWQ's own packing code (PyPI autoawq==0.2.9, installed with --no-deps): its GEMM and GEMV linears and
+    ``packing_utils``, loaded without the package's __init__ (which wants datasets and a GPU stack). None if absent."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("awq")
+    if spec is None:
+        return None
+    if "awq" not in sys.modules or not hasattr(sys.modules["awq"], "__path__"):
+        pkg = types.ModuleType("awq")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules["awq"] = pkg
+    return types.SimpleNamespace(gemm=importlib.import_module("awq.modules.linear.gemm"),
+                                 gemv=importlib.import_module("awq.modules.linear.gemv"),
+                                 packing=importlib.import_module("awq.utils.packing_utils"))
+
+
+@pytest.fixture(scope="session")
+def autoawq():
+    mods = autoawq_modules()
+    if mods is None:
+        pytest.skip("AutoAWQ not installed: pip install --no-deps autoawq==0.2.9")
+    return mods

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from edge_awq.pack import (bits_per_weight, dequantize, pack_bits, pack_linear, packed_words, quantize, unpack_bits,
+from edge_awq.pack import (dequantize, pack_bits, pack_linear, packed_words, quantize, unpack_bits,
                            unpack_linear)
 
 rng = np.random.default_rng(0)
@@ -73,5 +73,108 @@ def test_linear_round_trip_error_bound(bits, gs, shape):
     assert np.all((np.abs(w_hat - w) <= 0.5 * step * (1 + 2e-3) + 1e-6)[mixed])
 
 
-def test_bits_per_weight():
-    assert bits_per_weight(4, 64) == pytest.approx(4.3125) and bits_per_weight(4, 128) == pytest.approx(4.15625)
+def test_stored_bits_per_weight_counts_the_bytes():
+    """SmolLM2's shapes at W4 g64: 4 bits, a float16 scale and a 4-bit zero per 64 weights (the zero points no
+    longer padded to 32 a row); per channel, one scale and zero a row."""
+    from edge_awq.format import stored_bits_per_weight, tensor_specs
+    from edge_awq.plan import PRESETS
+
+    a = PRESETS["smollm2-135m"]
+    for gs, want in ((64, 4 + 20 / 64), ("channel", None)):
+        specs = tensor_specs(a, 4, lambda n: n if gs == "channel" else gs, 0)
+        nbytes = {name: int(np.dtype(dt).itemsize * np.prod(shape)) for name, dt, shape in specs}
+        got = stored_bits_per_weight(nbytes, a)
+        if want is None:  # 16 + 4 bits a row (zeros: one stream, rounded up to a word per tensor)
+            want = 4 + sum(a.n_layers * o * 20 for o, i in _linear_shapes(a)) / a.linear_params
+        assert got == pytest.approx(want, rel=1e-4)
+
+
+def _linear_shapes(a):
+    from edge_awq.load import expected_shapes
+
+    return [v for k, v in expected_shapes(a).items() if k.startswith("w")]
+
+
+# --- the layouts AWQ checkpoints circulate in, held to the libraries that write them ---
+
+def _grid(out_f, in_f, gs, seed=1):
+    r = np.random.default_rng(seed)
+    q = r.integers(0, 16, (out_f, in_f)).astype(np.uint8)
+    z = r.integers(0, 16, (out_f, in_f // gs)).astype(np.uint8)
+    s = (r.uniform(0.001, 0.05, (out_f, in_f // gs))).astype(np.float16)
+    return q, z, s
+
+
+def test_awq_gemm_nibble_order_by_hand():
+    q = np.arange(8, dtype=np.uint8).reshape(8, 1)  # out 8, in 1: column c holds value c
+    from edge_awq.pack import pack_awq_gemm, unpack_awq_gemm
+
+    w = pack_awq_gemm(q)
+    assert w.shape == (1, 1) and w.view(np.uint32)[0, 0] == 0x75316420  # nibbles 0,2,4,6,1,3,5,7 low to high
+    assert np.array_equal(unpack_awq_gemm(w), q)
+
+
+@pytest.mark.parametrize("shape,gs", [((64, 128), 32), ((32, 576), 64), ((1536, 576), 576)])
+def test_awq_gemm_equals_autoawq_packing(autoawq, shape, gs):
+    """AutoAWQ's own WQLinear_GEMM.from_linear packs our integers into the words pack_awq_gemm writes,
+    and its dequantize_gemm gives our dequantized weight exactly."""
+    import torch
+
+    from edge_awq.pack import pack_awq_gemm, unpack_awq_gemm
+
+    q, z, s = _grid(*shape, gs)
+    w_hat = torch.from_numpy(dequantize(q, s, z, gs))  # (out, in) float32
+    lin = torch.nn.Linear(shape[1], shape[0], bias=False)
+    lin.weight.data = w_hat
+    m = autoawq.gemm.WQLinear_GEMM.from_linear(lin, 4, gs, scales=torch.from_numpy(s.T.astype(np.float32)),
+                                               zeros=torch.from_numpy(z.T.astype(np.float32)))
+    assert np.array_equal(m.qweight.numpy(), pack_awq_gemm(q)) and np.array_equal(m.qzeros.numpy(), pack_awq_gemm(z))
+    assert np.array_equal(unpack_awq_gemm(m.qweight.numpy()), q) and np.array_equal(unpack_awq_gemm(m.qzeros.numpy()), z)
+    theirs = autoawq.packing.dequantize_gemm(m.qweight, m.qzeros, m.scales, 4, gs)  # (in, out) float16
+    assert np.array_equal(theirs.numpy().T, (dequantize(q, s, z, gs)).astype(np.float16))
+
+
+def test_awq_gemv_rows_are_natural_order(autoawq):
+    """AutoAWQ's GEMV packs rows in natural order with padded zero and scale widths: fit_rows recovers ours."""
+    import torch
+
+    from edge_awq.pack import fit_rows
+
+    gs, (out_f, in_f) = 64, (16, 576)
+    q, z, s = _grid(out_f, in_f, gs)
+    lin = torch.nn.Linear(in_f, out_f, bias=False)
+    lin.weight.data = torch.from_numpy(dequantize(q, s, z, gs))
+    m = autoawq.gemv.WQLinear_GEMV.from_linear(lin, 4, gs, scales=torch.from_numpy(s.astype(np.float32)),
+                                               zeros=torch.from_numpy(z.astype(np.float32)))
+    assert m.qzeros.shape[1] * 8 > in_f // gs and m.scales.shape[1] > in_f // gs  # padded widths
+    assert np.array_equal(fit_rows(m.qweight.numpy(), in_f, 4), pack_bits(q, 4))
+    assert np.array_equal(fit_rows(m.qzeros.numpy(), in_f // gs, 4), pack_bits(z, 4))
+    assert np.array_equal(m.scales.numpy()[:, : in_f // gs], s)
+
+
+@pytest.mark.parametrize("n", [32, 172, 576])
+def test_compressed_tensors_packing_is_ours(n):
+    """compressed-tensors' pack_to_int32 of the signed codes gives our rows (without the padding to 32 values),
+    and its zero points packed along the output axis unpack to ours."""
+    pytest.importorskip("compressed_tensors")
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from edge_awq.pack import fit_rows, pack_along_columns, unpack_along_columns
+
+    q, z, _ = _grid(12, n, n)
+    theirs = pack_to_int32(torch.from_numpy(q.astype(np.int8) - 8), 4).numpy()  # signed codes, as CT stores them
+    assert theirs.shape == (12, -(-n * 4 // 32))
+    assert np.array_equal(fit_rows(theirs, n, 4), pack_bits(q, 4))
+    zp = pack_to_int32(torch.from_numpy(z.astype(np.int8) - 8), 4, packed_dim=0).numpy()
+    assert np.array_equal(pack_along_columns(z, 4), zp) and np.array_equal(unpack_along_columns(zp, 4, 12), z)
+
+
+@pytest.mark.parametrize("out_f,n_groups", [(7, 1), (576, 9), (64, 32), (5, 33)])
+def test_flat_zeros_round_trip(out_f, n_groups):
+    from edge_awq.pack import pack_zeros_flat, zeros_rows
+
+    z = rng.integers(0, 16, (out_f, n_groups)).astype(np.uint8)
+    flat = pack_zeros_flat(z, 4)
+    assert flat.shape == (packed_words(out_f * n_groups, 4),)  # no padding between rows
+    assert np.array_equal(zeros_rows(flat, out_f, n_groups, 4), pack_bits(z, 4))
