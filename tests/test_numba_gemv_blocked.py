@@ -128,10 +128,10 @@ def test_backend_forgets_a_prepared_weight_when_it_is_dropped():
     ops = NumbaBackend()
     w = _packed(8, 128, 64, 3)
     ops.linear(np.ones((1, 128), np.float32), w)
-    assert len(ops._prepared) == 1
+    assert len(ops._prepared_w4) == 1
     del w
     gc.collect()
-    assert len(ops._prepared) == 0
+    assert len(ops._prepared_w4) == 0
 
 
 def _rss_file_kb() -> int:

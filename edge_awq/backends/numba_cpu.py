@@ -18,6 +18,7 @@ models) are read as fp16.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass
 
@@ -43,16 +44,20 @@ GEMV_MAX_T = 4  # up to this many tokens, linears run as GEMVs over the packed r
 class PreparedW4:
     """A W4 ready for the kernels.
 
-    4- and 8-bit weights (``byte_path``) are read where they lie: bytes, fp16
-    scale bits and packed zero points are views of the file's arrays, so a
-    memory-mapped model costs no second copy. Other widths widen scales and
-    zero points to float32 (``zs = zero * scale``) for the generic kernels.
+    Where the block layout applies (``blocked``), it is all the kernels read and the
+    source's arrays are not kept: a weight converted at load (an AWQ checkpoint's
+    transposed words) is not held twice. Elsewhere 4- and 8-bit weights
+    (``byte_path``) are read where they lie: bytes, fp16 scale bits and packed zero
+    points are views of the file's arrays, so a memory-mapped model costs no second
+    copy; other widths widen scales and zero points to float32 (``zs = zero * scale``)
+    for the generic kernels.
     """
 
-    qweight: np.ndarray  # (out, words) uint32, as in the file
-    qbytes: np.ndarray  # the same memory as (out, 4 * words) uint8
-    scale_bits: np.ndarray  # (out, G) uint16: the fp16 scales' bits
-    zero_bytes: np.ndarray  # (out, 4 * zero words) uint8: the packed zero points
+    out_features: int
+    qweight: np.ndarray | None  # (out, words) uint32, as in the file (None when blocked)
+    qbytes: np.ndarray | None  # the same memory as (out, 4 * words) uint8
+    scale_bits: np.ndarray | None  # (out, G) uint16: the fp16 scales' bits
+    zero_bytes: np.ndarray | None  # (out, 4 * zero words) uint8: the packed zero points
     scales: np.ndarray | None  # (out, G) float32, other widths only
     zs: np.ndarray | None  # (out, G) float32: zero point times scale, other widths only
     group_size: int
@@ -66,26 +71,30 @@ class PreparedW4:
         """Whether the byte kernels apply: 4 bits in even groups, or 8 bits."""
         return (self.bits == 4 and self.group_size % 2 == 0) or self.bits == 8
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
 
 def prepare(w: W4, repack: bool = False) -> PreparedW4:
-    """w's arrays as the kernels read them; repack: also the block layout where it applies
+    """w's arrays as the kernels read them; repack: the block layout where it applies
     (``numba_gemv_blocked``), after which the file's pages of w leave the resident set."""
     qweight = np.ascontiguousarray(w.qweight)
     scale_bits = np.ascontiguousarray(w.scales, dtype=np.float16).view(np.uint16)
     zero_bytes = np.ascontiguousarray(w.zeros).view(np.uint8)
     bias = None if w.bias is None else np.asarray(w.bias, np.float32)
+    out_f = qweight.shape[0]
+    if repack and blocked.usable(w.bits, w.group_size):
+        packed = blocked.repack(qweight.view(np.uint8), scale_bits, zero_bytes, w.group_size, w.bits)
+        for a in (w.qweight, w.scales, w.zeros):
+            release_array(a)
+        return PreparedW4(out_f, None, None, None, None, None, None, w.group_size, w.bits, w.in_features, bias, packed)
     scales = zs = None
     if not ((w.bits == 4 and w.group_size % 2 == 0) or w.bits == 8):
         scales = w.scales.astype(np.float32)
         zs = unpack_bits(w.zeros, w.bits, w.in_features // w.group_size).astype(np.float32) * scales
-    qbytes = qweight.view(np.uint8)
-    packed = None
-    if repack and blocked.usable(w.bits, w.group_size):
-        packed = blocked.repack(qbytes, scale_bits, zero_bytes, w.group_size, w.bits)
-        for a in (w.qweight, w.scales, w.zeros):
-            release_array(a)
-    return PreparedW4(qweight, qbytes, scale_bits, zero_bytes, scales, zs, w.group_size, w.bits, w.in_features, bias,
-                      packed)
+    return PreparedW4(out_f, qweight, qweight.view(np.uint8), scale_bits, zero_bytes, scales, zs, w.group_size, w.bits,
+                      w.in_features, bias)
 
 
 @njit(cache=True, inline="always")
@@ -319,7 +328,7 @@ def linears_w4(x: np.ndarray, ws: list[PreparedW4]) -> list[np.ndarray]:
     """x (T <= GEMV_MAX_T, in) times two or three 4-bit weights of one group size, as one parallel kernel."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     gs = ws[0].group_size
-    ys = [np.empty((x.shape[0], w.qweight.shape[0]), np.float32) for w in ws]
+    ys = [np.empty((x.shape[0], w.out_features), np.float32) for w in ws]
     use_blocked = all(w.blocked is not None for w in ws)
     if use_blocked:
         sets = [(w.blocked.words, w.blocked.scales, w.blocked.zeros, y) for w, y in zip(ws, ys)]
@@ -342,7 +351,7 @@ def linears_w4(x: np.ndarray, ws: list[PreparedW4]) -> list[np.ndarray]:
 def linear_w4(x: np.ndarray, w: PreparedW4) -> np.ndarray:
     """x (T, in) float32 -> (T, out) float32: GEMV over packed rows for few tokens, blocked dequant + BLAS for more."""
     T = x.shape[0]
-    out_f = w.qweight.shape[0]
+    out_f = w.out_features
     n_groups = w.in_features // w.group_size
     fast4 = w.byte_path and w.bits == 4
     if T <= GEMV_MAX_T:
@@ -574,7 +583,7 @@ class NumbaBackend(HostMemory):
     kv_dtype = np.float16
 
     def __init__(self):
-        self._prepared: dict[int, tuple[weakref.ref, PreparedW4]] = {}  # id(W4) -> (a weak ref to it, prepared)
+        self._prepared_w4: dict[int, tuple[weakref.ref, PreparedW4]] = {}  # id(W4) -> (a weak ref to it, prepared)
         self._dense: dict[int, tuple[weakref.ref, np.ndarray]] = {}  # id(Dense) -> (..., its float32 weight)
         self._angles: tuple = (None,)
         self._fused: dict[int, tuple] = {}  # id(LayerWeights) -> (a weak ref to it, decode_layer's arrays or None)
@@ -590,36 +599,40 @@ class NumbaBackend(HostMemory):
 
     def linear(self, x, w) -> np.ndarray:
         x = _f32(x)
+        if isinstance(w, PreparedW4):
+            return linear_w4(x, w)
         if isinstance(w, Dense):
             if w.weight.dtype == np.float16:  # read as it is stored: half the bytes of a float32 copy
                 y = linear_f16(x, w.weight)
             else:
                 y = x @ _kept_while_alive(self._dense, w, lambda d: _f32(d.weight)).T  # converted once
             return y if w.bias is None else y + _f32(w.bias)
-        return linear_w4(x, self._prepare(w))
+        return linear_w4(x, self._prepared(w))
 
     def linears(self, x, ws) -> list[np.ndarray]:
         x = _f32(x)
-        if x.shape[0] <= GEMV_MAX_T and len(ws) in (2, 3) and all(isinstance(w, W4) for w in ws):
-            ps = [self._prepare(w) for w in ws]
+        if x.shape[0] <= GEMV_MAX_T and len(ws) in (2, 3) and all(isinstance(w, (W4, PreparedW4)) for w in ws):
+            ps = [self._prepared(w) for w in ws]
             if all(p.byte_path and p.bits == 4 and p.group_size == ps[0].group_size for p in ps):
                 return linears_w4(x, ps)
         return [self.linear(x, w) for w in ws]
 
     def prepare(self, w):
-        """Repack every 4-bit linear of a model held in memory now, one at a time, rather than at its
-        first token (layers read lazily are prepared as they come, and dropped with them)."""
-        if isinstance(w.layers, list):
-            for lw in w.layers:
-                for lin in (getattr(lw, n) for n in LINEARS):
-                    if isinstance(lin, W4):
-                        self._prepare(lin)
-        if isinstance(w.output, W4):
-            self._prepare(w.output)
-        return w
+        """The model with every packed linear prepared now, one at a time, rather than at its first token:
+        the returned weights hold the prepared forms in place of the W4s (drop the argument to free what
+        was converted at load). Layers read lazily are prepared as they come, and dropped with them."""
+        output = self._prepared(w.output) if isinstance(w.output, W4) else w.output
+        if not isinstance(w.layers, list):
+            return dataclasses.replace(w, output=output)
+        layers = [dataclasses.replace(lw, **{n: self._prepared(getattr(lw, n)) for n in LINEARS
+                                             if isinstance(getattr(lw, n), W4)}) for lw in w.layers]
+        return dataclasses.replace(w, layers=layers, output=output)
 
-    def _prepare(self, w: W4) -> PreparedW4:
-        return _kept_while_alive(self._prepared, w, lambda m: prepare(m, repack=True))
+    def _prepared(self, w) -> PreparedW4:
+        """A W4 prepared (once, kept while it lives), or a PreparedW4 as it is."""
+        if isinstance(w, PreparedW4):
+            return w
+        return _kept_while_alive(self._prepared_w4, w, lambda m: prepare(m, repack=True))
 
     def decode_block(self, lw, x, pos: int, cache, layer: int, w):
         """One decoder layer for one token as a single compiled call (``numba_decode``), or None when
@@ -641,11 +654,11 @@ class NumbaBackend(HostMemory):
 
     def _layer_args(self, lw, w):
         lins = [getattr(lw, n) for n in LINEARS]  # decode_layer takes them in this order
-        ok = (all(isinstance(m, W4) and m.bits == 4 and m.bias is None for m in lins)
+        ok = (all(isinstance(m, (W4, PreparedW4)) and m.bits == 4 and m.bias is None for m in lins)
               and len({m.group_size for m in lins}) == 1)
         if not ok:
             return None
-        ps = [self._prepare(m) for m in lins]
+        ps = [self._prepared(m) for m in lins]
         if not all(p.blocked is not None for p in ps):
             return None
         return (np.asarray(lw.attn_norm, np.float32), np.asarray(lw.ffn_norm, np.float32), w.args.norm_eps,

@@ -1,4 +1,12 @@
-"""A Hugging Face model directory: config.json, (sharded) safetensors, tokenizer files."""
+"""A Hugging Face model directory: config.json, (sharded) safetensors, tokenizer files.
+
+A directory whose config carries a ``quantization_config`` (or an AutoAWQ
+``quant_config.json`` beside it) holds AWQ-packed linears: AutoAWQ's GEMM or
+GEMV layout (``sources.awq``) or compressed-tensors ``pack-quantized``
+(``sources.compressed_tensors``). Their canonical ``.qweight``, ``.scales``
+and ``.zeros`` are the runtime's rows (``pack.py``), converted one tensor at a
+time; linears the checkpoint left in float keep ``.weight``.
+"""
 
 from __future__ import annotations
 
@@ -50,6 +58,29 @@ def _read_json(path: Path) -> dict:
         raise FormatError(f"{path}: not valid JSON ({e})") from None
 
 
+PACKED = ("qweight", "scales", "zeros")  # the canonical parts of a packed linear
+
+
+def quant_layout(path: Path, config: dict):
+    """The packed layout a directory's quantization config names (None for a float model); refuses the rest."""
+    from .awq import SUPPORTED, AwqLayout, awq_settings
+    from .compressed_tensors import CompressedTensorsLayout, ct_settings
+
+    qc, where = config.get("quantization_config"), path / "config.json"
+    if qc is None and (path / "quant_config.json").is_file():  # AutoAWQ before transformers carried the config
+        qc, where = {"quant_method": "awq", **_read_json(path / "quant_config.json")}, path / "quant_config.json"
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise FormatError(f"{where}: quantization_config is not an object")
+    method = qc.get("quant_method")
+    if method == "awq":
+        return AwqLayout(awq_settings(qc, str(where)), str(path))
+    if method == "compressed-tensors":
+        return CompressedTensorsLayout(ct_settings(qc, str(where)), str(path))
+    raise FormatError(f"{where}: quant_method {method!r} is not supported: edge-awq reads {SUPPORTED}")
+
+
 class HFSource:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -58,10 +89,39 @@ class HFSource:
             raise FormatError(f"{self.path}: no config.json: not a Hugging Face model directory")
         self.config = _read_json(cfg_path)
         self.args = from_hf_config(self.config)
+        self.layout = quant_layout(self.path, self.config)
         self._files: dict[str, SafetensorsFile] = {}
         self._where: dict[str, str] = self._index()
-        if self.args.tied_embeddings is False and "lm_head.weight" not in self._where:
+        if self.args.tied_embeddings is False and "lm_head.weight" not in self._where and not self._has_name(
+                "lm_head.qweight") and not self._has_name("lm_head.weight_packed"):
             self.args = dataclasses.replace(self.args, tied_embeddings=True)
+        self.quantization = self._quantization()
+
+    def _quantization(self) -> dict:
+        """The settings of a packed checkpoint (as an .eawq file's metadata names them); {} for a float model."""
+        if self.layout is None:
+            return {}
+        head = "w4" if self.has("output.qweight") else "fp16"
+        return {**self.layout.quantization, "head": head, "source_config": self.config.get("quantization_config")}
+
+    def _has_name(self, name: str) -> bool:
+        return name in self._where
+
+    def _split(self, key: str) -> tuple[str, str] | None:
+        """(Hugging Face module, part) of a packed linear's canonical key, or None for any other key."""
+        parts = key.split(".")
+        if self.layout is None or parts[-1] not in PACKED or len(parts) < 2:
+            return None
+        prefix = ".".join(parts[:-1])
+        module = "lm_head" if prefix == "output" else hf_name(prefix + ".weight")[: -len(".weight")]
+        return module, parts[-1]
+
+    def _shape(self, key: str) -> tuple[int, int]:
+        from ..load import expected_shapes
+
+        a = self.args
+        name = key.split(".")[-2]
+        return (a.vocab_size, a.dim) if key.startswith("output.") else expected_shapes(a)[name]
 
     def release(self) -> None:
         """Drop the resident pages of every mapped shard."""
@@ -91,10 +151,19 @@ class HFSource:
         return self._files[shard]
 
     def has(self, key: str) -> bool:
+        packed = self._split(key)
+        if packed is not None:
+            return self.layout.is_quantized(packed[0], self._has_name)
         return hf_name(key) in self._where
 
     def get(self, key: str) -> np.ndarray:
-        name = hf_name(key)
+        packed = self._split(key)
+        if packed is not None:
+            module, part = packed
+            return self.layout.read(part, module, self._shape(key), self._get_name, self._has_name)
+        return self._get_name(hf_name(key))
+
+    def _get_name(self, name: str) -> np.ndarray:
         if name not in self._where:
             raise FormatError(f"{self.path}: tensor {name} is missing")
         f = self._open(self._where[name])
