@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     src = open_source(args.model)
     n_ctx = max(args.prefill) + args.decode
-    check_fits(src.args, getattr(src, "quantization", {}), str(args.model), n_ctx, args.memory)  # before any weight
+    check_fits(src, str(args.model), n_ctx, args.memory)  # before any weight
     ops = select_backend(args.backend)
     host_w = load_weights(src, dtype=None)  # stored arrays as they are (fp16 tables stay mapped)
     w = ops.prepare(host_w)  # the same arrays on numpy and numba; uploaded once on cuda

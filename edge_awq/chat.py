@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = min(args.ctx, src.args.max_seq_len)
     if ctx < 8:
         raise InputError(f"--ctx {args.ctx}: too small to chat")
-    check_fits(src.args, getattr(src, "quantization", {}), str(args.model), ctx, args.memory,
+    check_fits(src, str(args.model), ctx, args.memory,
                args.kv_dtype)  # before any weight is read
     ops, why = pick_backend(args.backend)
     if args.backend == "auto":

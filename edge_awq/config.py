@@ -224,6 +224,45 @@ def from_hf_config(cfg: dict) -> ModelArgs:
     )
 
 
+HF_ARCHITECTURES = {family: name for name, family in ARCHITECTURES.items()}
+
+
+def to_hf_config(a: ModelArgs, bos_id: int | None = None, eos_ids: tuple[int, ...] = ()) -> dict:
+    """A Hugging Face ``config.json`` dict for ``a`` (the inverse of ``from_hf_config``), float16 weights.
+
+    RoPE is written both ways, ``rope_theta``/``rope_scaling`` for older readers and transformers 5's
+    ``rope_parameters``; Q and K rows are in the rotate-half order every edge-awq file keeps.
+    """
+    if a.rope_interleaved:
+        raise ConfigError("Q/K rows in interleaved RoPE order (a version-1 file from llama2.c or GGUF): "
+                          "re-export it from its source to write a Hugging Face directory")
+    rope = {"rope_type": "default", "rope_theta": a.rope_theta}
+    if a.rope_scaling is not None:
+        rs = a.rope_scaling
+        rope.update(rope_type=rs.kind, factor=rs.factor)
+        if rs.kind == "llama3":
+            rope.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor,
+                        original_max_position_embeddings=rs.original_max_position_embeddings)
+    cfg = {
+        "architectures": [HF_ARCHITECTURES[a.arch]], "model_type": a.arch, "hidden_size": a.dim,
+        "intermediate_size": a.hidden_dim, "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads,
+        "num_key_value_heads": a.n_kv_heads, "head_dim": a.head_dim, "vocab_size": a.vocab_size,
+        "max_position_embeddings": a.max_seq_len, "rms_norm_eps": a.norm_eps, "hidden_act": "silu",
+        "tie_word_embeddings": a.tied_embeddings, "rope_theta": a.rope_theta,
+        "rope_scaling": None if a.rope_scaling is None else {k: v for k, v in rope.items() if k != "rope_theta"},
+        "rope_parameters": rope, "torch_dtype": "float16", "dtype": "float16",
+        "bos_token_id": bos_id, "eos_token_id": (list(eos_ids) if len(eos_ids) > 1 else
+                                                 (eos_ids[0] if eos_ids else None)),
+    }
+    if a.arch == "llama":
+        cfg.update(attention_bias=False, mlp_bias=False)
+    elif a.arch == "qwen2":
+        cfg.update(use_sliding_window=False, sliding_window=None)
+    else:
+        cfg.update(sliding_window=None)
+    return cfg
+
+
 def rope_frequencies(args: ModelArgs) -> np.ndarray:
     """Inverse frequencies of RoPE, float32 (head_dim/2,), scaling applied."""
     hd = args.head_dim

@@ -163,6 +163,10 @@ class EawqSource:
     def fingerprint(self) -> str:
         return hashlib.sha256(self.file.metadata["checksums"].encode()).hexdigest()[:16]
 
+    def tensor_bytes(self) -> dict[str, int]:
+        """Tensor name -> bytes, as stored (the tokenizer excluded)."""
+        return {n: t.end - t.begin for n, t in self.file.tensors.items() if n != "tokenizer"}
+
     def verify(self) -> list[str]:
         """Names of tensors whose bytes do not match their checksum (or that lack one)."""
         bad = []

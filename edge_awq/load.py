@@ -99,6 +99,12 @@ def read_layer(src: Source, i: int, dtype=np.float32) -> LayerWeights:
     return LayerWeights(**fields)
 
 
+def resident_bytes(src: Source) -> dict[str, int]:
+    """Tensor name -> bytes the runtime holds once the source is loaded, from the headers alone (the
+    tokenizer excluded; bfloat16 counted as the float32 it is widened to)."""
+    return src.tensor_bytes()
+
+
 def inv_freq(src: Source) -> np.ndarray:
     """RoPE inverse frequencies: the source's own (GGUF rope_freqs, .eawq) or from the config."""
     own = getattr(src, "rope_inv_freq", None)

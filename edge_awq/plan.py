@@ -132,18 +132,39 @@ def _group(in_features: int, group_size) -> int:
     return int(group_size)
 
 
-def weight_lines(a: ModelArgs, bits: int, group_size: int, head: str, ctx: int) -> dict:
-    """Bytes of the packed layers, the embedding rows the runtime touches and the head."""
+def spec_bytes(a: ModelArgs, bits: int, group_size, head: str) -> dict[str, int]:
+    """Tensor name -> bytes of the .eawq file an export at these settings writes (from ``tensor_specs``)."""
     import numpy as np
 
     from .format import tensor_specs
 
     specs = tensor_specs(a, bits, lambda n: _group(n, group_size), 0, head)
-    nbytes = {name: int(np.dtype(dt).itemsize * np.prod(shape)) for name, dt, shape in specs}
-    layers = sum(v for k, v in nbytes.items() if k.startswith("layers."))
-    emb = nbytes["tok_embeddings"]
-    head_bytes = sum(v for k, v in nbytes.items() if k.startswith("output"))
-    lines = {"packed decoder weights": layers}
+    return {name: int(np.dtype(dt).itemsize * np.prod(shape)) for name, dt, shape in specs if name != "tokenizer"}
+
+
+def _kind(name: str) -> str:
+    """What a tensor is, by its canonical (.eawq) or Hugging Face name."""
+    if name.startswith(("layers.", "model.layers.")):
+        return "layers"
+    if name in ("tok_embeddings", "model.embed_tokens.weight"):
+        return "embedding"
+    if name.startswith(("output", "lm_head")):
+        return "head"
+    return "other"  # the final norm, the RoPE table
+
+
+def weight_lines(a: ModelArgs, bits: int, group_size, head: str, ctx: int, nbytes: dict[str, int] | None = None) -> dict:
+    """Bytes of the packed layers, the embedding rows the runtime touches and the head.
+
+    nbytes: tensor name -> bytes as the runtime holds them (a file's own tensors: ``resident_bytes``);
+    by default those an export at these settings writes.
+    """
+    nbytes = spec_bytes(a, bits, group_size, head) if nbytes is None else nbytes
+    by_kind: dict[str, int] = {}
+    for name, n in nbytes.items():
+        by_kind[_kind(name)] = by_kind.get(_kind(name), 0) + n
+    emb, head_bytes = by_kind.get("embedding", 0), by_kind.get("head", 0)
+    lines = {"packed decoder weights": by_kind.get("layers", 0)}
     if head_bytes or not a.tied_embeddings:  # the table is only gathered: pages of the rows used
         lines["fp16 embedding (rows gathered)"] = min(emb, ctx * max(PAGE, a.dim * 2))
         lines[f"output head ({head})"] = head_bytes or emb
@@ -151,28 +172,25 @@ def weight_lines(a: ModelArgs, bits: int, group_size: int, head: str, ctx: int) 
         lines["fp16 embedding = head (tied)"] = emb
     if bits not in (4, 8):  # the generic kernels keep float32 scales and zero points
         lines["float32 scales (3-bit kernels)"] = 8 * a.linear_params // _group(a.dim, group_size)
-    lines["norms and RoPE tables"] = sum(v for k, v in nbytes.items() if k in ("norm", "rope_inv_freq"))
+    lines["norms and RoPE tables"] = by_kind.get("other", 0)
     return lines
 
 
 def file_weight_bytes(a: ModelArgs, bits: int, group_size, head: str) -> int:
     """Bytes of every weight tensor an export writes (packed layers, norms, fp16 embedding, head)."""
-    import numpy as np
-
-    from .format import tensor_specs
-
-    specs = tensor_specs(a, bits, lambda n: _group(n, group_size), 0, head)
-    return sum(int(np.dtype(dt).itemsize * np.prod(shape)) for name, dt, shape in specs if name != "tokenizer")
+    return sum(spec_bytes(a, bits, group_size, head).values())
 
 
 def make_plan(a: ModelArgs, model: str, device: Device, ctx: int, batch: int = 1, kv_dtype: str = "fp16",
-              prefill_chunk: int = 512, bits: int = 4, group_size: int = 128, head: str = "fp16") -> Plan:
+              prefill_chunk: int = 512, bits: int = 4, group_size: int = 128, head: str = "fp16",
+              nbytes: dict[str, int] | None = None) -> Plan:
+    """The memory plan; nbytes: the model's own tensors (name -> bytes held), else those of an export."""
     if ctx < 1 or batch < 1 or prefill_chunk < 1:
         raise InputError("--ctx, --batch and --prefill-chunk must be at least 1")
     if ctx > a.max_seq_len:
         raise InputError(f"--ctx {ctx:,}: the model is made for at most {a.max_seq_len:,} tokens")
     def lines_for(n: int) -> dict:
-        lines = weight_lines(a, bits, group_size, head, n)
+        lines = weight_lines(a, bits, group_size, head, n, nbytes)
         lines[f"KV cache ({kv_dtype}, {n:,} tokens x {batch})"] = kv_tok * n
         lines[f"prefill workspace ({min(prefill_chunk, n)} tokens)"] = workspace_bytes(
             a, min(prefill_chunk, n), n, group_size) * batch
@@ -182,7 +200,7 @@ def make_plan(a: ModelArgs, model: str, device: Device, ctx: int, batch: int = 1
 
     kv_tok = kv_bytes_per_token(a, kv_dtype) * batch
     lines = lines_for(ctx)
-    fixed = weight_lines(a, bits, group_size, head, ctx)
+    fixed = weight_lines(a, bits, group_size, head, ctx, nbytes)
     total = sum(lines.values())
     usable = device.usable
     lo, hi = 0, a.max_seq_len  # the largest context that fits: totals grow with the context
@@ -201,14 +219,14 @@ def make_plan(a: ModelArgs, model: str, device: Device, ctx: int, batch: int = 1
             advice.append(f"3-bit weights save {size(fixed['packed decoder weights'] // 4).strip()} at a "
                           "quality cost (export --bits 3)")
         advice.append("or a device with more memory")
-    elif group_size != "channel" and int(group_size) > 32:
-        finer = weight_lines(a, bits, int(group_size) // 2, head, ctx)["packed decoder weights"]
-        advice.append(f"group size {int(group_size) // 2} (finer, better quality) would cost "
-                      f"{size(finer - fixed['packed decoder weights']).strip()} more")
+    elif isinstance(group_size, int) and group_size > 32:
+        finer = weight_lines(a, bits, group_size // 2, head, ctx)["packed decoder weights"]
+        now = weight_lines(a, bits, group_size, head, ctx)["packed decoder weights"]
+        advice.append(f"group size {group_size // 2} (finer, better quality) would cost {size(finer - now).strip()} more")
     per_token_read = fixed["packed decoder weights"] + fixed.get(f"output head ({head})",
                                                                  fixed.get("fp16 embedding = head (tied)", 0))
     bound = device.bandwidth / per_token_read if device.bandwidth else None
-    weights = file_weight_bytes(a, bits, group_size, head)
+    weights = sum(nbytes.values()) if nbytes is not None else file_weight_bytes(a, bits, group_size, head)
     return Plan(model, device.name, device.source, ctx, batch, kv_dtype, prefill_chunk, bits, group_size, head,
                 lines, total, usable, total <= usable, int(max_ctx), advice, bound, weights)
 
@@ -226,7 +244,7 @@ def table(p: Plan) -> str:
         out.append(f"  {k:<{width}} {size(v)}")
     out.append(f"  {'total':<{width}} {size(p.total)}")
     out.append(f"  {'usable on the device':<{width}} {size(p.usable)}  ({p.device_source})")
-    out.append(f"weights in the file (packed layers, fp16 embedding and head): {p.weights_bytes / 1e9:.2f} GB")
+    out.append(f"weights (packed layers, embedding and head): {p.weights_bytes / 1e9:.2f} GB")
     out.append(f"verdict: fits, {size(p.usable - p.total).strip()} to spare" if p.fits else
                f"verdict: does NOT fit, {size(p.total - p.usable).strip()} short")
     out.append(f"longest context that fits: {p.max_ctx:,} tokens" if p.max_ctx else "no context fits")
@@ -236,28 +254,25 @@ def table(p: Plan) -> str:
     return "\n".join(out)
 
 
-def model_args(model: str) -> tuple[ModelArgs, dict]:
-    """Architecture of a preset, config.json, Hugging Face directory or .eawq file; with its quantization if packed."""
+def model_args(model: str) -> tuple[ModelArgs, dict, dict | None]:
+    """Architecture of a preset, config.json, Hugging Face directory or .eawq file; with its quantization and
+    its tensors' bytes (``load.resident_bytes``) if packed."""
     if model in PRESETS:
-        return PRESETS[model], {}
+        return PRESETS[model], {}, None
     path = Path(model)
     if not path.exists():
         raise InputError(f"{model}: no such file, and not a preset ({', '.join(PRESETS)})")
-    if path.suffix == ".eawq":
-        from .format import EawqSource
-
-        src = EawqSource(path)
-        return src.args, src.quantization
-    if path.name == "config.json" or path.is_dir():
+    if path.name == "config.json":
         from .config import from_hf_config
 
-        cfg = path if path.name == "config.json" else path / "config.json"
-        if not cfg.is_file():
-            raise InputError(f"{model}: no config.json there")
-        return from_hf_config(json.loads(cfg.read_text())), {}
-    from .load import open_source
+        return from_hf_config(json.loads(path.read_text())), {}, None
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise InputError(f"{model}: no config.json there")
+    from .load import open_source, resident_bytes
 
-    return open_source(path).args, {}
+    src = open_source(path)
+    quant = getattr(src, "quantization", None) or {}
+    return src.args, quant, resident_bytes(src) if quant else None
 
 
 def device_for(name: str | None, memory: str | None) -> Device:
@@ -282,12 +297,16 @@ def available_memory() -> int:
     return 0
 
 
-def check_fits(a: ModelArgs, quant: dict, model: str, ctx: int, memory: str | None,
-               kv_dtype: str = "fp16") -> Plan | None:
-    """The runtime's check before loading: refuse (InputError with the plan table) when the model will not fit.
+def check_fits(src, model: str, ctx: int, memory: str | None, kv_dtype: str = "fp16") -> Plan | None:
+    """The runtime's check before loading a source: refuse (InputError with the plan table) when it will not fit.
 
-    memory: the user's --memory, else this machine's MemAvailable. Returns the plan (None if unknown).
+    A packed source is counted from its own tensors' bytes. memory: the user's --memory, else this
+    machine's MemAvailable. Returns the plan (None if unknown).
     """
+    from .load import resident_bytes
+
+    a, quant = src.args, getattr(src, "quantization", None) or {}
+    nbytes = resident_bytes(src) if quant else None
     if memory is None:
         free = available_memory()
         if not free:
@@ -298,7 +317,7 @@ def check_fits(a: ModelArgs, quant: dict, model: str, ctx: int, memory: str | No
     ctx = min(ctx, a.max_seq_len)
     if "bits" in quant:
         p = make_plan(a, model, device, ctx, kv_dtype=kv_dtype, bits=quant["bits"], group_size=quant["group_size"],
-                      head=quant.get("head", "fp16"))
+                      head=quant.get("head", "fp16"), nbytes=nbytes)
     else:
         p = _fp_plan(a, model, device, ctx)
     if not p.fits:
@@ -335,11 +354,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    a, quant = model_args(args.model)
+    a, quant, nbytes = model_args(args.model)
     device = device_for(args.device, args.memory)
     ctx = args.ctx or min(a.max_seq_len, 4096)
+    if quant and (args.bits or args.group_size or args.head):
+        raise InputError(f"{args.model} is packed already: --bits, --group-size and --head are for a model not yet "
+                         "packed")
     p = make_plan(a, Path(args.model).name, device, ctx, args.batch, args.kv_dtype, args.prefill_chunk,
                   args.bits or quant.get("bits", 4), args.group_size or quant.get("group_size", 128),
-                  args.head or quant.get("head", "fp16"))
+                  args.head or quant.get("head", "fp16"), nbytes)
     print(p.to_json() if args.json else table(p))
     return 0 if p.fits else 2

@@ -106,7 +106,7 @@ def _load(args):
     ctx = min(args.ctx, src.args.max_seq_len)
     if ctx < 32:
         raise InputError(f"--ctx {args.ctx}: too small to serve (at least 32)")
-    check_fits(src.args, getattr(src, "quantization", {}), str(args.model), ctx, args.memory)
+    check_fits(src, str(args.model), ctx, args.memory)
     ops, why = pick_backend(args.backend)
     log.info("backend %s (%s)", ops.name, why)
     w = ops.prepare(load_weights(src, dtype=None))

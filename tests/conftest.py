@@ -94,9 +94,13 @@ def autoawq_modules():
         pkg = types.ModuleType("awq")
         pkg.__path__ = list(spec.submodule_search_locations)
         sys.modules["awq"] = pkg
+    config_path = Path(list(spec.submodule_search_locations)[0]) / "models" / "_config.py"
+    config_spec = importlib.util.spec_from_file_location("awq_models_config", config_path)  # awq.models wants more
+    config = importlib.util.module_from_spec(config_spec)
+    config_spec.loader.exec_module(config)
     return types.SimpleNamespace(gemm=importlib.import_module("awq.modules.linear.gemm"),
                                  gemv=importlib.import_module("awq.modules.linear.gemv"),
-                                 packing=importlib.import_module("awq.utils.packing_utils"))
+                                 packing=importlib.import_module("awq.utils.packing_utils"), config=config)
 
 
 @pytest.fixture(scope="session")

@@ -105,3 +105,22 @@ def test_transformers5_rope_parameters_are_read():
 def test_rope_settings_not_understood_are_refused(rope, words):
     with pytest.raises(ConfigError, match=words):
         from_hf_config({**LLAMA, **rope})
+
+
+@pytest.mark.parametrize("args", [
+    ModelArgs("llama", 64, 172, 5, 8, 4, 8, 512, 512, tied_embeddings=True),
+    ModelArgs("llama", 4096, 14336, 32, 32, 8, 128, 128256, 8192, rope_theta=500000.0,
+              rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)),
+    ModelArgs("qwen2", 896, 4864, 24, 14, 2, 64, 151936, 32768, rope_theta=1e6, qkv_bias=True, tied_embeddings=True),
+    ModelArgs("mistral", 4096, 14336, 32, 32, 8, 128, 32000, 32768, rope_scaling=RopeScaling("linear", 2.0)),
+])
+def test_hf_config_round_trip(args):
+    """to_hf_config writes what from_hf_config reads back, and what transformers reads as the same model."""
+    from transformers import AutoConfig
+
+    from edge_awq.config import to_hf_config
+
+    cfg = to_hf_config(args, 1, (2,))
+    assert from_hf_config(cfg) == args
+    theirs = AutoConfig.for_model(**cfg).to_dict()
+    assert from_hf_config(theirs) == args

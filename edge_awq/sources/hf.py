@@ -171,6 +171,15 @@ class HFSource:
             raise FormatError(f"{f.path}: tensor {name} is missing though the index names this shard")
         return f.get(name)
 
+    def tensor_bytes(self) -> dict[str, int]:
+        """Hugging Face tensor name -> bytes held once loaded (bfloat16 is widened to float32)."""
+        out = {}
+        for name, shard in self._where.items():
+            t = self._open(shard).tensors.get(name)
+            if t is not None:
+                out[name] = (t.end - t.begin) * (2 if t.dtype == "BF16" else 1)
+        return out
+
     def tokenizer(self) -> Tokenizer:
         tc_path = self.path / "tokenizer_config.json"
         tc = _read_json(tc_path) if tc_path.is_file() else {}
