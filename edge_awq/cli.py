@@ -21,7 +21,8 @@ COMMANDS = {
     "bench": ("edge_awq.bench", "speed and memory of a model on this machine"),
     "serve": ("edge_awq.serve", "serve a model over an OpenAI-compatible HTTP API (for systemd)"),
     "plan": ("edge_awq.plan", "will a model fit a device? memory plan before loading"),
-    "inspect": ("edge_awq.inspect_file", "print an .eawq file's metadata and tensors"),
+    "inspect": ("edge_awq.inspect_file", "print a model's metadata and tensors (.eawq file or Hugging Face directory)"),
+    "convert": ("edge_awq.convert", "a packed model between .eawq, AutoAWQ GEMM and compressed-tensors, integers untouched"),
     "verify": ("edge_awq.verify", "check every checksum of an .eawq file"),
     "build-native": ("edge_awq.native_build", "build the CUDA library of the cuda backend (needs nvcc and CMake)"),
 }

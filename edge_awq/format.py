@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -177,18 +178,34 @@ class EawqSource:
         return bad
 
 
-def stored_bits_per_weight(nbytes: dict[str, int], a: ModelArgs) -> float:
-    """Bits per decoder weight counted from the bytes stored: every linear's packed codes, scales and zero points
-    (padding included) over the decoder's matrix weights. nbytes: tensor name -> bytes, as in the file."""
-    from .model import LINEARS
+_LINEAR_STORAGE = re.compile(  # a decoder linear's stored parts, by canonical or Hugging Face name
+    r"^(model\.)?layers\.\d+\.((self_attn|mlp)\.)?(wq|wk|wv|wo|w1|w2|w3|[qkvo]_proj|gate_proj|up_proj|down_proj)\."
+    r"(qweight|scales|zeros|qzeros|weight|weight_packed|weight_scale|weight_zero_point)$")
 
-    parts = (".qweight", ".scales", ".zeros")
-    stored = sum(v for k, v in nbytes.items()
-                 if k.startswith("layers.") and k.endswith(parts) and k.split(".")[2] in LINEARS)
+
+def stored_bits_per_weight(nbytes: dict[str, int], a: ModelArgs) -> float:
+    """Bits per decoder weight counted from the bytes stored: every decoder linear's packed codes, scales and
+    zero points (padding included), or its float weight, over the decoder's matrix weights.
+    nbytes: tensor name -> bytes as stored (an .eawq file's or a Hugging Face directory's names)."""
+    stored = sum(v for k, v in nbytes.items() if _LINEAR_STORAGE.match(k))
     return 8 * stored / a.linear_params
 
 
 HEAD_BITS = {"int8": 8, "w4": 4}  # packed output heads; "fp16" keeps the float16 table
+HEAD_ROWS = 8192  # rows of the head quantized at a time (bounded memory for large vocabularies)
+
+
+def packed_head_arrays(weight, bits: int, group_size: int) -> dict[str, np.ndarray]:
+    """The output head (vocab, dim) packed by round to nearest, HEAD_ROWS rows at a time: its file tensors."""
+    import dataclasses
+
+    from .pack import pack_linear
+
+    parts = [pack_linear(np.asarray(weight[r : r + HEAD_ROWS], np.float32), bits, group_size)
+             for r in range(0, weight.shape[0], HEAD_ROWS)]
+    head = dataclasses.replace(parts[0], **{f: np.concatenate([getattr(p, f) for p in parts])
+                                            for f in ("qweight", "scales", "zeros")})
+    return linear_arrays("output", head)  # packed output heads; "fp16" keeps the float16 table
 
 
 def linear_specs(name: str, out_f: int, in_f: int, bits: int, group_size: int,
@@ -203,10 +220,19 @@ def linear_specs(name: str, out_f: int, in_f: int, bits: int, group_size: int,
     return specs + ([(f"{name}.bias", np.float32, (out_f,))] if bias else [])
 
 
+def float_linear_specs(name: str, out_f: int, in_f: int, bias: bool = False) -> list[tuple[str, object, tuple]]:
+    """The file tensors of a linear kept in float: its float16 weight and float32 bias."""
+    return [(f"{name}.weight", np.float16, (out_f, in_f))] + ([(f"{name}.bias", np.float32, (out_f,))] if bias else [])
+
+
 def linear_arrays(name: str, w) -> dict[str, np.ndarray]:
-    """A packed linear (``model.W4``) as the file's tensors, named as ``linear_specs`` names them."""
+    """A linear as the file's tensors: a packed ``model.W4`` as ``linear_specs`` names them, a ``Dense`` one
+    as ``float_linear_specs`` does."""
     from .pack import pack_zeros_flat, unpack_bits
 
+    if not hasattr(w, "qweight"):
+        out = {f"{name}.weight": np.asarray(w.weight, np.float16)}
+        return out if w.bias is None else {**out, f"{name}.bias": np.asarray(w.bias, np.float32)}
     zeros = unpack_bits(w.zeros, w.bits, w.in_features // w.group_size)  # (out, G)
     out = {f"{name}.qweight": w.qweight, f"{name}.scales": np.asarray(w.scales, np.float16),
            f"{name}.zeros": pack_zeros_flat(zeros, w.bits)}
@@ -216,10 +242,12 @@ def linear_arrays(name: str, w) -> dict[str, np.ndarray]:
 
 
 def tensor_specs(a: ModelArgs, bits: int, group_for, tokenizer_nbytes: int,
-                 head: str = "fp16") -> list[tuple[str, object, tuple[int, ...]]]:
+                 head: str = "fp16", linear=None) -> list[tuple[str, object, tuple[int, ...]]]:
     """Every tensor of an .eawq file in write order: (name, dtype, shape).
 
     group_for(in_features) -> the group size used for a linear of that input width.
+    linear(prefix, out_f, in_f, bias) -> the specs of one decoder linear, where they are not all packed at
+    ``bits`` (a converted checkpoint's linears kept in float: ``float_linear_specs``).
     head: "fp16" (the embedding table when tied), or "int8"/"w4": an output head
     packed at 8 or 4 bits in groups of group_for(dim), tied or not (the fp16
     embedding table stays for the gather).
@@ -234,8 +262,11 @@ def tensor_specs(a: ModelArgs, bits: int, group_for, tokenizer_nbytes: int,
         specs += [(f"layers.{i}.{n}", np.float16, (a.dim,)) for n in ("attn_norm", "ffn_norm")]
         for n in LINEARS:
             out_f, in_f = shapes[n]
-            specs += linear_specs(f"layers.{i}.{n}", out_f, in_f, bits, group_for(in_f),
-                                  a.qkv_bias and n in ("wq", "wk", "wv"))
+            bias = a.qkv_bias and n in ("wq", "wk", "wv")
+            if linear is not None:
+                specs += linear(f"layers.{i}.{n}", out_f, in_f, bias)
+            else:
+                specs += linear_specs(f"layers.{i}.{n}", out_f, in_f, bits, group_for(in_f), bias)
     specs.append(("norm", np.float16, (a.dim,)))
     if head in HEAD_BITS:
         specs += linear_specs("output", a.vocab_size, a.dim, HEAD_BITS[head], group_for(a.dim))

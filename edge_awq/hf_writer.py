@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from .tokenizer import Tokenizer
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' and AutoAWQ's default: "5GB"
 ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int32): "I32",
              np.dtype(np.int64): "I64", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8"}
+
 
 
 def tokenizer_files(tok: Tokenizer, max_len: int) -> dict[str, bytes]:
@@ -57,11 +59,12 @@ def _fsync(path: Path) -> None:
 class HFDirWriter:
     """Write a directory atomically: files and tensors into a temporary directory, renamed at ``close``.
 
-    Tensors are added one at a time in a known order with known sizes (``plan``), so shards are cut
-    before any is written and no tensor is held longer than its own write.
+    specs: [(name, numpy dtype, shape)] of every tensor in the order ``add`` will get them. Shards are
+    cut from the sizes before any is written, and each tensor is streamed into its shard as it comes
+    (safetensors header first): no tensor is held longer than its own write.
     """
 
-    def __init__(self, path: str | Path, specs: list[tuple[str, np.dtype, tuple[int, ...]]],
+    def __init__(self, path: str | Path, specs: list[tuple[str, object, tuple[int, ...]]],
                  max_shard_bytes: int = MAX_SHARD_BYTES):
         self.path = Path(path)
         if self.path.exists():
@@ -71,12 +74,15 @@ class HFDirWriter:
             self._tmp.mkdir(parents=False)
         except OSError as e:
             raise InputError(f"cannot write {self.path}: {e.strerror}; choose another output path") from None
-        self._shards = _cut(specs, max_shard_bytes)
-        self._specs = {name: (np.dtype(dt), tuple(shape)) for name, dt, shape in specs}
-        self._pending: dict[str, np.ndarray] = {}
-        self._next_shard = 0
+        self._specs = [(name, np.dtype(dt), tuple(int(d) for d in shape)) for name, dt, shape in specs]
+        self._shards = _cut(self._specs, max_shard_bytes)
+        self._shard_of = {spec[0]: k for k, shard in enumerate(self._shards) for spec in shard}
+        self._order = [name for name, _, _ in self._specs]
+        self._next = 0
+        self._file = None
+        self._shard = -1
         self._weight_map: dict[str, str] = {}
-        self._total = 0
+        self._total = sum(int(dt.itemsize * np.prod(shape)) for _, dt, shape in self._specs)
 
     def write_file(self, name: str, data: bytes | str | dict) -> None:
         """A small file (JSON for a dict) in the directory."""
@@ -84,35 +90,43 @@ class HFDirWriter:
             data = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
         (self._tmp / name).write_bytes(data.encode() if isinstance(data, str) else data)
 
-    def add(self, name: str, array: np.ndarray) -> None:
-        """One tensor; a shard is written as soon as all its tensors are in."""
-        dtype, shape = self._specs[name]
-        if array.dtype != dtype or tuple(array.shape) != shape:
-            raise ValueError(f"tensor {name} {array.dtype}{list(array.shape)}: expected {dtype}{list(shape)}")
-        self._pending[name] = array
-        while self._next_shard < len(self._shards) and all(n in self._pending for n in self._shards[self._next_shard]):
-            self._write_shard(self._next_shard)
-            self._next_shard += 1
-
     def _shard_name(self, k: int) -> str:
         n = len(self._shards)
         return "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
 
-    def _write_shard(self, k: int) -> None:
-        from safetensors.numpy import save_file
+    def _open_shard(self, k: int) -> None:
+        if self._file is not None:
+            self._file.close()
+        entries, off = {}, 0
+        for name, dt, shape in self._shards[k]:
+            n = int(dt.itemsize * np.prod(shape))
+            entries[name] = {"dtype": ST_DTYPES[dt], "shape": list(shape), "data_offsets": [off, off + n]}
+            off += n
+            self._weight_map[name] = self._shard_name(k)
+        header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # tensor data 8-byte aligned
+        self._file = open(self._tmp / self._shard_name(k), "wb")
+        self._file.write(struct.pack("<Q", len(header)) + header)
+        self._shard = k
 
-        names = self._shards[k]
-        tensors = {n: np.ascontiguousarray(self._pending.pop(n)) for n in names}
-        fname = self._shard_name(k)
-        save_file(tensors, str(self._tmp / fname), metadata={"format": "pt"})
-        self._weight_map.update({n: fname for n in names})
-        self._total += sum(t.nbytes for t in tensors.values())
+    def add(self, name: str, array: np.ndarray) -> None:
+        """The next tensor, in the order of the specs."""
+        want, dt, shape = self._specs[self._next] if self._next < len(self._specs) else (None, None, None)
+        if name != want or array.dtype != dt or tuple(array.shape) != shape:
+            raise ValueError(f"tensor {name} {array.dtype}{list(array.shape)} out of order or shape "
+                             f"(expected {want} {dt}{list(shape or ())})")
+        k = self._shard_of[name]
+        if k != self._shard:
+            self._open_shard(k)
+        self._file.write(np.ascontiguousarray(array).tobytes())
+        self._next += 1
 
     def close(self) -> Path:
         """Write the index (several shards), fsync everything and publish the directory."""
-        if self._next_shard != len(self._shards):
-            missing = [n for n in self._shards[self._next_shard] if n not in self._pending]
-            raise ValueError(f"{len(missing)} tensors were not written (first: {missing[0]})")
+        if self._next != len(self._order):
+            raise ValueError(f"{len(self._order) - self._next} tensors were not written (next: {self._order[self._next]})")
+        if self._file is not None:
+            self._file.close()
         if len(self._shards) > 1:
             self.write_file("model.safetensors.index.json",
                             {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(self._weight_map.items()))})
@@ -124,6 +138,8 @@ class HFDirWriter:
         return self.path
 
     def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self):
@@ -135,14 +151,14 @@ class HFDirWriter:
         return False
 
 
-def _cut(specs: Iterable[tuple[str, np.dtype, tuple[int, ...]]], max_bytes: int) -> list[list[str]]:
-    """Tensor names in order, cut into shards of at most max_bytes (a larger tensor gets a shard of its own)."""
+def _cut(specs: Iterable[tuple[str, np.dtype, tuple[int, ...]]], max_bytes: int) -> list[list[tuple]]:
+    """Specs in order, cut into shards of at most max_bytes (a larger tensor gets a shard of its own)."""
     shards, size = [[]], 0
-    for name, dt, shape in specs:
-        n = int(np.dtype(dt).itemsize * np.prod(shape))
+    for spec in specs:
+        n = int(spec[1].itemsize * np.prod(spec[2]))
         if shards[-1] and size + n > max_bytes:
             shards.append([])
             size = 0
-        shards[-1].append(name)
+        shards[-1].append(spec)
         size += n
     return shards

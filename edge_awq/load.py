@@ -131,3 +131,39 @@ def load_weights(src: Source, lazy: bool = False, dtype=np.float32) -> ModelWeig
         layers = [read_layer(src, i, dtype) for i in range(a.n_layers)]
     log.info("loaded %s (%d layers, %s)", src.path, a.n_layers, "lazy" if lazy else "in memory")
     return ModelWeights(a, emb, layers, _checked(src, "norm", (a.dim,), np.float32), out, inv_freq(src))
+
+
+class DequantizedSource:
+    """A packed source seen as a float one: each packed linear's ``.weight`` is its dequantized values
+    (float32, one tensor at a time), for quantizing a packed model again (``export --requantize``)."""
+
+    def __init__(self, src: Source):
+        self._src, self.path, self.args = src, src.path, src.args
+
+    def has(self, key: str) -> bool:
+        if key.endswith(".weight") and self._src.has(key[: -len("weight")] + "qweight"):
+            return True
+        return not key.endswith((".qweight", ".scales", ".zeros")) and self._src.has(key)
+
+    def get(self, key: str) -> np.ndarray:
+        prefix = key[: -len(".weight")] if key.endswith(".weight") else key
+        if (key.endswith(".weight") or key == "output") and self._src.has(prefix + ".qweight"):
+            from .pack import unpack_linear
+
+            shape = (self.args.vocab_size, self.args.dim) if prefix == "output" else expected_shapes(self.args)[
+                prefix.split(".")[-1]]
+            bits = HEAD_BITS.get(self._src.quantization.get("head")) if prefix == "output" else None
+            return unpack_linear(_linear(self._src, prefix, shape, None, bits))
+        return self._src.get(key)
+
+    def tokenizer(self):
+        return self._src.tokenizer()
+
+    def fingerprint(self) -> str:
+        return self._src.fingerprint()
+
+    def release(self) -> None:
+        self._src.release()
+
+    def rope_inv_freq(self) -> np.ndarray:
+        return inv_freq(self._src)

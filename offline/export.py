@@ -1,4 +1,5 @@
-"""``edge-awq export``: quantize a model with AWQ (or RTN) into one packed ``.eawq`` file."""
+"""``edge-awq export``: quantize a model with AWQ (or RTN) into one packed ``.eawq`` file, or into the
+directory layouts transformers and vLLM load (``--format awq-gemm|compressed-tensors``)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DEFAULT_HEAD = "int8"  # measured: SmolLM2 decode +17 % tokens/s, wikitext2 perplexity unchanged (README "Speed")
-HEAD_ROWS = 8192  # rows of the head quantized at a time (bounded memory for large vocabularies)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="Hugging Face directory, .gguf file or llama2.c .bin")
     p.add_argument("--calib", required=True, type=Path, help="calibration text file (UTF-8)")
-    p.add_argument("-o", "--output", required=True, type=Path, help="the .eawq file to write")
+    p.add_argument("-o", "--output", required=True, type=Path,
+                   help="the .eawq file to write (a directory for --format awq-gemm or compressed-tensors)")
+    p.add_argument("--format", choices=("eawq", "awq-gemm", "compressed-tensors"), default="eawq",
+                   help="eawq (default), or a directory AutoAWQ/llm-compressor would write, for transformers and vLLM")
+    p.add_argument("--requantize", action="store_true",
+                   help="for an already-quantized source: dequantize it and search again, rather than convert")
     p.add_argument("--bits", type=int, choices=(4, 3), default=4)
     p.add_argument("--group-size", default="128", help="128, 64, 32 (any size dividing every layer), auto or channel")
     p.add_argument("--method", choices=("awq", "rtn"), default="awq")
@@ -35,8 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _check_args(args) -> None:
     from edge_awq.errors import InputError
 
-    if args.output.suffix != ".eawq":
-        raise InputError(f"{args.output}: the output file name must end in .eawq")
+    from edge_awq.convert import target_of
+
+    target_of(args.format, args.output)  # the output's name, and that it does not exist yet
     if args.n_samples < 1 or args.seqlen < 2:
         raise InputError("--n-samples must be at least 1 and --seqlen at least 2")
     if args.device == "cuda":
@@ -91,39 +97,68 @@ class _CtrlC:
         return False
 
 
-def pack_head(weight, bits: int, group_size: int) -> dict:
-    """The output head (vocab, dim) packed by round to nearest, HEAD_ROWS rows at a time: its file tensors."""
-    import dataclasses
-
-    import numpy as np
-
-    from edge_awq.format import linear_arrays
-    from edge_awq.pack import pack_linear
-
-    parts = [pack_linear(np.asarray(weight[r : r + HEAD_ROWS], np.float32), bits, group_size)
-             for r in range(0, weight.shape[0], HEAD_ROWS)]
-    head = dataclasses.replace(parts[0], **{f: np.concatenate([getattr(p, f) for p in parts])
-                                            for f in ("qweight", "scales", "zeros")})
-    return linear_arrays("output", head)
-
-
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from edge_awq.load import DequantizedSource, open_source
+
+    _check_args(args)
+    t_start = time.perf_counter()
+    src = open_source(args.source, args.tokenizer)
+    quant = getattr(src, "quantization", None) or {}
+    if quant and not args.requantize:
+        from edge_awq.convert import convert
+
+        print(f"edge-awq export: {args.source} is already quantized ({quant.get('layout', 'eawq')}, W{quant['bits']}): "
+              "converting it as stored, not quantizing again (--requantize to dequantize and search anew)",
+              file=sys.stderr)
+        info = convert(Path(args.source), args.output, args.format, args.head if args.format == "eawq" else "fp16")
+        info["seconds"] = time.perf_counter() - t_start
+        print(json.dumps(info) if args.json else f"wrote {args.output} ({args.format}) in {info['seconds']:.1f}s: "
+              "integers, scales and zero points as stored in the source")
+        return 0
+    if quant:
+        print(f"edge-awq export: {args.source} is already quantized: dequantizing it and searching again; the new "
+              "grid is fitted to weights already rounded once, so its error adds to the source's", file=sys.stderr)
+        src = DequantizedSource(src)
+    if args.format == "eawq":
+        info = _export_eawq(args, src, args.output, t_start)
+    else:
+        info = _export_directory(args, src, t_start)
+    print(json.dumps(info) if args.json else info["text"])
+    return 0
+
+
+def _export_directory(args, src, t_start: float) -> dict:
+    """Quantize into a temporary .eawq beside the output, then write it in the asked layout."""
+    import os
+
+    from edge_awq.format import EawqSource
+    from edge_awq.hf_export import write_directory
+
+    tmp = args.output.with_name(f".{args.output.name}.{os.getpid()}.eawq")
+    float_head = argparse.Namespace(**{**vars(args), "head": "fp16"})  # neither layout carries a packed head
+    try:
+        info = _export_eawq(float_head, src, tmp, t_start)
+        write_directory(EawqSource(tmp), args.output, args.format)
+    finally:
+        tmp.unlink(missing_ok=True)
+    info["output"] = str(args.output)
+    info["text"] = info["text"].replace(f"wrote {tmp}", f"wrote {args.output} ({args.format})", 1)
+    return info
+
+
+def _export_eawq(args, src, output: Path, t_start: float) -> dict:
     import numpy as np
 
-    from edge_awq.errors import InputError
-    from edge_awq.format import HEAD_BITS, EawqWriter, tensor_specs
-    from edge_awq.load import inv_freq, open_source
+    from edge_awq.format import HEAD_BITS, EawqWriter, packed_head_arrays, tensor_specs
+    from edge_awq.load import inv_freq
 
     from .calibrate import calibration_blocks
     from .quantize import QuantArgs, quantize_model, resolve_group_size
     from .torch_ops import TorchOps
     from .report import Progress, summary
 
-    _check_args(args)
-    t_start = time.perf_counter()
-    src = open_source(args.source, args.tokenizer)
-    if Path(args.source).suffix == ".eawq":
-        raise InputError(f"{args.source}: already quantized; export from the original model")
     qa = QuantArgs(args.bits, resolve_group_size(src.args, args.group_size), args.method, args.duo_scaling,
                    not args.no_clip)
     tok = src.tokenizer()
@@ -134,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     specs = tensor_specs(src.args, qa.bits, qa.group_for, len(tok_bytes), args.head)
     a = src.args
     reserve = (1 << 16) + 2 * len(json.dumps(tok_fields))  # room for the metadata in the header
-    with EawqWriter(args.output, specs, reserve) as writer, Progress(a.n_layers, qa.method) as progress:
+    with EawqWriter(output, specs, reserve) as writer, Progress(a.n_layers, qa.method) as progress:
         writer.add("tokenizer", np.frombuffer(tok_bytes, dtype=np.uint8))
         writer.add("rope_inv_freq", inv_freq(src))
         writer.add("tok_embeddings", np.asarray(src.get("tok_embeddings"), dtype=np.float16))
@@ -144,11 +179,9 @@ def run(args: argparse.Namespace) -> int:
         writer.add("norm", np.asarray(src.get("norm"), dtype=np.float16))
         head = src.get("tok_embeddings" if a.tied_embeddings or not src.has("output") else "output")
         if args.head in HEAD_BITS:
-            for name, t in pack_head(head, HEAD_BITS[args.head], qa.group_for(a.dim)).items():
+            for name, t in packed_head_arrays(head, HEAD_BITS[args.head], qa.group_for(a.dim)).items():
                 writer.add(name, t)
         elif not a.tied_embeddings:
             writer.add("output", np.asarray(head, dtype=np.float16))
         writer.close(_metadata(src, qa, calib, tok_fields, args.head))
-    info = summary(args.output, a, qa, reports, t_calib, time.perf_counter() - t_start)
-    print(json.dumps(info) if args.json else info["text"])
-    return 0
+    return summary(output, a, qa, reports, t_calib, time.perf_counter() - t_start)

@@ -19,7 +19,8 @@ import numpy as np
 
 from ..config import from_hf_config
 from ..errors import FormatError
-from ..tensorfile import SafetensorsFile
+from ..model import LINEARS
+from ..tensorfile import SafetensorsFile, TensorInfo
 from ..tokenizer import Tokenizer, from_sentencepiece, from_tokenizer_json
 
 # canonical name -> Hugging Face tensor name ({i}: layer index)
@@ -110,7 +111,8 @@ class HFSource:
     def _split(self, key: str) -> tuple[str, str] | None:
         """(Hugging Face module, part) of a packed linear's canonical key, or None for any other key."""
         parts = key.split(".")
-        if self.layout is None or parts[-1] not in PACKED or len(parts) < 2:
+        linear = parts[:-1] == ["output"] or (len(parts) == 4 and parts[0] == "layers" and parts[2] in LINEARS)
+        if self.layout is None or parts[-1] not in PACKED or not linear:
             return None
         prefix = ".".join(parts[:-1])
         module = "lm_head" if prefix == "output" else hf_name(prefix + ".weight")[: -len(".weight")]
@@ -154,7 +156,10 @@ class HFSource:
         packed = self._split(key)
         if packed is not None:
             return self.layout.is_quantized(packed[0], self._has_name)
-        return hf_name(key) in self._where
+        try:
+            return hf_name(key) in self._where
+        except KeyError:  # a canonical name no Hugging Face tensor has
+            return False
 
     def get(self, key: str) -> np.ndarray:
         packed = self._split(key)
@@ -171,14 +176,19 @@ class HFSource:
             raise FormatError(f"{f.path}: tensor {name} is missing though the index names this shard")
         return f.get(name)
 
+    def stored_tensors(self) -> dict[str, tuple[str, TensorInfo]]:
+        """Hugging Face tensor name -> (shard file, its header entry), every tensor of the directory."""
+        out = {}
+        for name in sorted(self._where):
+            t = self._open(self._where[name]).tensors.get(name)
+            if t is not None:
+                out[name] = (self._where[name], t)
+        return out
+
     def tensor_bytes(self) -> dict[str, int]:
         """Hugging Face tensor name -> bytes held once loaded (bfloat16 is widened to float32)."""
-        out = {}
-        for name, shard in self._where.items():
-            t = self._open(shard).tensors.get(name)
-            if t is not None:
-                out[name] = (t.end - t.begin) * (2 if t.dtype == "BF16" else 1)
-        return out
+        return {name: (t.end - t.begin) * (2 if t.dtype == "BF16" else 1)
+                for name, (_, t) in self.stored_tensors().items()}
 
     def tokenizer(self) -> Tokenizer:
         tc_path = self.path / "tokenizer_config.json"
