@@ -177,13 +177,13 @@ def run(args: argparse.Namespace) -> int:
     check_fits(src, str(args.model), ctx, args.memory,
                args.kv_dtype)  # before any weight is read
     ops, why = pick_backend(args.backend)
-    if args.backend == "auto":
-        print(f"[backend: {ops.name} ({why})]", file=sys.stderr)
     w = load_weights(src, dtype=None)  # stored arrays as they are (fp16 tables stay mapped)
     s = SamplingArgs(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed,
                      min(args.max_new_tokens, ctx // 2))
     cache = ops.allocate_cache(w.args, ctx, np.int8 if args.kv_dtype == "int8" else None, commit=True)
     w = ops.prepare(w)
+    if args.backend == "auto":  # once the model is in: a refused model is one line
+        print(f"[backend: {ops.name} ({why})]", file=sys.stderr)
     engine = (w, ops, src.tokenizer(), s, ctx, cache)
     conv = Conversation(args.system)
     if args.prompt is not None:

@@ -177,7 +177,9 @@ def _export_eawq(args, src, output: Path, t_start: float) -> dict:
             reports = quantize_model(src, blocks, qa, writer, specs, TorchOps(args.device), args.device,
                                      ctrl_c.checked(progress.layer_done), ctrl_c.checked(progress.phase))
         writer.add("norm", np.asarray(src.get("norm"), dtype=np.float16))
-        head = src.get("tok_embeddings" if a.tied_embeddings or not src.has("output") else "output")
+        # the head packed from the float16 values the file (and any directory made from it) keeps: reproducible
+        head = np.asarray(src.get("tok_embeddings" if a.tied_embeddings or not src.has("output") else "output"),
+                          np.float16)
         if args.head in HEAD_BITS:
             for name, t in packed_head_arrays(head, HEAD_BITS[args.head], qa.group_for(a.dim)).items():
                 writer.add(name, t)

@@ -98,9 +98,9 @@ def write_compressed_tensors(path: Path, out: Path, symmetric: bool = False) -> 
             g = m.weight.data.float().reshape(w.shape[0], -1, w.group_size)
             m.weight_scale.data = (g.abs().amax(-1) / 7.5).clamp(min=1e-5).half()
         else:
-            m.weight_scale.data = torch.from_numpy(np.asarray(w.scales, np.float16))
+            m.weight_scale.data = torch.from_numpy(np.array(w.scales, np.float16))
             m.weight_zero_point.data = torch.from_numpy(_zeros(w).astype(np.int8) - 8).to(m.weight_zero_point.dtype)
-    compressor = ModelCompressor.from_pretrained_model(model, "pack-quantized")
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
     out.mkdir(parents=True)
     if hasattr(compressor, "compress_model"):
         compressor.compress_model(model)
