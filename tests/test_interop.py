@@ -351,3 +351,51 @@ def test_compressed_tensors_settings_not_supported_are_one_line(smol_dirs, tmp_p
         d = _copy(smol_dirs["ct"], tmp_path / f"ct-{len(list(tmp_path.iterdir()))}")
         _edit_config(d, **change)
         assert_one_line_error(edge_awq("eval", d, "--text", TINYSTORIES, "--max-tokens", 64), words)
+
+
+def test_config_as_transformers_5_writes_it(smol_dirs):
+    """The fixtures' config.json comes from transformers 5's to_dict: RoPE only inside rope_parameters."""
+    cfg = json.loads((smol_dirs["awq-gemm"] / "config.json").read_text())
+    assert "rope_theta" not in cfg and cfg["rope_parameters"]["rope_theta"] == 100000.0
+    assert open_source(smol_dirs["awq-gemm"]).args.rope_theta == 100000.0
+
+
+def test_bfloat16_float_tensors_and_no_safetensors_metadata(stories_eawq, tmp_path):
+    """Float tensors stored in bfloat16 while the config says float16, in a file without __metadata__."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "ct"
+    assert edge_awq("convert", stories_eawq, "--to", "compressed-tensors", "-o", d).returncode == 0
+    st = d / "model.safetensors"
+    t = load_file(str(st))
+    t = {k: v.to(torch.bfloat16) if v.dtype == torch.float16 and "weight_scale" not in k else v for k, v in t.items()}
+    save_file(t, str(st))  # no metadata
+    assert json.loads((d / "config.json").read_text())["torch_dtype"] == "float16"
+    src = open_source(d)
+    emb = src.get("tok_embeddings")
+    assert emb.dtype == np.float32 and np.array_equal(emb, t["model.embed_tokens.weight"].float().numpy())
+    ref = select_backend("reference")
+    want = forward(load_weights(EawqSource(stories_eawq)), PROMPT, 0, KVCache.allocate(src.args, 16), ref)
+    got = forward(load_weights(src), PROMPT, 0, KVCache.allocate(src.args, 16), ref)
+    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()  # bfloat16 norms and embeddings: 8 bits less
+
+
+def test_qwen2_biases_ride_along(autoawq, tmp_path):
+    """A qwen2 model (q/k/v biases) through AutoAWQ GEMM and compressed-tensors: the same logits as its .eawq."""
+    from tests.test_architectures import BASE, CASES, write_random_model
+
+    src_dir = write_random_model(tmp_path / "qwen2", {**BASE, **CASES["qwen2-bias"], "vocab_size": 512})
+    from edge_awq.tokenizer import from_llama2c_bin
+    from tests.conftest import TOK512_BIN
+
+    from_llama2c_bin(TOK512_BIN, 512).impl.save(str(src_dir / "tokenizer.json"))
+    eawq = _export(src_dir, tmp_path / "qwen2.eawq", "--group-size", "32", "--head", "fp16")
+    ref = select_backend("reference")
+    tokens = PROMPT
+    want_w = load_weights(EawqSource(eawq))
+    want = forward(want_w, tokens, 0, KVCache.allocate(want_w.args, 16), ref)
+    for d in (write_autoawq(eawq, tmp_path / "awq", autoawq, "gemm"), write_compressed_tensors(eawq, tmp_path / "ct")):
+        src = open_source(d)
+        assert src.args.qkv_bias and src.has("layers.0.wq.bias") and src.has("layers.0.wq.qweight")
+        got = forward(load_weights(src), tokens, 0, KVCache.allocate(src.args, 16), ref)
+        assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max(), d  # biases stored float16 there
