@@ -46,11 +46,10 @@ def _linear_bytes_shape(w) -> tuple[int, tuple[int, int]]:
     return w.weight.nbytes, tuple(w.weight.shape)
 
 
-def kernel_rates(w, ops, repeat: int) -> list[dict]:
-    """Decode-step (one token) time and effective GB/s of each linear of layer 0 and of the head."""
+def kernel_rates(lw, output, ops, repeat: int) -> list[dict]:
+    """Decode-step (one token) time and effective GB/s of each linear of layer 0 (lw, as loaded) and of the head."""
     rows = []
-    lw = w.layers[0]
-    for name, lin in [(n, getattr(lw, n)) for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")] + [("output", w.output)]:
+    for name, lin in [(n, getattr(lw, n)) for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")] + [("output", output)]:
         nbytes, shape = _linear_bytes_shape(lin)
         x = np.random.default_rng(0).standard_normal((1, shape[1])).astype(np.float32)
         x = ops.upload(x) if hasattr(ops, "upload") else x  # a device backend: time the kernel, not the copy
@@ -92,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
     check_fits(src, str(args.model), n_ctx, args.memory)  # before any weight
     ops = select_backend(args.backend)
     host_w = load_weights(src, dtype=None)  # stored arrays as they are (fp16 tables stay mapped)
-    w = ops.prepare(host_w)  # the same arrays on numpy and numba; uploaded once on cuda
+    probe = (host_w.layers[0], host_w.output)  # what the kernel rows time, as loaded
+    w = ops.prepare(host_w)  # numba: prepared in place of what was loaded; cuda: uploaded once
+    del host_w  # a converted checkpoint's rows are not kept beside their prepared copies
     tok = src.tokenizer()
     rng = np.random.default_rng(0)
     n_ctx = max(args.prefill) + args.decode
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     res["decode_tokens_per_s"] = (len(steps) - 1) / (steps[-1] - steps[0]) if len(steps) > 1 else 0.0
     res["time_to_first_token_s_16"] = steps[0] - t0
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the probes below
-    res["kernels"] = kernel_rates(host_w, ops, args.repeat) + gemv_layers(ops, args.repeat)
+    res["kernels"] = kernel_rates(*probe, ops, args.repeat) + gemv_layers(ops, args.repeat)
     res["read_gb_per_s"] = read_bandwidth() / 1e9
     print(json.dumps(res) if args.json else _table(res))
     return 0

@@ -143,8 +143,17 @@ def _export_directory(args, src, t_start: float) -> dict:
         write_directory(EawqSource(tmp), args.output, args.format)
     finally:
         tmp.unlink(missing_ok=True)
-    info["output"] = str(args.output)
-    info["text"] = info["text"].replace(f"wrote {tmp}", f"wrote {args.output} ({args.format})", 1)
+    from edge_awq.format import stored_bits_per_weight
+    from edge_awq.sources.hf import HFSource
+
+    stored = {name: t.end - t.begin for name, (_, t) in HFSource(args.output).stored_tensors().items()}
+    bpw = stored_bits_per_weight(stored, src.args)
+    size = sum(f.stat().st_size for f in args.output.iterdir())
+    head = info["text"].splitlines()[0]
+    first = (f"wrote {args.output} ({args.format}, {size / 1e6:,.1f} MB): {head.split(': ', 1)[1].split(',')[0]}, "
+             f"{bpw:.3f} bits per quantized weight")
+    info.update(output=str(args.output), bytes=size, bits_per_weight=bpw,
+                text="\n".join([first, *info["text"].splitlines()[1:]]))
     return info
 
 
