@@ -60,7 +60,10 @@ class Engine:
     def __init__(self, w, ops, tokenizer, ctx: int, queue_size: int):
         self.w, self.ops, self.tokenizer, self.ctx = w, ops, tokenizer, ctx
         self.cache = ops.allocate_cache(w.args, ctx, commit=True)
-        self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[Job] = queue.Queue()
+        # one running and queue_size waiting, counted from submit to the end of the run: a burst that
+        # arrives before the worker has taken the first job finds its place all the same
+        self._capacity, self._admitted, self._admit = queue_size + 1, 0, threading.Lock()
         self._running: Job | None = None
         self._stop = threading.Event()
         self.draining = False
@@ -81,10 +84,11 @@ class Engine:
     def submit(self, job: Job) -> None:
         if self.draining:
             raise Draining()
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull() from None
+        with self._admit:
+            if self._admitted >= self._capacity:
+                raise QueueFull()
+            self._admitted += 1
+        self._queue.put_nowait(job)
 
     @property
     def waiting(self) -> int:
@@ -129,6 +133,8 @@ class Engine:
             finally:
                 self._running = None
                 job.finished = time.monotonic()
+                with self._admit:
+                    self._admitted -= 1
                 job._emit(None)
 
     def _run(self, job: Job) -> None:

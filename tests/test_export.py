@@ -86,7 +86,7 @@ def test_unwritable_output_fails_before_work(stories_path, tmp_path):
 
 
 def test_output_in_missing_directory(stories_path, tmp_path):
-    assert_one_line_error(export(stories_path, tmp_path / "nope" / "x.eawq", "--group-size", "4"), "cannot write")
+    assert_one_line_error(export(stories_path, tmp_path / "nope" / "x.eawq", "--group-size", "4"), "no such directory for the output")
 
 
 def test_unknown_architecture(tmp_path):
