@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode", type=int, default=128, help="tokens to decode (default 128)")
     p.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the best is kept")
     p.add_argument("--memory", default=None, help="memory the model may use, e.g. 2GiB (default: what is free)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the check of an .eawq file's checksums (done once per file on this machine otherwise)")
     p.add_argument("--json", action="store_true")
 
 
@@ -80,6 +82,7 @@ def gemv_layers(ops, repeat: int, group_size: int = 128) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from . import integrity
     from .generate import SamplingArgs, generate
     from .load import load_weights, open_source
     from .plan import check_fits
@@ -87,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from .ops import select_backend
 
     src = open_source(args.model)
+    integrity.check(src, "never" if args.no_verify else "cached")  # damaged files never answer
     n_ctx = max(args.prefill) + args.decode
     check_fits(src, str(args.model), n_ctx, args.memory)  # before any weight
     ops = select_backend(args.backend)

@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-dtype", choices=("fp16", "int8"), default="fp16",
                    help="KV cache precision (int8: half the memory, a scale per token and head)")
     p.add_argument("--memory", default=None, help="memory the model may use, e.g. 2GiB (default: what is free)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the check of an .eawq file's checksums (done once per file on this machine otherwise)")
 
 
 @dataclass
@@ -162,6 +164,7 @@ def interact(engine, conv: Conversation) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from . import integrity
     from .errors import InputError
     from .generate import SamplingArgs
     from .load import load_weights, open_source
@@ -171,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
     from .ops import pick_backend
 
     src = open_source(args.model, args.tokenizer)
+    integrity.check(src, "never" if args.no_verify else "cached")  # damaged files never answer
     ctx = min(args.ctx, src.args.max_seq_len)
     if ctx < 8:
         raise InputError(f"--ctx {args.ctx}: too small to chat")

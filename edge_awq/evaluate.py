@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from . import integrity
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -19,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer file for a llama2.c checkpoint")
     p.add_argument("--backend", default="reference", help="compute backend (default: reference)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the check of an .eawq file's checksums (done once per file on this machine otherwise)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
@@ -67,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     text = read_text(args.text)
     src = open_source(args.model, args.tokenizer)
+    integrity.check(src, "never" if args.no_verify else "cached")  # damaged files never answer
     a = src.args
     if not 2 <= args.ctx <= a.max_seq_len:
         raise InputError(f"--ctx {args.ctx}: must be between 2 and the model's context of {a.max_seq_len}")

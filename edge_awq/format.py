@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import integrity
 from .config import ModelArgs
 from .errors import FormatError, InputError
 from .tensorfile import SafetensorsFile
@@ -70,9 +71,9 @@ class EawqWriter:
         e = self._entries.get(name)
         if name != want or e is None or list(array.shape) != e["shape"] or ST_DTYPES.get(array.dtype) != e["dtype"]:
             raise ValueError(f"tensor {name} {array.dtype}{list(array.shape)} out of order or shape (expected {want}: {e})")
-        data = np.ascontiguousarray(array).tobytes()
-        self._f.write(data)
-        self._sums[name] = hashlib.sha256(data).hexdigest()
+        data = np.ascontiguousarray(array)
+        self._f.write(memoryview(data).cast("B"))
+        self._sums[name] = integrity.digest(data)
         self._next += 1
 
     def close(self, metadata: dict) -> Path:
@@ -80,7 +81,9 @@ class EawqWriter:
         if self._next != len(self._order):
             raise ValueError(f"{len(self._order) - self._next} tensors were not written (next: {self._order[self._next]})")
         meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
-        meta.update(format=FORMAT, version=str(VERSION), checksums=json.dumps(self._sums, sort_keys=True))
+        meta.update(format=FORMAT, version=str(VERSION), hash=integrity.HASH,
+                    checksums=json.dumps(self._sums, sort_keys=True))
+        meta["header_checksum"] = integrity.header_digest(meta, self._entries)
         header = json.dumps({"__metadata__": meta, **self._entries}, separators=(",", ":")).encode()
         if len(header) > self._header_len:
             raise ValueError(f"metadata of {len(header)} bytes exceeds the {self._header_len} reserved")
@@ -138,6 +141,13 @@ class EawqSource:
             raise FormatError(f"{self.path}: packing layout {meta.get('layout')!r} unsupported in version {version} "
                               f"(expected {READS[version]})")
         self.version = version
+        self.hash = "sha256" if version == 1 else meta.get("hash")
+        if version >= 2:
+            if self.hash != integrity.HASH:
+                raise FormatError(f"{self.path}: checksum kind {self.hash!r} unknown (expected {integrity.HASH})")
+            if meta.get("header_checksum") != integrity.header_digest(meta, self.file.entries):
+                raise FormatError(f"{self.path}: the header (metadata and tensor table) does not match its checksum: "
+                                  "the file is damaged; copy or export it again")
         self.args = ModelArgs.from_dict(_json_field(self.path, meta, "model_args"))
         self.quantization = _json_field(self.path, meta, "quantization")
         self.source_info = _json_field(self.path, meta, "source")
@@ -169,13 +179,9 @@ class EawqSource:
         return {n: t.end - t.begin for n, t in self.file.tensors.items() if n != "tokenizer"}
 
     def verify(self) -> list[str]:
-        """Names of tensors whose bytes do not match their checksum (or that lack one)."""
-        bad = []
-        for name in self.file.tensors:
-            digest = hashlib.sha256(np.asarray(self.file.raw(name)).tobytes()).hexdigest()
-            if self.checksums.get(name) != digest:
-                bad.append(name)
-        return bad
+        """Names of tensors whose bytes do not match their checksum (or that lack one), and of checksums
+        whose tensor is missing."""
+        return integrity.bad_tensors(self)
 
 
 _LINEAR_STORAGE = re.compile(  # a decoder linear's stored parts, by canonical or Hugging Face name

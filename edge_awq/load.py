@@ -99,6 +99,16 @@ def read_layer(src: Source, i: int, dtype=np.float32) -> LayerWeights:
     return LayerWeights(**fields)
 
 
+def check_structure(src: Source) -> None:
+    """Every tensor the model needs is present with the shape its config gives, and the tokenizer reads
+    (a FormatError names what is not); the tensors' bytes are not read."""
+    w = load_weights(src, lazy=True, dtype=None)
+    for i in range(src.args.n_layers):
+        read_layer(src, i, dtype=None)
+    del w
+    src.tokenizer()
+
+
 def resident_bytes(src: Source) -> dict[str, int]:
     """Tensor name -> bytes the runtime holds once the source is loaded, from the headers alone (the
     tokenizer excluded; bfloat16 counted as the float32 it is widened to)."""

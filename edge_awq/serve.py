@@ -97,12 +97,14 @@ def listen_socket(host: str, port: int, unix_socket: Path | None) -> socket.sock
 
 def _load(args):
     """(engine, model name): the model checked against memory, loaded once, warmed up."""
+    from . import integrity
     from .engine import Engine
     from .load import load_weights, open_source
     from .ops import pick_backend
     from .plan import check_fits
 
     src = open_source(args.model)
+    integrity.check(src, "always")  # a box nobody watches: every start, before READY (a flip at rest keeps mtime)
     ctx = min(args.ctx, src.args.max_seq_len)
     if ctx < 32:
         raise InputError(f"--ctx {args.ctx}: too small to serve (at least 32)")

@@ -52,6 +52,14 @@ def _read_header(path: Path) -> tuple[dict, int, int]:
         raise FormatError(f"{path}: corrupt safetensors header (not JSON)") from None
 
 
+def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:
+    """Tensors' byte ranges must not overlap (each tensor its own bytes)."""
+    spans = sorted((t.begin, t.end, name) for name, t in tensors.items() if t.end > t.begin)
+    for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise FormatError(f"{path}: corrupt header: tensors {n0!r} and {n1!r} overlap (bytes {b1}..{e0})")
+
+
 def release_pages(mm) -> None:
     """madvise(DONTNEED) over a read-only np.memmap: its pages leave the resident set, the data stays valid."""
     import mmap
@@ -84,21 +92,33 @@ class SafetensorsFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         header, data_start, size = _read_header(self.path)
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        if not isinstance(header, dict):
+            raise FormatError(f"{self.path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise FormatError(f"{self.path}: corrupt safetensors header (__metadata__ must map names to strings)")
+        self.metadata: dict[str, str] = meta
+        self.entries: dict = header  # the tensor table as stored (what a header checksum covers)
         self.tensors: dict[str, TensorInfo] = {}
         for name, h in header.items():
             self.tensors[name] = self._check(name, h, data_start, size)
+        _check_no_overlap(self.path, self.tensors)
         self._mm: np.memmap | None = None
 
     def _check(self, name: str, h: dict, data_start: int, size: int) -> TensorInfo:
         try:
-            dtype, shape, (b, e) = h["dtype"], tuple(int(s) for s in h["shape"]), h["data_offsets"]
+            dtype, shape, (b, e) = h["dtype"], h["shape"], h["data_offsets"]
+            ints = [*shape, b, e]
+            if not all(type(v) is int and v >= 0 for v in ints):  # no floats, strings, bools or negatives
+                raise ValueError
+            shape = tuple(shape)
         except (KeyError, TypeError, ValueError):
-            raise FormatError(f"{self.path}: corrupt header entry for tensor {name!r}") from None
+            raise FormatError(f"{self.path}: corrupt header entry for tensor {name!r} (dtype, shape and "
+                              "data_offsets must be a type name and non-negative integers)") from None
         if dtype not in DTYPES:
             raise FormatError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
         nbytes = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
-        if e - b != nbytes:
+        if e < b or e - b != nbytes:
             raise FormatError(f"{self.path}: tensor {name!r} spans {e - b} bytes but shape {shape} needs {nbytes}")
         if data_start + e > size:
             raise FormatError(

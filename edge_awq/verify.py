@@ -1,4 +1,5 @@
-"""``edge-awq verify``: recompute every tensor checksum of an .eawq file."""
+"""``edge-awq verify``: is an .eawq file whole? Its header checksum, every tensor's checksum, and every tensor the
+model needs present with its shape."""
 
 from __future__ import annotations
 
@@ -11,14 +12,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from . import integrity
     from .errors import FormatError
     from .format import EawqSource
+    from .load import check_structure
 
-    src = EawqSource(args.file)
-    bad = src.verify()
-    if bad:
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise FormatError(f"{args.file}: checksum mismatch in {', '.join(bad[:3])}{more}: the file is damaged; "
-                          "copy or export it again")
-    print(f"{args.file}: {len(src.file.tensors)} tensors, all checksums match")
+    if args.file.suffix != ".eawq":
+        raise FormatError(f"{args.file}: not an .eawq file (verify checks the checksums an .eawq file carries)")
+    src = EawqSource(args.file)  # the header and its checksum
+    check_structure(src)
+    integrity.check(src, "always")
+    print(f"{args.file}: {len(src.file.tensors)} tensors, all checksums match"
+          + (", the header's too" if src.version >= 2 else " (a version-1 file: its header carries none)")
+          + "; every tensor the model needs is there")
     return 0

@@ -109,3 +109,7 @@ def autoawq():
     if mods is None:
         pytest.skip("AutoAWQ not installed: pip install --no-deps autoawq==0.2.9")
     return mods
+
+
+# Files the tests check are remembered in a cache of their own, not the developer's (edge_awq.integrity).
+os.environ.setdefault("EDGE_AWQ_CACHE", __import__("tempfile").mkdtemp(prefix="edge-awq-test-cache-"))
