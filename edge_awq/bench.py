@@ -11,14 +11,19 @@ import time
 
 import numpy as np
 
+from . import flags
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=".eawq file (or any model edge-awq reads)")
     p.add_argument("--backend", default="auto", help="cuda, numba, reference or auto (default)")
-    p.add_argument("--prefill", type=int, nargs="+", default=[128, 512], help="prompt lengths (default 128 512)")
-    p.add_argument("--decode", type=int, default=128, help="tokens to decode (default 128)")
-    p.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the best is kept")
-    p.add_argument("--memory", default=None, help="memory the model may use, e.g. 2GiB (default: what is free)")
+    p.add_argument("--prefill", type=flags.positive, nargs="+", default=[128, 512],
+                   help="prompt lengths (default 128 512)")
+    p.add_argument("--decode", type=flags.int_range(2, what="decode tokens"), default=128,
+                   help="tokens to decode (default 128)")
+    p.add_argument("--repeat", type=flags.positive, default=3, help="runs of each measurement; the best is kept")
+    p.add_argument("--memory", type=flags.size, default=None,
+                   help="memory the model may use, e.g. 2GiB (default: what is free)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the check of an .eawq file's checksums (done once per file on this machine otherwise)")
     p.add_argument("--json", action="store_true")

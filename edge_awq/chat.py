@@ -10,6 +10,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from . import flags
+
 log = logging.getLogger(__name__)
 
 HELP = "commands: /reset (forget the conversation), /system TEXT, /stats, /help; Ctrl-C stops an answer, Ctrl-D exits"
@@ -20,17 +22,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", help="answer this once and exit")
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--backend", default="auto", help="cuda, numba, reference or auto (default)")
-    p.add_argument("--ctx", type=int, default=2048, help="context length in tokens (default 2048)")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ctx", type=flags.context, default=2048, help="context length in tokens (default 2048)")
+    p.add_argument("--max-new-tokens", type=flags.positive, default=512)
+    p.add_argument("--temperature", type=flags.temperature, default=0.0)
+    p.add_argument("--top-k", type=flags.top_k, default=0)
+    p.add_argument("--top-p", type=flags.top_p, default=1.0)
+    p.add_argument("--repetition-penalty", type=flags.repetition_penalty, default=1.0)
+    p.add_argument("--seed", type=flags.seed, default=None)
     p.add_argument("--tokenizer", default=None, help="tokenizer file for a llama2.c checkpoint")
     p.add_argument("--kv-dtype", choices=("fp16", "int8"), default="fp16",
                    help="KV cache precision (int8: half the memory, a scale per token and head)")
-    p.add_argument("--memory", default=None, help="memory the model may use, e.g. 2GiB (default: what is free)")
+    p.add_argument("--memory", type=flags.size, default=None,
+                   help="memory the model may use, e.g. 2GiB (default: what is free)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the check of an .eawq file's checksums (done once per file on this machine otherwise)")
 

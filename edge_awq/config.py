@@ -86,19 +86,20 @@ class ModelArgs:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelArgs":
-        """Inverse of ``to_dict`` (as stored in an ``.eawq`` file)."""
-        d = dict(d)
-        try:
-            if d.get("rope_scaling") is not None:
-                d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-            return cls(**d)
-        except TypeError as e:
-            raise ConfigError(f"bad stored model configuration: {e}") from None
+    def from_dict(cls, d, where: str = "the stored model configuration") -> "ModelArgs":
+        """Inverse of ``to_dict`` (as stored in an ``.eawq`` file), every field checked (``schema``)."""
+        from .schema import StoredModelArgs, validated
+
+        m = validated(StoredModelArgs, d, where, ConfigError).model_dump()
+        if m["rope_scaling"] is not None:
+            m["rope_scaling"] = RopeScaling(**m["rope_scaling"])
+        return cls(**m)
 
 
 def _family(cfg: dict) -> str:
     archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"config.json: architectures = {archs!r}: must be a list of class names")
     for a in archs:
         if a in ARCHITECTURES:
             return ARCHITECTURES[a]
@@ -141,11 +142,14 @@ def _rope_parameters(cfg: dict) -> dict:
 
 def _rope(cfg: dict) -> tuple[float, RopeScaling | None]:
     """RoPE base and scaling; a setting edge-awq does not implement is refused, never defaulted."""
+    from .schema import RopeParameters, validated
+
     rp = _rope_parameters(cfg)
     unknown = sorted(set(rp) - ROPE_KEYS)
     if unknown:
         raise ConfigError(f"RoPE setting {', '.join(unknown)} is not supported: edge-awq implements rope_theta "
                           "with 'default', 'linear' and 'llama3' scaling")
+    rp = validated(RopeParameters, rp, "config.json RoPE", ConfigError).model_dump(exclude_none=True)
     theta = float(rp.get("rope_theta", 10000.0))  # transformers' default for these architectures
     if not theta > 0:
         raise ConfigError(f"rope_theta {theta} must be positive")
@@ -192,28 +196,26 @@ def _context(cfg: dict, family: str) -> int:
     return n_ctx
 
 
-def _require(cfg: dict, key: str):
-    if key not in cfg:
-        raise ConfigError(f"config.json lacks {key!r}: is this a causal language model config?")
-    return cfg[key]
-
-
-def from_hf_config(cfg: dict) -> ModelArgs:
+def from_hf_config(cfg: dict, where: str = "config.json") -> ModelArgs:
     """Build ``ModelArgs`` from a Hugging Face ``config.json`` dict (refuses what it cannot run)."""
+    from .schema import HFConfig, validated
+
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{where}: a JSON {type(cfg).__name__}, not an object")
     family = _family(cfg)
+    cfg = validated(HFConfig, cfg, where, ConfigError).model_dump(exclude_none=True)
     _refuse_unsupported(cfg, family)
-    dim = int(_require(cfg, "hidden_size"))
-    n_heads = int(_require(cfg, "num_attention_heads"))
+    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
     theta, scaling = _rope(cfg)
     return ModelArgs(
         arch=family,
         dim=dim,
-        hidden_dim=int(_require(cfg, "intermediate_size")),
-        n_layers=int(_require(cfg, "num_hidden_layers")),
+        hidden_dim=cfg["intermediate_size"],
+        n_layers=cfg["num_hidden_layers"],
         n_heads=n_heads,
-        n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
-        head_dim=int(cfg.get("head_dim") or dim // n_heads),
-        vocab_size=int(_require(cfg, "vocab_size")),
+        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        head_dim=cfg.get("head_dim") or dim // n_heads,
+        vocab_size=cfg["vocab_size"],
         max_seq_len=_context(cfg, family),
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
@@ -222,6 +224,39 @@ def from_hf_config(cfg: dict) -> ModelArgs:
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2",
     )
+
+
+def expected_shapes(a: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Shape of each per-layer tensor, keyed by its name within the layer."""
+    q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    return {
+        "attn_norm": (a.dim,), "ffn_norm": (a.dim,),
+        "wq": (q_out, a.dim), "wk": (kv_out, a.dim), "wv": (kv_out, a.dim), "wo": (a.dim, q_out),
+        "w1": (a.hidden_dim, a.dim), "w2": (a.dim, a.hidden_dim), "w3": (a.hidden_dim, a.dim),
+    }
+
+
+LINEAR_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+GROUP_SIZES = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def resolve_group_size(a: ModelArgs, requested: int | str) -> int | str:
+    """The group size to use: an int dividing every linear's input width, or "channel" (one group a row);
+    "auto" takes the largest power of two up to 128 that divides them all."""
+    shapes = expected_shapes(a)
+    widths = {n: shapes[n][1] for n in LINEAR_NAMES}
+    fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths.values())]
+    if requested == "channel":
+        return "channel"
+    if requested == "auto":
+        return fits[0]
+    g = int(requested)
+    for name, width in widths.items():
+        if g <= 0 or width % g:
+            ok = " or ".join(str(f) for f in fits[:3])
+            raise ConfigError(f"--group-size {g} does not divide the input width {width} of layer {name}: "
+                              f"use {ok} (or auto, or channel)")
+    return g
 
 
 HF_ARCHITECTURES = {family: name for name, family in ARCHITECTURES.items()}

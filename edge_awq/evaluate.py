@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from . import integrity
+from . import flags, integrity
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -16,8 +16,9 @@ log = logging.getLogger(__name__)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="Hugging Face directory, .gguf file or llama2.c .bin")
     p.add_argument("--text", required=True, type=Path, help="UTF-8 text file to score")
-    p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
-    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    p.add_argument("--ctx", type=flags.context, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--max-tokens", type=flags.int_range(2, what="--max-tokens (two tokens score one)"), default=None,
+                   help="score only the first N tokens of the text")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer file for a llama2.c checkpoint")
     p.add_argument("--backend", default="reference", help="compute backend (default: reference)")
     p.add_argument("--no-verify", action="store_true",

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import integrity
+from . import integrity, schema
 from .config import ModelArgs
 from .errors import FormatError, InputError
 from .tensorfile import SafetensorsFile
@@ -124,6 +124,13 @@ def _json_field(path: Path, meta: dict, key: str):
         raise FormatError(f"{path}: metadata {key!r} is not valid JSON") from None
 
 
+def _checked_field(path: Path, meta: dict, key: str, model) -> dict:
+    """A metadata field parsed and checked against its schema (``schema.py``), as a plain dict."""
+    value = _json_field(path, meta, key)
+    checked = schema.validated(model, value, f"{path}: metadata {key}", FormatError)
+    return value if isinstance(checked, schema.StoredChecksums) else checked.model_dump()
+
+
 class EawqSource:
     """A ``.eawq`` file read as a model source (checked header; tensors memory-mapped)."""
 
@@ -148,11 +155,12 @@ class EawqSource:
             if meta.get("header_checksum") != integrity.header_digest(meta, self.file.entries):
                 raise FormatError(f"{self.path}: the header (metadata and tensor table) does not match its checksum: "
                                   "the file is damaged; copy or export it again")
-        self.args = ModelArgs.from_dict(_json_field(self.path, meta, "model_args"))
-        self.quantization = _json_field(self.path, meta, "quantization")
-        self.source_info = _json_field(self.path, meta, "source")
-        self.checksums = _json_field(self.path, meta, "checksums")
-        self._tok_fields = _json_field(self.path, meta, "tokenizer")
+        self.args = ModelArgs.from_dict(_json_field(self.path, meta, "model_args"), f"{self.path}: model_args")
+        self.quantization = _checked_field(self.path, meta, "quantization", schema.StoredQuantization)
+        source = _json_field(self.path, meta, "source")
+        self.source_info = source if isinstance(source, dict) else {}
+        self.checksums = _checked_field(self.path, meta, "checksums", schema.StoredChecksums)
+        self._tok_fields = _checked_field(self.path, meta, "tokenizer", schema.StoredTokenizer)
 
     def has(self, key: str) -> bool:
         return key in self.file.tensors
@@ -166,7 +174,11 @@ class EawqSource:
         return self.file.get(key)
 
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer.deserialize(self.get("tokenizer").tobytes(), self._tok_fields)
+        try:
+            return Tokenizer.deserialize(self.get("tokenizer").tobytes(), self._tok_fields)
+        except Exception as e:  # the tokenizer libraries raise bare exceptions on bytes they cannot read
+            raise FormatError(f"{self.path}: the stored tokenizer does not load ({type(e).__name__}: "
+                              f"{str(e)[:80]}); export the file again") from None
 
     def rope_inv_freq(self) -> np.ndarray:
         return np.asarray(self.get("rope_inv_freq"), dtype=np.float32)
@@ -258,7 +270,7 @@ def tensor_specs(a: ModelArgs, bits: int, group_for, tokenizer_nbytes: int,
     packed at 8 or 4 bits in groups of group_for(dim), tied or not (the fp16
     embedding table stays for the gather).
     """
-    from .load import expected_shapes
+    from .config import expected_shapes
     from .model import LINEARS
 
     specs = [("tokenizer", np.uint8, (tokenizer_nbytes,)), ("rope_inv_freq", np.float32, (a.head_dim // 2,)),

@@ -20,7 +20,8 @@ from .config import to_hf_config
 from .errors import InputError
 from .format import HEAD_BITS, EawqWriter, float_linear_specs, linear_arrays, linear_specs, tensor_specs
 from .hf_writer import HFDirWriter, generation_config, tokenizer_files
-from .load import expected_shapes, inv_freq, read_layer
+from .config import expected_shapes
+from .load import inv_freq, read_layer
 from .model import LINEARS, W4, Dense
 from .pack import pack_along_columns, pack_awq_gemm, unpack_bits, unpack_linear
 from .sources.hf import hf_name

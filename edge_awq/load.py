@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelArgs, rope_frequencies
+from .config import ModelArgs, expected_shapes, rope_frequencies
 from .errors import FormatError
 from .model import LINEARS, W4, Dense, LayerWeights, LazyLayers, ModelWeights
 from .format import HEAD_BITS
@@ -43,16 +43,6 @@ def open_source(path: str | Path, tokenizer: str | Path | None = None) -> Source
     raise FormatError(
         f"{path}: unrecognised model format: expected a Hugging Face directory, a .gguf file or a llama2.c .bin"
     )
-
-
-def expected_shapes(a: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Shape of each per-layer tensor, keyed by its name within the layer."""
-    q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    return {
-        "attn_norm": (a.dim,), "ffn_norm": (a.dim,),
-        "wq": (q_out, a.dim), "wk": (kv_out, a.dim), "wv": (kv_out, a.dim), "wo": (a.dim, q_out),
-        "w1": (a.hidden_dim, a.dim), "w2": (a.dim, a.hidden_dim), "w3": (a.hidden_dim, a.dim),
-    }
 
 
 def _checked(src: Source, key: str, shape: tuple[int, ...], dtype) -> np.ndarray:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import flags
 from .config import ModelArgs
-from .errors import InputError
+from .errors import ConfigError, InputError
 
 GIB, MIB = 1 << 30, 1 << 20
 
@@ -102,11 +102,10 @@ class Plan:
 
 def parse_size(text: str) -> int:
     """'24GiB', '64MiB', '16GB', '512M', '1073741824' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise InputError(f"--memory {text!r}: give a size such as 24GiB, 16GB or 512MiB")
-    base = 1024 if m.group(3) or not m.group(2) else 1000
-    return int(float(m.group(1)) * base ** "BKMGT".index((m.group(2) or "B").upper()))
+    try:
+        return flags.parse_size(text)
+    except ValueError as e:
+        raise InputError(f"--memory {e}") from None
 
 
 def kv_bytes_per_token(a: ModelArgs, kv_dtype: str) -> int:
@@ -342,13 +341,17 @@ def _fp_plan(a: ModelArgs, model: str, device: Device, ctx: int) -> Plan:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=f"config.json, Hugging Face directory, .eawq file or a preset: {', '.join(PRESETS)}")
     p.add_argument("--device", help=f"device profile: {', '.join(DEVICES)}")
-    p.add_argument("--memory", help="usable memory instead of a profile, e.g. 24GiB")
-    p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: the model's, at most 4096)")
-    p.add_argument("--batch", type=int, default=1, help="sequences served at once (default 1)")
+    p.add_argument("--memory", type=flags.size, help="usable memory instead of a profile, e.g. 24GiB")
+    p.add_argument("--ctx", type=flags.context, default=None,
+                   help="context length in tokens (default: the model's, at most 4096)")
+    p.add_argument("--batch", type=flags.int_range(1, 4096, "the batch"), default=1,
+                   help="sequences served at once (default 1)")
     p.add_argument("--kv-dtype", choices=("fp16", "int8"), default="fp16")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens run per step (default 512)")
+    p.add_argument("--prefill-chunk", type=flags.int_range(1, 1 << 16, "the prefill chunk"), default=512,
+                   help="prompt tokens run per step (default 512)")
     p.add_argument("--bits", type=int, choices=(3, 4), default=None, help="for a model not yet packed (default 4)")
-    p.add_argument("--group-size", type=int, default=None, help="for a model not yet packed (default 128)")
+    p.add_argument("--group-size", type=flags.group_size, default=None,
+                   help="for a model not yet packed (default 128; channel: one group a row)")
     p.add_argument("--head", choices=("fp16", "int8", "w4"), default=None, help="for a model not yet packed")
     p.add_argument("--json", action="store_true")
 
@@ -360,8 +363,19 @@ def run(args: argparse.Namespace) -> int:
     if quant and (args.bits or args.group_size or args.head):
         raise InputError(f"{args.model} is packed already: --bits, --group-size and --head are for a model not yet "
                          "packed")
+    if quant:
+        group = quant.get("group_size", 128)
+    else:  # what an export would use: the size asked for, checked; by default 128 where it divides every layer
+        from .config import resolve_group_size
+
+        asked = args.group_size or 128
+        try:
+            group = resolve_group_size(a, asked)
+        except ConfigError:
+            if args.group_size is not None:
+                raise
+            group = resolve_group_size(a, "auto")
     p = make_plan(a, Path(args.model).name, device, ctx, args.batch, args.kv_dtype, args.prefill_chunk,
-                  args.bits or quant.get("bits", 4), args.group_size or quant.get("group_size", 128),
-                  args.head or quant.get("head", "fp16"), nbytes)
+                  args.bits or quant.get("bits", 4), group, args.head or quant.get("head", "fp16"), nbytes)
     print(p.to_json() if args.json else table(p))
     return 0 if p.fits else 2

@@ -22,6 +22,7 @@ import stat
 import time
 from pathlib import Path
 
+from . import flags
 from .errors import InputError
 
 log = logging.getLogger("edge_awq.serve")
@@ -30,21 +31,26 @@ log = logging.getLogger("edge_awq.serve")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=".eawq file (or any model edge-awq reads)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=flags.port, default=8000)
     p.add_argument("--unix-socket", type=Path, default=None, help="listen on this Unix socket instead of TCP")
     p.add_argument("--api-key-file", type=Path, default=None,
                    help="file holding the bearer token clients must send (required off loopback)")
     p.add_argument("--model-name", default=None, help="the model's id in the API (default: the file's stem)")
     p.add_argument("--backend", default="auto", help="cuda, numba, reference or auto (default)")
-    p.add_argument("--ctx", type=int, default=2048, help="context length: prompt + answer (default 2048)")
-    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt taken (default ctx - 16)")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="most new tokens a request may ask for")
-    p.add_argument("--default-max-tokens", type=int, default=256, help="new tokens when a request does not say")
-    p.add_argument("--queue-size", type=int, default=8, help="requests waiting beyond the one running (default 8)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
+    p.add_argument("--ctx", type=flags.context, default=2048, help="context length: prompt + answer (default 2048)")
+    p.add_argument("--max-prompt-tokens", type=flags.positive, default=None,
+                   help="longest prompt taken (default ctx - 16)")
+    p.add_argument("--max-new-tokens", type=flags.positive, default=1024, help="most new tokens a request may ask for")
+    p.add_argument("--default-max-tokens", type=flags.positive, default=256,
+                   help="new tokens when a request does not say")
+    p.add_argument("--queue-size", type=flags.int_range(0, 1 << 16, "the queue size"), default=8,
+                   help="requests waiting beyond the one running (default 8)")
+    p.add_argument("--max-body-bytes", type=flags.int_range(1024, 1 << 30, "the body limit"), default=1 << 20,
+                   help="largest request body (default 1 MiB)")
+    p.add_argument("--drain-timeout", type=flags.seconds, default=30.0,
                    help="seconds requests in flight get to finish after SIGTERM (default 30)")
-    p.add_argument("--memory", default=None, help="memory the model may use, e.g. 2GiB (default: what is free)")
+    p.add_argument("--memory", type=flags.size, default=None,
+                   help="memory the model may use, e.g. 2GiB (default: what is free)")
 
 
 def is_loopback(host: str) -> bool:
@@ -64,9 +70,11 @@ def read_api_key(path: Path | None, host: str, unix_socket: Path | None) -> str 
                              "token clients must send), or keep the default --host 127.0.0.1")
         return None
     try:
-        key = path.read_text().strip()
+        key = path.read_text(encoding="utf-8").strip()
     except OSError as e:
         raise InputError(f"--api-key-file {path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"--api-key-file {path}: not UTF-8 text; write the key as one line of text") from None
     if len(key) < 16 or any(c.isspace() for c in key):
         raise InputError(f"--api-key-file {path}: the key must be one line of at least 16 characters")
     return key

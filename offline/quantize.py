@@ -18,7 +18,7 @@ import torch
 
 from edge_awq.errors import InputError
 from edge_awq.format import linear_arrays
-from edge_awq.load import expected_shapes, inv_freq, read_layer
+from edge_awq.load import inv_freq, read_layer
 from edge_awq.model import LINEARS, NO_CLIP, SCALE_GROUPS, Dense, LayerWeights, ModelWeights, attention, block, mlp
 from edge_awq.pack import pack_linear, unpack_linear
 
@@ -27,7 +27,6 @@ from .fake_quant import fake_quantize
 from .search import ScaleResult, apply_scales, search_scales
 from .torch_ops import RecordingOps
 
-POWERS = (128, 64, 32, 16, 8, 4, 2, 1)
 
 
 @dataclass(frozen=True)
@@ -44,27 +43,6 @@ class QuantArgs:
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "zero_point": True}
-
-
-def input_widths(a) -> dict[str, int]:
-    return {n: shape[1] for n, shape in expected_shapes(a).items() if n in LINEARS}
-
-
-def resolve_group_size(a, requested: str) -> int | str:
-    """The group size to use: an int dividing every linear's input width, or "channel"."""
-    widths = input_widths(a)
-    fits = [g for g in POWERS if all(w % g == 0 for w in widths.values())]
-    if requested == "channel":
-        return "channel"
-    if requested == "auto":
-        return fits[0]
-    g = int(requested)
-    for name, width in widths.items():
-        if g <= 0 or width % g:
-            ok = " or ".join(str(f) for f in fits[:3])
-            raise InputError(f"--group-size {g} does not divide the input width {width} of layer {name}: "
-                             f"use {ok} (or auto, or channel)")
-    return g
 
 
 @dataclass

@@ -100,7 +100,7 @@ def test_transformers5_rope_parameters_are_read():
     ({"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 1e5}}, "fix the one"),
     ({"rope_parameters": {"full_attention": {"rope_theta": 1e4}, "sliding_attention": {"rope_theta": 1e6}}},
      "differ between layer types"),
-    ({"rope_parameters": "default"}, "not an object"),
+    ({"rope_parameters": "default"}, "rope_parameters = .default.: Input should be a valid dictionary"),
 ])
 def test_rope_settings_not_understood_are_refused(rope, words):
     with pytest.raises(ConfigError, match=words):

@@ -29,7 +29,7 @@ def ppl(path):
 def _stored_bits(a, bits, gs):
     """Bits per decoder weight by hand: codes in rows padded to 32 values, a float16 scale per group, the
     zero points of each tensor as one stream padded to a word."""
-    from edge_awq.load import expected_shapes
+    from edge_awq.config import expected_shapes
     from edge_awq.pack import packed_words
 
     total = 0

@@ -90,7 +90,7 @@ def test_stored_bits_per_weight_counts_the_bytes():
 
 
 def _linear_shapes(a):
-    from edge_awq.load import expected_shapes
+    from edge_awq.config import expected_shapes
 
     return [v for k, v in expected_shapes(a).items() if k.startswith("w")]
 

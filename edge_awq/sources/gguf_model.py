@@ -14,6 +14,7 @@ import numpy as np
 
 from ..config import ModelArgs, RopeScaling, rope_frequencies
 from ..errors import ConfigError, FormatError
+from ..schema import GGUFArgs, validated
 from ..tokenizer import Tokenizer, byte_level_bpe, spm_bpe
 from . import to_rotate_half
 
@@ -76,21 +77,31 @@ class GGUFSource:
         if self.field(f"{arch}.expert_count"):
             raise ConfigError(f"{self.path}: mixture-of-experts models are not supported")
         k = lambda name, default=None: self.field(f"{arch}.{name}", default)  # noqa: E731
-        dim, n_heads = int(k("embedding_length")), int(k("attention.head_count"))
-        n_vocab = k("vocab_size") or len(self.field("tokenizer.ggml.tokens", []))
+        fields = {
+            "embedding_length": k("embedding_length"), "feed_forward_length": k("feed_forward_length"),
+            "block_count": k("block_count"), "head_count": k("attention.head_count"),
+            "head_count_kv": k("attention.head_count_kv"), "key_length": k("attention.key_length"),
+            "vocab_size": k("vocab_size") or len(self.field("tokenizer.ggml.tokens", []))
+            or (int(self.tensors["token_embd.weight"].shape[1]) if "token_embd.weight" in self.tensors else None),
+            "context_length": k("context_length", 2048),
+            "layer_norm_rms_epsilon": k("attention.layer_norm_rms_epsilon", 1e-5),
+            "rope_freq_base": k("rope.freq_base", 10000.0), "rope_scale_linear": k("rope.scale_linear"),
+        }
+        g = validated(GGUFArgs, {n: v for n, v in fields.items() if v is not None}, f"{self.path}: GGUF {arch}",
+                      FormatError)
         return ModelArgs(
             arch=arch,
-            dim=dim,
-            hidden_dim=int(k("feed_forward_length")),
-            n_layers=int(k("block_count")),
-            n_heads=n_heads,
-            n_kv_heads=int(k("attention.head_count_kv") or n_heads),
-            head_dim=int(k("attention.key_length") or dim // n_heads),
-            vocab_size=int(n_vocab or self.tensors["token_embd.weight"].shape[1]),
-            max_seq_len=int(k("context_length", 2048)),
-            norm_eps=float(k("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(k("rope.freq_base", 10000.0)),
-            rope_scaling=RopeScaling("linear", float(k("rope.scale_linear"))) if k("rope.scale_linear") else None,
+            dim=g.embedding_length,
+            hidden_dim=g.feed_forward_length,
+            n_layers=g.block_count,
+            n_heads=g.head_count,
+            n_kv_heads=g.head_count_kv or g.head_count,
+            head_dim=g._head_dim(),
+            vocab_size=g.vocab_size,
+            max_seq_len=g.context_length,
+            norm_eps=g.layer_norm_rms_epsilon,
+            rope_theta=g.rope_freq_base,
+            rope_scaling=RopeScaling("linear", g.rope_scale_linear) if g.rope_scale_linear else None,
             tied_embeddings="output.weight" not in self.tensors,
             qkv_bias="blk.0.attn_q.bias" in self.tensors,
         )

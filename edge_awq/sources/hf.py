@@ -119,7 +119,7 @@ class HFSource:
         return module, parts[-1]
 
     def _shape(self, key: str) -> tuple[int, int]:
-        from ..load import expected_shapes
+        from ..config import expected_shapes
 
         a = self.args
         name = key.split(".")[-2]
