@@ -93,7 +93,7 @@ def main():
     order = {v: i for i, v in enumerate(["FP", *VARIANTS])}
     rows.sort(key=lambda r: (-r["bits"] if r["variant"] in order else -4, order.get(r["variant"], 99)))
     fp = rows[0]["perplexity"]
-    print(f"| method | bits | group | bits/weight | perplexity | gap / RTN | export time (2 cores) |\n|---|---|---|---|---|---|---|")
+    print("| method | bits | group | bits/weight | perplexity | gap / RTN | export time (2 cores) |\n|---|---|---|---|---|---|---|")
     print(f"| FP (source) | 16 | | | {fp:.2f} | | |")
     for r in rows[1:]:
         rtn = next((x["perplexity"] for x in rows if x["variant"] == "rtn" and x["bits"] == r["bits"]), None)

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from . import __version__, threads
+from . import __version__, atomic, threads
 from .errors import EdgeAwqError
 
 threads.configure()  # before numpy or numba start their thread pools
@@ -56,8 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command != "serve":  # serve drains on SIGTERM; the others unwind, removing what they were writing
+        atomic.terminate_on_signals()
     try:
         return args.run(args)
+    except atomic.Terminated as t:
+        print(f"edge-awq {args.command}: stopped by {t.name}; no half-written output is left", file=sys.stderr)
+        return 128 + t.signum
     except EdgeAwqError as e:
         print(f"edge-awq {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def target_of(to: str | None, output: Path) -> str:
+    from . import atomic
     from .errors import InputError
 
     to = to or ("eawq" if output.suffix == ".eawq" else None)
@@ -33,11 +34,7 @@ def target_of(to: str | None, output: Path) -> str:
         raise InputError(f"{output}: name the layout to write with --to ({', '.join(TARGETS)}), or an .eawq file")
     if (to == "eawq") != (output.suffix == ".eawq"):
         raise InputError(f"{output}: an .eawq file name is for --to eawq, a directory for the other layouts")
-    if output.is_dir() or (to != "eawq" and output.exists()):  # an .eawq file is replaced atomically; a directory not
-        raise InputError(f"{output}: already exists as a {'directory' if output.is_dir() else 'file'}; remove it or "
-                         "choose another output path")
-    if not output.parent.is_dir():
-        raise InputError(f"{output.parent}: no such directory for the output")
+    atomic.check_output(output, directory=to != "eawq")  # an .eawq file is replaced atomically; a directory not
     return to
 
 

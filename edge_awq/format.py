@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import integrity, schema
+from . import atomic, integrity, schema
 from .config import ModelArgs
 from .errors import FormatError, InputError
 from .tensorfile import SafetensorsFile
@@ -59,12 +59,20 @@ class EawqWriter:
         self._sums: dict[str, str] = {}
         self._header_len = len(json.dumps(self._entries)) + 100 * len(specs) + meta_reserve
         self._header_len += -self._header_len % 8  # keep tensor data 8-byte aligned
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        atomic.check_output(self.path, directory=False)
+        atomic.sweep_stale(self.path)
+        self._tmp = atomic.temporary(self.path)
         try:
             self._f = open(self._tmp, "wb")
         except OSError as e:
             raise InputError(f"cannot write {self.path}: {e.strerror}; choose another output path") from None
-        self._f.write(b"\0" * (8 + self._header_len))
+        self._write(b"\0" * (8 + self._header_len))
+
+    def _write(self, data) -> None:
+        try:
+            self._f.write(data)
+        except OSError as e:  # a full disk, a file-size limit: the caller's exit removes the temporary
+            raise atomic.write_error(self.path, e) from None
 
     def add(self, name: str, array: np.ndarray) -> None:
         want = self._order[self._next] if self._next < len(self._order) else None
@@ -72,7 +80,7 @@ class EawqWriter:
         if name != want or e is None or list(array.shape) != e["shape"] or ST_DTYPES.get(array.dtype) != e["dtype"]:
             raise ValueError(f"tensor {name} {array.dtype}{list(array.shape)} out of order or shape (expected {want}: {e})")
         data = np.ascontiguousarray(array)
-        self._f.write(memoryview(data).cast("B"))
+        self._write(memoryview(data).cast("B"))
         self._sums[name] = integrity.digest(data)
         self._next += 1
 
@@ -87,11 +95,14 @@ class EawqWriter:
         header = json.dumps({"__metadata__": meta, **self._entries}, separators=(",", ":")).encode()
         if len(header) > self._header_len:
             raise ValueError(f"metadata of {len(header)} bytes exceeds the {self._header_len} reserved")
-        self._f.seek(0)
-        self._f.write(struct.pack("<Q", self._header_len) + header.ljust(self._header_len, b" "))
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        try:
+            self._f.seek(0)
+            self._f.write(struct.pack("<Q", self._header_len) + header.ljust(self._header_len, b" "))
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+        except OSError as e:
+            raise atomic.write_error(self.path, e) from None
         os.replace(self._tmp, self.path)
         dir_fd = os.open(self.path.parent, os.O_RDONLY)
         try:
@@ -101,9 +112,11 @@ class EawqWriter:
         return self.path
 
     def abort(self) -> None:
-        """Drop the temporary file (on error or interrupt)."""
-        if not self._f.closed:
+        """Drop the temporary file (on error or interrupt); a close that fails again (a full disk) changes nothing."""
+        try:
             self._f.close()
+        except OSError:
+            pass
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self):

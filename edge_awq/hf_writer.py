@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import atomic
 from .errors import InputError
 from .tokenizer import Tokenizer
 
@@ -67,9 +68,9 @@ class HFDirWriter:
     def __init__(self, path: str | Path, specs: list[tuple[str, object, tuple[int, ...]]],
                  max_shard_bytes: int = MAX_SHARD_BYTES):
         self.path = Path(path)
-        if self.path.exists():
-            raise InputError(f"{self.path}: already exists; remove it or choose another output directory")
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        atomic.check_output(self.path, directory=True)
+        atomic.sweep_stale(self.path)
+        self._tmp = atomic.temporary(self.path)
         try:
             self._tmp.mkdir(parents=False)
         except OSError as e:
@@ -88,7 +89,10 @@ class HFDirWriter:
         """A small file (JSON for a dict) in the directory."""
         if isinstance(data, dict):
             data = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-        (self._tmp / name).write_bytes(data.encode() if isinstance(data, str) else data)
+        try:
+            (self._tmp / name).write_bytes(data.encode() if isinstance(data, str) else data)
+        except OSError as e:
+            raise atomic.write_error(self.path, e) from None
 
     def _shard_name(self, k: int) -> str:
         n = len(self._shards)
@@ -106,8 +110,14 @@ class HFDirWriter:
         header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)  # tensor data 8-byte aligned
         self._file = open(self._tmp / self._shard_name(k), "wb")
-        self._file.write(struct.pack("<Q", len(header)) + header)
+        self._write(struct.pack("<Q", len(header)) + header)
         self._shard = k
+
+    def _write(self, data) -> None:
+        try:
+            self._file.write(data)
+        except OSError as e:
+            raise atomic.write_error(self.path, e) from None
 
     def add(self, name: str, array: np.ndarray) -> None:
         """The next tensor, in the order of the specs."""
@@ -118,28 +128,34 @@ class HFDirWriter:
         k = self._shard_of[name]
         if k != self._shard:
             self._open_shard(k)
-        self._file.write(np.ascontiguousarray(array).tobytes())
+        self._write(memoryview(np.ascontiguousarray(array)).cast("B"))
         self._next += 1
 
     def close(self) -> Path:
         """Write the index (several shards), fsync everything and publish the directory."""
         if self._next != len(self._order):
             raise ValueError(f"{len(self._order) - self._next} tensors were not written (next: {self._order[self._next]})")
-        if self._file is not None:
-            self._file.close()
-        if len(self._shards) > 1:
-            self.write_file("model.safetensors.index.json",
-                            {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(self._weight_map.items()))})
-        for f in self._tmp.iterdir():
-            _fsync(f)
-        _fsync(self._tmp)
+        try:
+            if self._file is not None:
+                self._file.close()
+            if len(self._shards) > 1:
+                self.write_file("model.safetensors.index.json", {"metadata": {"total_size": self._total},
+                                                                  "weight_map": dict(sorted(self._weight_map.items()))})
+            for f in self._tmp.iterdir():
+                _fsync(f)
+            _fsync(self._tmp)
+        except OSError as e:
+            raise atomic.write_error(self.path, e) from None
         os.replace(self._tmp, self.path)
         _fsync(self.path.parent)
         return self.path
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        try:
+            if self._file is not None:
+                self._file.close()
+        except OSError:  # the disk is still full: the directory goes all the same
+            pass
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelArgs, expected_shapes, rope_frequencies
+from .config import expected_shapes, rope_frequencies
 from .errors import FormatError
 from .model import LINEARS, W4, Dense, LayerWeights, LazyLayers, ModelWeights
 from .format import HEAD_BITS

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .model import KVCache, ModelWeights, forward
+from .model import ModelWeights, forward
 
 
 @dataclass(frozen=True)

@@ -263,8 +263,9 @@ def model_args(model: str) -> tuple[ModelArgs, dict, dict | None]:
         raise InputError(f"{model}: no such file, and not a preset ({', '.join(PRESETS)})")
     if path.name == "config.json":
         from .config import from_hf_config
+        from .sources.hf import _read_json
 
-        return from_hf_config(json.loads(path.read_text())), {}, None
+        return from_hf_config(_read_json(path), str(path)), {}, None
     if path.is_dir() and not (path / "config.json").is_file():
         raise InputError(f"{model}: no config.json there")
     from .load import open_source, resident_bytes

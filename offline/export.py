@@ -139,7 +139,7 @@ def _export_directory(args, src, t_start: float) -> dict:
     from edge_awq.format import EawqSource
     from edge_awq.hf_export import write_directory
 
-    tmp = args.output.with_name(f".{args.output.name}.{os.getpid()}.eawq")
+    tmp = args.output.with_name(f".{args.output.name}.tmp-{os.getpid()}.eawq")  # swept like the writers' own
     float_head = argparse.Namespace(**{**vars(args), "head": "fp16"})  # neither layout carries a packed head
     try:
         info = _export_eawq(float_head, src, tmp, t_start)

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from edge_awq.errors import InputError
 from edge_awq.format import linear_arrays
 from edge_awq.load import inv_freq, read_layer
 from edge_awq.model import LINEARS, NO_CLIP, SCALE_GROUPS, Dense, LayerWeights, ModelWeights, attention, block, mlp

@@ -1,6 +1,5 @@
 """The offline AWQ math: grid parity with pack.py, scale folding, clip search, AWQ beating RTN."""
 
-import dataclasses
 
 import numpy as np
 import pytest

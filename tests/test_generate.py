@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from edge_awq.errors import InputError
-from edge_awq.generate import Piece, SamplingArgs, TextStream, _draw, _nucleus, fit_prompt, generate, penalize, sample
+from edge_awq.generate import SamplingArgs, TextStream, _draw, _nucleus, fit_prompt, generate, penalize, sample
 from edge_awq.ops import select_backend
 from tests.test_model import LLAMA2C_GREEDY
 

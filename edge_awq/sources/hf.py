@@ -89,7 +89,7 @@ class HFSource:
         if not cfg_path.is_file():
             raise FormatError(f"{self.path}: no config.json: not a Hugging Face model directory")
         self.config = _read_json(cfg_path)
-        self.args = from_hf_config(self.config)
+        self.args = from_hf_config(self.config, str(cfg_path))
         self.layout = quant_layout(self.path, self.config)
         self._files: dict[str, SafetensorsFile] = {}
         self._where: dict[str, str] = self._index()

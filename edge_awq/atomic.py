@@ -1,0 +1,94 @@
+"""Outputs that appear whole or not at all: temporary names beside the target, stale ones swept, signals turned
+into an exception that every writer's cleanup sees.
+
+A writer (``format.EawqWriter``, ``hf_writer.HFDirWriter``) writes ``.NAME.tmp-PID`` beside NAME, fsyncs and
+renames. Its ``__exit__`` removes the temporary on any exception, including ``Terminated``, which
+``terminate_on_signals`` raises on SIGTERM and SIGHUP. A run killed outright (SIGKILL, power loss) leaves its
+temporary behind; the next writer to the same NAME removes those whose process is gone (``sweep_stale``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind (removing temporaries) and exit with 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+def _raise(signum, frame):
+    raise Terminated(signum)
+
+
+def terminate_on_signals() -> None:
+    """SIGTERM and SIGHUP raise ``Terminated`` in the main thread (commands other than serve, which drains)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise)
+
+
+def temporary(path: Path) -> Path:
+    """This process's temporary name for path."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_stale(path: Path) -> list[Path]:
+    """Remove temporaries for path (``.NAME.tmp-PID``, a file or a directory) whose process is gone; returns them."""
+    pattern = re.compile(rf"^\.+{re.escape(path.name)}\.tmp-(\d+)(\..*)?$")  # and temporaries of temporaries
+    removed = []
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = pattern.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            log.warning("removed %s, left by an earlier run that was stopped before it finished", p)
+            removed.append(p)
+    return removed
+
+
+def check_output(path: Path, directory: bool) -> None:
+    """Before any work: the parent exists and is writable, and path is not a directory (or, for a directory
+    output, does not exist)."""
+    parent = path.parent
+    if not parent.is_dir():
+        raise InputError(f"{path}: no such directory for the output")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: cannot write in {parent} (permission denied); choose another output path")
+    if path.is_dir() or (directory and path.exists()):
+        raise InputError(f"{path}: already exists as a {'directory' if path.is_dir() else 'file'}; remove it or "
+                         "choose another output path")
+
+
+def write_error(path: Path, e: OSError) -> InputError:
+    """The one line for a write that failed (a full disk, a file too large, an I/O error)."""
+    return InputError(f"cannot write {path}: {e.strerror or e}; nothing was written (free space, or choose another "
+                      "output path)")
