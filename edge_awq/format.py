@@ -66,7 +66,11 @@ class EawqWriter:
             self._f = open(self._tmp, "wb")
         except OSError as e:
             raise InputError(f"cannot write {self.path}: {e.strerror}; choose another output path") from None
-        self._write(b"\0" * (8 + self._header_len))
+        try:
+            self._write(b"\0" * (8 + self._header_len))
+        except BaseException:  # not yet inside a with-block: nothing else would remove it
+            self.abort()
+            raise
 
     def _write(self, data) -> None:
         try:
