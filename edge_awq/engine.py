@@ -22,6 +22,26 @@ from .generate import Piece, SamplingArgs, generate
 log = logging.getLogger(__name__)
 
 
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def trim_heap() -> None:
+    """Give the heap's freed pages back to the system (glibc's malloc_trim): a long prompt's buffers, freed
+    once it is answered or refused, would otherwise stay resident and the server's memory only grow."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 class QueueFull(Exception):
     """Every place in the queue is taken: answer 503 and ask the client to retry."""
 
@@ -136,6 +156,7 @@ class Engine:
                 with self._admit:
                     self._admitted -= 1
                 job._emit(None)
+                trim_heap()
 
     def _run(self, job: Job) -> None:
         job.started = time.monotonic()

@@ -33,6 +33,7 @@ class Limits:
     max_prompt_tokens: int
     max_new_tokens: int  # the most a request may ask for
     default_new_tokens: int  # what it gets when it does not ask
+    max_prompt_bytes: int | None = None  # text longer than this cannot fit max_prompt_tokens: refused untokenized
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ def _number(body: dict, name: str, lo: float, hi: float, default: float, lo_open
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ApiError(400, f"'{name}' must be a number, got {type(v).__name__}", name, "invalid_type")
+    if isinstance(v, int) and abs(v) > 2**53:  # hundreds of digits: no float holds it
+        raise ApiError(400, f"'{name}' must be in [{lo}, {hi}], got a number of {len(str(abs(v)))} digits", name,
+                       "invalid_value")
     if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
         raise ApiError(400, f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", name,
                        "invalid_value")
@@ -101,9 +105,21 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def _prompt_ids(kind: str, body: dict, tokenizer) -> list[int]:
+def _bounded(texts: list[str], param: str, limits) -> None:
+    """Refuse a prompt whose text alone must exceed max_prompt_tokens, before the tokenizer sees it: no token
+    covers more than the longest token's bytes, so that many bytes a token is the most that can still fit."""
+    if limits is None or limits.max_prompt_bytes is None:
+        return
+    n = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    if n > limits.max_prompt_bytes:
+        raise ApiError(400, f"the prompt is {n:,} bytes, more than {limits.max_prompt_tokens:,} tokens can hold; this "
+                       f"server takes at most {limits.max_prompt_tokens:,} tokens", param, "context_length_exceeded")
+
+
+def _prompt_ids(kind: str, body: dict, tokenizer, limits: Limits | None = None) -> list[int]:
     if kind == "chat":
         msgs = _messages(body)
+        _bounded([m["content"] for m in msgs], "messages", limits)
         if tokenizer.chat_template:
             return tokenizer.encode_chat(msgs)
         text = "\n".join(m["content"] for m in msgs)  # no template (a story model): continue the text
@@ -113,6 +129,7 @@ def _prompt_ids(kind: str, body: dict, tokenizer) -> list[int]:
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise ApiError(400, "'prompt' must be a non-empty string", "prompt", "invalid_value")
+    _bounded([prompt], "prompt", limits)
     return tokenizer.encode(prompt, bos=tokenizer.add_bos)
 
 
@@ -144,7 +161,7 @@ def parse_request(kind: str, body, model_name: str, tokenizer, limits: Limits) -
     if asked is not None and not 1 <= asked <= limits.max_new_tokens:
         raise ApiError(400, f"'max_tokens' must be between 1 and {limits.max_new_tokens}, got {asked}", "max_tokens",
                        "invalid_value")
-    ids = _prompt_ids(kind, body, tokenizer)
+    ids = _prompt_ids(kind, body, tokenizer, limits)
     if len(ids) > limits.max_prompt_tokens or len(ids) >= limits.ctx:
         raise ApiError(400, f"the prompt is {len(ids):,} tokens; this server takes at most "
                        f"{min(limits.max_prompt_tokens, limits.ctx - 1):,}", "messages" if kind == "chat" else "prompt",

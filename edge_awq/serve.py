@@ -133,13 +133,11 @@ def run(args: argparse.Namespace) -> int:
 
     _log_to_stderr()
     key = read_api_key(args.api_key_file, args.host, args.unix_socket)
-    for name in ("max_new_tokens", "default_max_tokens", "max_body_bytes", "port"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     sock = listen_socket(args.host, args.port, args.unix_socket)
     engine, name = _load(args)
-    limits = Limits(engine.ctx, min(args.max_prompt_tokens or engine.ctx - 16, engine.ctx - 1),
-                    args.max_new_tokens, min(args.default_max_tokens, args.max_new_tokens))
+    max_prompt = min(args.max_prompt_tokens or engine.ctx - 16, engine.ctx - 1)
+    limits = Limits(engine.ctx, max_prompt, args.max_new_tokens, min(args.default_max_tokens, args.max_new_tokens),
+                    max_prompt * engine.tokenizer.max_token_bytes)
     app = create_app(engine, Settings(name, key, limits, args.max_body_bytes))
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=args.drain_timeout + 5, timeout_keep_alive=5)

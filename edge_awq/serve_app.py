@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .engine import Draining, Job, QueueFull
+from .engine import Draining, Job, QueueFull, trim_heap
 from .openai_api import ApiError, Limits, chunk, parse_request, response, usage
 from .serve import dumps, request_log
 
@@ -99,6 +99,7 @@ def create_app(engine, s: Settings) -> Starlette:
                                {"Retry-After": str(RETRY_AFTER_S)}) from None
         except ApiError as e:
             request_log("-", request.url.path, e.status, 0, 0, t0, None)
+            trim_heap()  # a large refused body: its memory goes back to the system now
             return _error(e)
         except ClientDisconnect:
             return Response(status_code=499)

@@ -42,6 +42,15 @@ class Tokenizer:
         ids = [int(i) for i in ids if not (skip_special and int(i) in self.special_ids)]
         return self.impl.decode(ids) if self._is_spm else self.impl.decode(ids, skip_special_tokens=False)
 
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token's piece takes (an upper bound on the text a token covers)."""
+        if self._is_spm:
+            pieces = (self.impl.id_to_piece(i) for i in range(self.impl.get_piece_size()))
+        else:
+            pieces = self.impl.get_vocab(with_added_tokens=True)
+        return max((len(p.encode("utf-8")) for p in pieces), default=1) + 1  # +1: a prefix space a normalizer adds
+
     @property
     def vocab_size(self) -> int:
         return self.impl.get_piece_size() if self._is_spm else self.impl.get_vocab_size(with_added_tokens=True)

@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import SHAKESPEARE
+
 openai = pytest.importorskip("openai")
 
 
@@ -323,3 +325,43 @@ def test_watchdog_is_fed_only_while_the_engine_steps(tmp_path, monkeypatch):
 
     assert pings(True) >= 4 and pings(False) == 0
     nsock.close()
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_prompts_at_the_body_limit_leave_memory_where_it_was(tmp_path_factory, smollm2):
+    """One 1 MiB prompt (inside the default body limit) took the server from 325 to 440-500 MB for good, past the
+    MemoryMax install.sh sets: such text is refused before it is tokenized, and freed memory is given back."""
+    pytest.importorskip("torch")
+    tmp = tmp_path_factory.mktemp("big")
+    model = tmp / "smol.eawq"
+    r = subprocess.run([sys.executable, "-m", "edge_awq", "export", str(smollm2), "--calib", str(SHAKESPEARE), "-o",
+                        str(model), "--method", "rtn", "--group-size", "64", "--n-samples", "1", "--seqlen", "64"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    s = Server(model, tmp).wait_ready()
+    try:
+        httpx.post(s.url + "/v1/chat/completions", json=_chat(max_tokens=4), timeout=120)  # a normal request first
+        before = _rss_mib(s.proc.pid)
+        for text in ("word " * 200_000, "x" * 1_040_000, "Once upon a time " * 60_000):
+            r = httpx.post(s.url + "/v1/chat/completions", timeout=120,
+                           json={"model": "m", "messages": [{"role": "user", "content": text}], "max_tokens": 4})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+            assert "bytes" in r.json()["error"]["message"]  # refused on its size: the tokenizer never saw it
+        r = httpx.post(s.url + "/v1/completions", timeout=120, json={"model": "m", "prompt": "y" * 1_000_000})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        after = _rss_mib(s.proc.pid)
+        assert after <= before + 20, (before, after)
+        ok = httpx.post(s.url + "/v1/chat/completions", json=_chat(max_tokens=4), timeout=120)
+        assert ok.status_code == 200
+    finally:
+        s.stop()
+
+
+def test_a_number_of_hundreds_of_digits_is_named_in_its_field(server):
+    r = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": "m", "temperature": ' + b"9" * 400 +
+                   b', "messages": [{"role": "user", "content": "hi"}]}', timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature", r.text
