@@ -9,7 +9,7 @@ import os
 import sys
 
 from . import __version__, atomic, threads
-from .errors import EdgeAwqError
+from .errors import DoesNotFit, EdgeAwqError
 
 threads.configure()  # before numpy or numba start their thread pools
 
@@ -28,9 +28,14 @@ COMMANDS = {
 }
 
 
+def one_line(message: str) -> str:
+    """A message as one line: line breaks and other control characters (from a user's value) escaped."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, as for every other bad input
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def _parser(chosen: str | None) -> argparse.ArgumentParser:
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-awq {args.command}: stopped by {t.name}; no half-written output is left", file=sys.stderr)
         return 128 + t.signum
     except EdgeAwqError as e:
-        print(f"edge-awq {args.command}: error: {e}", file=sys.stderr)
+        print(f"edge-awq {args.command}: error: {e if isinstance(e, DoesNotFit) else one_line(str(e))}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] != "torch":

@@ -17,6 +17,10 @@ class InputError(EdgeAwqError):
     """A request or text the command cannot use (empty text, context too long)."""
 
 
+class DoesNotFit(InputError):
+    """The model will not fit the memory at hand: the message is the plan's table, then one line."""
+
+
 class BackendUnavailable(EdgeAwqError):
     """The asked-for compute backend cannot run on this machine."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import flags
 from .config import ModelArgs
-from .errors import ConfigError, InputError
+from .errors import ConfigError, DoesNotFit, InputError
 
 GIB, MIB = 1 << 30, 1 << 20
 
@@ -321,7 +321,7 @@ def check_fits(src, model: str, ctx: int, memory: str | None, kv_dtype: str = "f
     else:
         p = _fp_plan(a, model, device, ctx)
     if not p.fits:
-        raise InputError(f"{table(p)}\n{model} needs {size(p.total).strip()} and {size(p.usable).strip()} is "
+        raise DoesNotFit(f"{table(p)}\n{model} needs {size(p.total).strip()} and {size(p.usable).strip()} is "
                          "usable: free memory, or take one of the changes above")
     return p
 

@@ -115,8 +115,8 @@ class SafetensorsFile:
         except (KeyError, TypeError, ValueError):
             raise FormatError(f"{self.path}: corrupt header entry for tensor {name!r} (dtype, shape and "
                               "data_offsets must be a type name and non-negative integers)") from None
-        if dtype not in DTYPES:
-            raise FormatError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise FormatError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype!r}")
         nbytes = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
         if e < b or e - b != nbytes:
             raise FormatError(f"{self.path}: tensor {name!r} spans {e - b} bytes but shape {shape} needs {nbytes}")
