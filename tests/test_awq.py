@@ -10,11 +10,12 @@ from edge_awq.load import inv_freq, read_layer  # noqa: E402
 from edge_awq.model import SCALE_GROUPS, Dense, LayerWeights, ModelWeights, block  # noqa: E402
 from edge_awq.offline.clip import apply_clip, group_errors, sample_tokens, search_clip  # noqa: E402
 from edge_awq.offline.fake_quant import fake_quantize  # noqa: E402
-from edge_awq.offline.quantize import QuantArgs, quantize_layer, record_inputs, resolve_group_size, to_torch  # noqa: E402
+from edge_awq.config import resolve_group_size  # noqa: E402
+from edge_awq.offline.quantize import QuantArgs, quantize_layer, record_inputs, to_torch  # noqa: E402
 from edge_awq.offline.search import apply_scales, candidate_scales  # noqa: E402
 from edge_awq.offline.torch_ops import TorchOps  # noqa: E402
 from edge_awq.pack import dequantize, quantize  # noqa: E402
-from edge_awq.errors import InputError  # noqa: E402
+from edge_awq.errors import ConfigError  # noqa: E402
 
 ops = TorchOps()
 rng = np.random.default_rng(0)
@@ -118,8 +119,8 @@ def test_group_size_resolution(smollm2_weights, stories_weights):
     smol, _ = smollm2_weights
     stories, _ = stories_weights
     assert resolve_group_size(smol.args, "auto") == 64 and resolve_group_size(smol.args, "64") == 64
-    with pytest.raises(InputError, match=r"--group-size 128 does not divide the input width 576 of layer wq: use 64 or 32"):
+    with pytest.raises(ConfigError, match=r"--group-size 128 does not divide the input width 576 of layer wq: use 64 or 32"):
         resolve_group_size(smol.args, "128")
     assert resolve_group_size(stories.args, "auto") == 4 and resolve_group_size(stories.args, "channel") == "channel"
-    with pytest.raises(InputError, match="input width 172 of layer w2"):
+    with pytest.raises(ConfigError, match="input width 172 of layer w2"):
         resolve_group_size(stories.args, "64")

@@ -59,5 +59,5 @@ def test_corrupt_header_and_bad_entries(tmp_path):
     with pytest.raises(FormatError, match="spans 8 bytes but shape"):
         SafetensorsFile(p)
     write_raw(p, {"w": ("Q4", (2,), b"\0" * 8)})
-    with pytest.raises(FormatError, match="unsupported dtype Q4"):
+    with pytest.raises(FormatError, match="unsupported dtype 'Q4'"):
         SafetensorsFile(p)
