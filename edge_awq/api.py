@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from edge_awq.errors import InputError
 
 # Sampling when neither the caller nor the model says: the range llama.cpp and Ollama use for a conversation
 # (greedy decoding loops on small models). Greedy is temperature=0.
@@ -66,7 +66,7 @@ class LLM:
     def sampling(self, max_new_tokens: int = 256, stop: Sequence[str] = (), seed: int | None = None, **given):
         """The ``SamplingArgs`` a request gets: what it gives, else the model's recommended sampling
         (generation_config.json, carried into .eawq files), else ``CONVERSATION_DEFAULTS``."""
-        from .generate import SamplingArgs
+        from edge_awq.generate import SamplingArgs
 
         unknown = set(given) - set(SAMPLING_KEYS)
         if unknown:
@@ -103,7 +103,7 @@ class LLM:
         return self.generate(self.tokenizer.encode_chat(list(messages)), **sampling)
 
     def _stream(self, ids: list[int], s) -> Iterator[TextPiece]:
-        from .generate import fit_prompt, generate
+        from edge_awq.generate import fit_prompt, generate
 
         fit_prompt(ids, self.info.ctx, s.max_new_tokens, trim=False)
         for piece in generate(self.weights, self.ops, self.tokenizer, ids, s, self.cache):
@@ -115,7 +115,7 @@ class LLM:
                    on_window: Callable[[int, int], None] | None = None):
         """Perplexity of text (encoded without BOS) in consecutive windows of ctx tokens (``perplexity.py``'s
         protocol); on_window(done, total) reports progress. Returns a ``PerplexityResult``."""
-        from .perplexity import perplexity
+        from edge_awq.perplexity import perplexity
 
         tokens = self.tokenizer.encode(text) if isinstance(text, str) else list(text)
         if max_tokens is not None:
@@ -182,10 +182,10 @@ def load(model: str | Path, *, backend: str = "auto", ctx: int = 2048, kv_dtype:
     """
     import numpy as np
 
-    from . import integrity
-    from .load import load_weights, open_source
-    from .ops import pick_backend
-    from .plan import check_fits
+    from edge_awq import integrity
+    from edge_awq.load import load_weights, open_source
+    from edge_awq.ops import pick_backend
+    from edge_awq.plan import check_fits
 
     if kv_dtype not in ("fp16", "int8"):
         raise InputError(f"kv_dtype {kv_dtype!r}: fp16 or int8")

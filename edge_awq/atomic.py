@@ -16,7 +16,7 @@ import shutil
 import signal
 from pathlib import Path
 
-from .errors import InputError
+from edge_awq.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from . import flags
+from edge_awq import flags
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def read_bandwidth(nbytes: int = 1 << 30, repeat: int = 3) -> float:
     """Bytes per second that a parallel sum over a large array reads (the bound a GEMV can reach)."""
-    from .backends.numba_cpu import parallel_sum
+    from edge_awq.backends.numba_cpu import parallel_sum
 
     a = np.ones(nbytes // 4, np.float32)
     parallel_sum(a[:1024])
@@ -46,7 +46,7 @@ def _timed(fn) -> float:
 
 
 def _linear_bytes_shape(w) -> tuple[int, tuple[int, int]]:
-    from .model import W4
+    from edge_awq.model import W4
 
     if isinstance(w, W4):
         return w.qweight.nbytes + w.scales.nbytes + w.zeros.nbytes, w.shape
@@ -71,7 +71,7 @@ GEMV_SHAPES = ((4096, 4096), (11008, 4096))  # a 7B model's attention and MLP la
 
 def gemv_layers(ops, repeat: int, group_size: int = 128) -> list[dict]:
     """One-token time and effective GB/s of W4 (group 128) layers of 7B shapes, random weights."""
-    from .pack import pack_linear
+    from edge_awq.pack import pack_linear
 
     rows = []
     rng = np.random.default_rng(0)
@@ -87,12 +87,12 @@ def gemv_layers(ops, repeat: int, group_size: int = 128) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import integrity
-    from .generate import SamplingArgs, generate
-    from .load import load_weights, open_source
-    from .plan import check_fits
-    from .model import forward
-    from .ops import select_backend
+    from edge_awq import integrity
+    from edge_awq.generate import SamplingArgs, generate
+    from edge_awq.load import load_weights, open_source
+    from edge_awq.plan import check_fits
+    from edge_awq.model import forward
+    from edge_awq.ops import select_backend
 
     src = open_source(args.model)
     integrity.check(src, "never" if args.no_verify else "cached")  # damaged files never answer

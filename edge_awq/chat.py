@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from . import flags
+from edge_awq import flags
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Stats:
 
 def prompt_ids(tok, conv: Conversation, budget: int) -> tuple[list[int], int]:
     """Token ids of the conversation, dropping the oldest turns to fit budget. Returns (ids, turns dropped)."""
-    from .errors import InputError
+    from edge_awq.errors import InputError
 
     dropped = 0
     while True:
@@ -102,7 +102,7 @@ class _StopOnCtrlC:
 
 def answer(engine, conv: Conversation, out, stats: Stats) -> str:
     """Stream one answer to out; Ctrl-C stops it (what was said is kept)."""
-    from .generate import generate
+    from edge_awq.generate import generate
 
     w, ops, tok, s, ctx, cache = engine
     ids, dropped = prompt_ids(tok, conv, ctx - min(s.max_new_tokens, ctx // 2))
@@ -167,14 +167,14 @@ def interact(engine, conv: Conversation) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import integrity
-    from .errors import InputError
-    from .generate import SamplingArgs
-    from .load import load_weights, open_source
+    from edge_awq import integrity
+    from edge_awq.errors import InputError
+    from edge_awq.generate import SamplingArgs
+    from edge_awq.load import load_weights, open_source
     import numpy as np
 
-    from .plan import check_fits
-    from .ops import pick_backend
+    from edge_awq.plan import check_fits
+    from edge_awq.ops import pick_backend
 
     src = open_source(args.model, args.tokenizer)
     integrity.check(src, "never" if args.no_verify else "cached")  # damaged files never answer

@@ -8,8 +8,8 @@ import logging
 import os
 import sys
 
-from . import __version__, atomic, threads
-from .errors import DoesNotFit, EdgeAwqError
+from edge_awq import __version__, atomic, threads
+from edge_awq.errors import DoesNotFit, EdgeAwqError
 
 threads.configure()  # before numpy or numba start their thread pools
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError
+from edge_awq.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class ModelArgs:
     @classmethod
     def from_dict(cls, d, where: str = "the stored model configuration") -> "ModelArgs":
         """Inverse of ``to_dict`` (as stored in an ``.eawq`` file), every field checked (``schema``)."""
-        from .schema import StoredModelArgs, validated
+        from edge_awq.schema import StoredModelArgs, validated
 
         m = validated(StoredModelArgs, d, where, ConfigError).model_dump()
         if m["rope_scaling"] is not None:
@@ -142,7 +142,7 @@ def _rope_parameters(cfg: dict) -> dict:
 
 def _rope(cfg: dict) -> tuple[float, RopeScaling | None]:
     """RoPE base and scaling; a setting edge-awq does not implement is refused, never defaulted."""
-    from .schema import RopeParameters, validated
+    from edge_awq.schema import RopeParameters, validated
 
     rp = _rope_parameters(cfg)
     unknown = sorted(set(rp) - ROPE_KEYS)
@@ -198,7 +198,7 @@ def _context(cfg: dict, family: str) -> int:
 
 def from_hf_config(cfg: dict, where: str = "config.json") -> ModelArgs:
     """Build ``ModelArgs`` from a Hugging Face ``config.json`` dict (refuses what it cannot run)."""
-    from .schema import HFConfig, validated
+    from edge_awq.schema import HFConfig, validated
 
     if not isinstance(cfg, dict):
         raise ConfigError(f"{where}: a JSON {type(cfg).__name__}, not an object")

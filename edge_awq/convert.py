@@ -26,8 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def target_of(to: str | None, output: Path) -> str:
-    from . import atomic
-    from .errors import InputError
+    from edge_awq import atomic
+    from edge_awq.errors import InputError
 
     to = to or ("eawq" if output.suffix == ".eawq" else None)
     if to is None:
@@ -40,9 +40,9 @@ def target_of(to: str | None, output: Path) -> str:
 
 def convert(source: Path, output: Path, to: str, head: str = "fp16") -> dict:
     """Write source (packed) to output in layout ``to``; returns what was done."""
-    from .errors import InputError
-    from .hf_export import write_directory, write_eawq
-    from .load import open_source
+    from edge_awq.errors import InputError
+    from edge_awq.hf_export import write_directory, write_eawq
+    from edge_awq.load import open_source
 
     src = open_source(source)
     quant = getattr(src, "quantization", None) or {}

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .generate import Piece, SamplingArgs, generate
+from edge_awq.generate import Piece, SamplingArgs, generate
 
 log = logging.getLogger(__name__)
 

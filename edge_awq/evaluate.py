@@ -7,8 +7,8 @@ import json
 import logging
 from pathlib import Path
 
-from . import flags, integrity
-from .errors import InputError
+from edge_awq import flags, integrity
+from edge_awq.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,9 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .load import load_weights, open_source
-    from .ops import select_backend
-    from .perplexity import perplexity
+    from edge_awq.load import load_weights, open_source
+    from edge_awq.ops import select_backend
+    from edge_awq.perplexity import perplexity
 
     text = read_text(args.text)
     src = open_source(args.model, args.tokenizer)

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic, integrity, schema
-from .config import ModelArgs
-from .errors import FormatError, InputError
-from .tensorfile import SafetensorsFile
-from .tokenizer import Tokenizer
+from edge_awq import atomic, integrity, schema
+from edge_awq.config import ModelArgs
+from edge_awq.errors import FormatError, InputError
+from edge_awq.tensorfile import SafetensorsFile
+from edge_awq.tokenizer import Tokenizer
 
 FORMAT = "edge-awq"
 VERSION = 2  # 2: zero points stored as one stream per tensor (pack.pack_zeros_flat); 1 still reads
@@ -234,7 +234,7 @@ def packed_head_arrays(weight, bits: int, group_size: int) -> dict[str, np.ndarr
     """The output head (vocab, dim) packed by round to nearest, HEAD_ROWS rows at a time: its file tensors."""
     import dataclasses
 
-    from .pack import pack_linear
+    from edge_awq.pack import pack_linear
 
     parts = [pack_linear(np.asarray(weight[r : r + HEAD_ROWS], np.float32), bits, group_size)
              for r in range(0, weight.shape[0], HEAD_ROWS)]
@@ -246,7 +246,7 @@ def packed_head_arrays(weight, bits: int, group_size: int) -> dict[str, np.ndarr
 def linear_specs(name: str, out_f: int, in_f: int, bits: int, group_size: int,
                  bias: bool = False) -> list[tuple[str, object, tuple[int, ...]]]:
     """The file tensors of one packed linear (out, in): qweight, scales, zero points as one stream, bias."""
-    from .pack import packed_words
+    from edge_awq.pack import packed_words
 
     n_groups = in_f // group_size
     specs = [(f"{name}.qweight", np.uint32, (out_f, packed_words(in_f, bits))),
@@ -263,7 +263,7 @@ def float_linear_specs(name: str, out_f: int, in_f: int, bias: bool = False) -> 
 def linear_arrays(name: str, w) -> dict[str, np.ndarray]:
     """A linear as the file's tensors: a packed ``model.W4`` as ``linear_specs`` names them, a ``Dense`` one
     as ``float_linear_specs`` does."""
-    from .pack import pack_zeros_flat, unpack_bits
+    from edge_awq.pack import pack_zeros_flat, unpack_bits
 
     if not hasattr(w, "qweight"):
         out = {f"{name}.weight": np.asarray(w.weight, np.float16)}
@@ -287,8 +287,8 @@ def tensor_specs(a: ModelArgs, bits: int, group_for, tokenizer_nbytes: int,
     packed at 8 or 4 bits in groups of group_for(dim), tied or not (the fp16
     embedding table stays for the gather).
     """
-    from .config import expected_shapes
-    from .model import LINEARS
+    from edge_awq.config import expected_shapes
+    from edge_awq.model import LINEARS
 
     specs = [("tokenizer", np.uint8, (tokenizer_nbytes,)), ("rope_inv_freq", np.float32, (a.head_dim // 2,)),
              ("tok_embeddings", np.float16, (a.vocab_size, a.dim))]

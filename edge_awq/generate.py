@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
-from .model import KVCache, ModelWeights, forward, prefill
+from edge_awq.errors import InputError
+from edge_awq.model import KVCache, ModelWeights, forward, prefill
 
 
 @dataclass(frozen=True)

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import to_hf_config
-from .errors import InputError
-from .format import HEAD_BITS, EawqWriter, float_linear_specs, linear_arrays, linear_specs, tensor_specs
-from .hf_writer import HFDirWriter, generation_config, tokenizer_files
-from .config import expected_shapes
-from .load import inv_freq, read_layer
-from .model import LINEARS, W4, Dense
-from .pack import pack_along_columns, pack_awq_gemm, unpack_bits, unpack_linear
-from .sources.hf import hf_name
+from edge_awq.config import to_hf_config
+from edge_awq.errors import InputError
+from edge_awq.format import HEAD_BITS, EawqWriter, float_linear_specs, linear_arrays, linear_specs, tensor_specs
+from edge_awq.hf_writer import HFDirWriter, generation_config, tokenizer_files
+from edge_awq.config import expected_shapes
+from edge_awq.load import inv_freq, read_layer
+from edge_awq.model import LINEARS, W4, Dense
+from edge_awq.pack import pack_along_columns, pack_awq_gemm, unpack_bits, unpack_linear
+from edge_awq.sources.hf import hf_name
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def _layers(src) -> list:
 def _head(src, tied: bool) -> np.ndarray | None:
     """The float16 lm_head to write (None when tied): a packed head as the values edge-awq computes with."""
     if src.has("output.qweight"):
-        from .load import load_weights
+        from edge_awq.load import load_weights
 
         head = load_weights(src, lazy=True, dtype=None).output
         if tied:
@@ -201,8 +201,8 @@ def write_eawq(src, out: Path, head: str = "fp16", converted: dict | None = None
     head: "fp16" keeps the source's head (the embedding table when tied); "int8"/"w4" pack it by round to
     nearest, as ``export --head`` does. converted: what the metadata records of the source.
     """
-    from .format import packed_head_arrays
-    from .pack import LAYOUT
+    from edge_awq.format import packed_head_arrays
+    from edge_awq.pack import LAYOUT
 
     a, tok = src.args, src.tokenizer()
     tok_bytes, tok_fields = tok.serialize()
@@ -250,7 +250,7 @@ def write_eawq(src, out: Path, head: str = "fp16", converted: dict | None = None
             src.release()
         writer.add("norm", np.asarray(src.get("norm"), np.float16))
         if source_head:  # the source's own packed head, as stored
-            from .load import load_weights
+            from edge_awq.load import load_weights
 
             for name, t in linear_arrays("output", load_weights(src, lazy=True, dtype=None).output).items():
                 writer.add(name, t)

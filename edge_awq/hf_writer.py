@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic
-from .errors import InputError
-from .tokenizer import Tokenizer
+from edge_awq import atomic
+from edge_awq.errors import InputError
+from edge_awq.tokenizer import Tokenizer
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' and AutoAWQ's default: "5GB"
 ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int32): "I32",

@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _eawq(path: Path) -> tuple[dict, list[str]]:
-    from .format import EawqSource, stored_bits_per_weight
+    from edge_awq.format import EawqSource, stored_bits_per_weight
 
     src = EawqSource(path)
     tensors = {name: {"dtype": t.dtype, "shape": list(t.shape), "bytes": t.end - t.begin}
@@ -61,8 +61,8 @@ def _model_lines(a, q: dict, bpw: float | None) -> list[str]:
 
 
 def _directory(path: Path) -> tuple[dict, list[str]]:
-    from .format import stored_bits_per_weight
-    from .sources.hf import HFSource
+    from edge_awq.format import stored_bits_per_weight
+    from edge_awq.sources.hf import HFSource
 
     src = HFSource(path)
     tensors = {name: {"dtype": t.dtype, "shape": list(t.shape), "bytes": t.end - t.begin, "file": shard}
@@ -83,7 +83,7 @@ def _directory(path: Path) -> tuple[dict, list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .errors import FormatError
+    from edge_awq.errors import FormatError
 
     if args.file.is_dir():
         info, lines = _directory(args.file)

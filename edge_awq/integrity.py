@@ -22,7 +22,7 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import FormatError
+from edge_awq.errors import FormatError
 
 log = logging.getLogger(__name__)
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import expected_shapes, rope_frequencies
-from .errors import FormatError
-from .model import LINEARS, W4, Dense, LayerWeights, LazyLayers, ModelWeights
-from .format import HEAD_BITS
-from .pack import packed_words, zeros_rows
-from .sources import Source
+from edge_awq.config import expected_shapes, rope_frequencies
+from edge_awq.errors import FormatError
+from edge_awq.model import LINEARS, W4, Dense, LayerWeights, LazyLayers, ModelWeights
+from edge_awq.format import HEAD_BITS
+from edge_awq.pack import packed_words, zeros_rows
+from edge_awq.sources import Source
 
 log = logging.getLogger(__name__)
 
@@ -23,21 +23,21 @@ def open_source(path: str | Path, tokenizer: str | Path | None = None) -> Source
     if not path.exists():
         raise FormatError(f"{path}: no such file or directory")
     if path.suffix == ".eawq":
-        from .format import EawqSource
+        from edge_awq.format import EawqSource
 
         return EawqSource(path)
     if path.is_dir():
-        from .sources.hf import HFSource
+        from edge_awq.sources.hf import HFSource
 
         return HFSource(path)
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
-        from .sources.gguf_model import GGUFSource
+        from edge_awq.sources.gguf_model import GGUFSource
 
         return GGUFSource(path)
     if path.suffix == ".bin":
-        from .sources.llama2c import Llama2cSource
+        from edge_awq.sources.llama2c import Llama2cSource
 
         return Llama2cSource(path, Path(tokenizer) if tokenizer else None)
     raise FormatError(
@@ -148,7 +148,7 @@ class DequantizedSource:
     def get(self, key: str) -> np.ndarray:
         prefix = key[: -len(".weight")] if key.endswith(".weight") else key
         if (key.endswith(".weight") or key == "output") and self._src.has(prefix + ".qweight"):
-            from .pack import unpack_linear
+            from edge_awq.pack import unpack_linear
 
             shape = (self.args.vocab_size, self.args.dim) if prefix == "output" else expected_shapes(self.args)[
                 prefix.split(".")[-1]]

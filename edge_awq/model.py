@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ModelArgs
+from edge_awq.config import ModelArgs
 
 
 @dataclass(frozen=True)

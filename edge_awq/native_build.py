@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .errors import BackendUnavailable, InputError
+from edge_awq.errors import BackendUnavailable, InputError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from .generate import SamplingArgs
+from edge_awq.generate import SamplingArgs
 
 
 class ApiError(Exception):

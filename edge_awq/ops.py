@@ -6,7 +6,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import BackendUnavailable
+from edge_awq.errors import BackendUnavailable
 
 
 class Backend(Protocol):
@@ -65,7 +65,7 @@ class HostMemory:
         return w
 
     def allocate_cache(self, args, max_seq: int, dtype=None, commit: bool = False):
-        from .model import KVCache
+        from edge_awq.model import KVCache
 
         return KVCache.allocate(args, max_seq, self.kv_dtype if dtype is None else dtype, commit)
 
@@ -79,11 +79,11 @@ def pick_backend(name: str = "auto") -> tuple[Backend, str]:
     auto takes cuda when libedge_awq_cuda.so loads and a device answers, else numba, else numpy.
     """
     if name in ("reference", "numpy"):
-        from .backends.reference import ReferenceBackend
+        from edge_awq.backends.reference import ReferenceBackend
 
         return ReferenceBackend(), "asked for"
     if name == "cuda":
-        from .backends.cuda import CudaBackend
+        from edge_awq.backends.cuda import CudaBackend
 
         return CudaBackend(), "asked for"
     if name not in ("numba", "cpu", "auto"):
@@ -91,17 +91,17 @@ def pick_backend(name: str = "auto") -> tuple[Backend, str]:
     why = "asked for"
     if name == "auto":
         try:
-            from .backends.cuda import CudaBackend
+            from edge_awq.backends.cuda import CudaBackend
 
             cuda = CudaBackend()
             return cuda, f"a CUDA device answers: {cuda.device_name}"
         except BackendUnavailable as e:
             why = f"no cuda: {e}"
     try:
-        from .backends.numba_cpu import NumbaBackend
+        from edge_awq.backends.numba_cpu import NumbaBackend
     except ImportError as e:
         if name == "auto":
-            from .backends.reference import ReferenceBackend
+            from edge_awq.backends.reference import ReferenceBackend
 
             return ReferenceBackend(), f"{why}; no numba ({e})"
         raise BackendUnavailable(f"the numba backend needs numba ({e}): pip install numba") from None

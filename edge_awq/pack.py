@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .model import W4
+from edge_awq.model import W4
 
 LAYOUT = "bits-le-v2"  # what the writer writes; LAYOUTS is what the reader takes
 LAYOUTS = ("bits-le-v1", "bits-le-v2")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .model import ModelWeights, forward
+from edge_awq.model import ModelWeights, forward
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import flags
-from .config import ModelArgs
-from .errors import ConfigError, DoesNotFit, InputError
+from edge_awq import flags
+from edge_awq.config import ModelArgs
+from edge_awq.errors import ConfigError, DoesNotFit, InputError
 
 GIB, MIB = 1 << 30, 1 << 20
 
@@ -135,7 +135,7 @@ def spec_bytes(a: ModelArgs, bits: int, group_size, head: str) -> dict[str, int]
     """Tensor name -> bytes of the .eawq file an export at these settings writes (from ``tensor_specs``)."""
     import numpy as np
 
-    from .format import tensor_specs
+    from edge_awq.format import tensor_specs
 
     specs = tensor_specs(a, bits, lambda n: _group(n, group_size), 0, head)
     return {name: int(np.dtype(dt).itemsize * np.prod(shape)) for name, dt, shape in specs if name != "tokenizer"}
@@ -262,13 +262,13 @@ def model_args(model: str) -> tuple[ModelArgs, dict, dict | None]:
     if not path.exists():
         raise InputError(f"{model}: no such file, and not a preset ({', '.join(PRESETS)})")
     if path.name == "config.json":
-        from .config import from_hf_config
-        from .sources.hf import _read_json
+        from edge_awq.config import from_hf_config
+        from edge_awq.sources.hf import _read_json
 
         return from_hf_config(_read_json(path), str(path)), {}, None
     if path.is_dir() and not (path / "config.json").is_file():
         raise InputError(f"{model}: no config.json there")
-    from .load import open_source, resident_bytes
+    from edge_awq.load import open_source, resident_bytes
 
     src = open_source(path)
     quant = getattr(src, "quantization", None) or {}
@@ -303,7 +303,7 @@ def check_fits(src, model: str, ctx: int, memory: str | None, kv_dtype: str = "f
     A packed source is counted from its own tensors' bytes. memory: the user's --memory, else this
     machine's MemAvailable. Returns the plan (None if unknown).
     """
-    from .load import resident_bytes
+    from edge_awq.load import resident_bytes
 
     a, quant = src.args, getattr(src, "quantization", None) or {}
     nbytes = resident_bytes(src) if quant else None
@@ -367,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
     if quant:
         group = quant.get("group_size", 128)
     else:  # what an export would use: the size asked for, checked; by default 128 where it divides every layer
-        from .config import resolve_group_size
+        from edge_awq.config import resolve_group_size
 
         asked = args.group_size or 128
         try:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 from pydantic import model_validator
 
-from .errors import EdgeAwqError
+from edge_awq.errors import EdgeAwqError
 
 
 def _number(v: Any) -> float:

@@ -22,8 +22,8 @@ import stat
 import time
 from pathlib import Path
 
-from . import flags
-from .errors import InputError
+from edge_awq import flags
+from edge_awq.errors import InputError
 
 log = logging.getLogger("edge_awq.serve")
 
@@ -105,11 +105,11 @@ def listen_socket(host: str, port: int, unix_socket: Path | None) -> socket.sock
 
 def _load(args):
     """(engine, model name): the model checked against memory, loaded once, warmed up."""
-    from . import integrity
-    from .engine import Engine
-    from .load import load_weights, open_source
-    from .ops import pick_backend
-    from .plan import check_fits
+    from edge_awq import integrity
+    from edge_awq.engine import Engine
+    from edge_awq.load import load_weights, open_source
+    from edge_awq.ops import pick_backend
+    from edge_awq.plan import check_fits
 
     src = open_source(args.model)
     integrity.check(src, "always")  # a box nobody watches: every start, before READY (a flip at rest keeps mtime)
@@ -128,8 +128,8 @@ def _load(args):
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .openai_api import Limits
-    from .serve_app import Settings, create_app
+    from edge_awq.openai_api import Limits
+    from edge_awq.serve_app import Settings, create_app
 
     _log_to_stderr()
     key = read_api_key(args.api_key_file, args.host, args.unix_socket)
@@ -171,7 +171,7 @@ class _Server:
             async def startup(self, sockets=None):
                 await super().startup(sockets=sockets)
                 if self.started:
-                    from .sdnotify import notify
+                    from edge_awq.sdnotify import notify
 
                     notify("READY=1", "STATUS=serving")
                     log.info("ready (pid %d)", os.getpid())
@@ -180,7 +180,7 @@ class _Server:
             def handle_exit(self, sig, frame):
                 # Not uvicorn's: it re-raises the signal after the shutdown, and the exit status
                 # would be 143 instead of 0 for a clean stop.
-                from .sdnotify import notify
+                from edge_awq.sdnotify import notify
 
                 if not engine.draining:
                     notify("STOPPING=1", "STATUS=draining")
@@ -196,7 +196,7 @@ class _Server:
 
 async def _feed_watchdog(engine) -> None:
     """WATCHDOG=1 at half the systemd timeout, only while the engine's worker is stepping."""
-    from .sdnotify import notify, watchdog_seconds
+    from edge_awq.sdnotify import notify, watchdog_seconds
 
     timeout = watchdog_seconds()
     if not timeout:

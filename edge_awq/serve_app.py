@@ -19,9 +19,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .engine import Draining, Job, QueueFull, trim_heap
-from .openai_api import ApiError, Limits, chunk, parse_request, response, usage
-from .serve import dumps, request_log
+from edge_awq.engine import Draining, Job, QueueFull, trim_heap
+from edge_awq.openai_api import ApiError, Limits, chunk, parse_request, response, usage
+from edge_awq.serve import dumps, request_log
 
 log = logging.getLogger("edge_awq.serve")
 

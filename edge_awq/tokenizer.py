@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from .errors import FormatError, InputError
+from edge_awq.errors import FormatError, InputError
 
 
 @dataclass

@@ -12,10 +12,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import integrity
-    from .errors import FormatError
-    from .format import EawqSource
-    from .load import check_structure
+    from edge_awq import integrity
+    from edge_awq.errors import FormatError
+    from edge_awq.format import EawqSource
+    from edge_awq.load import check_structure
 
     if args.file.suffix != ".eawq":
         raise FormatError(f"{args.file}: not an .eawq file (verify checks the checksums an .eawq file carries)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .fake_quant import fake_quantize
+from edge_awq.offline.fake_quant import fake_quantize
 
 
 def sample_tokens(x: torch.Tensor, n_tokens: int) -> torch.Tensor:

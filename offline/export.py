@@ -166,12 +166,12 @@ def _export_eawq(args, src, output: Path, t_start: float) -> dict:
     from edge_awq.format import HEAD_BITS, EawqWriter, packed_head_arrays, tensor_specs
     from edge_awq.load import inv_freq
 
-    from .calibrate import calibration_blocks
+    from edge_awq.offline.calibrate import calibration_blocks
     from edge_awq.config import resolve_group_size
 
-    from .quantize import QuantArgs, quantize_model
-    from .torch_ops import TorchOps
-    from .report import Progress, summary
+    from edge_awq.offline.quantize import QuantArgs, quantize_model
+    from edge_awq.offline.torch_ops import TorchOps
+    from edge_awq.offline.report import Progress, summary
 
     qa = QuantArgs(args.bits, resolve_group_size(src.args, args.group_size), args.method, args.duo_scaling,
                    not args.no_clip)

@@ -21,10 +21,10 @@ from edge_awq.load import inv_freq, read_layer
 from edge_awq.model import LINEARS, NO_CLIP, SCALE_GROUPS, Dense, LayerWeights, ModelWeights, attention, block, mlp
 from edge_awq.pack import pack_linear, unpack_linear
 
-from .clip import apply_clip, search_clip
-from .fake_quant import fake_quantize
-from .search import ScaleResult, apply_scales, search_scales
-from .torch_ops import RecordingOps
+from edge_awq.offline.clip import apply_clip, search_clip
+from edge_awq.offline.fake_quant import fake_quantize
+from edge_awq.offline.search import ScaleResult, apply_scales, search_scales
+from edge_awq.offline.torch_ops import RecordingOps
 
 
 

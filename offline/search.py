@@ -16,7 +16,7 @@ import torch
 
 from edge_awq.model import Dense, LayerWeights, ScaleGroup
 
-from .fake_quant import fake_quantize
+from edge_awq.offline.fake_quant import fake_quantize
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ModelArgs
-from ..errors import BackendUnavailable, InputError, KernelError
-from ..model import W4, Dense, LayerWeights, ModelWeights
-from ..native_build import CUDA_LIB, default_prefix
+from edge_awq.config import ModelArgs
+from edge_awq.errors import BackendUnavailable, InputError, KernelError
+from edge_awq.model import W4, Dense, LayerWeights, ModelWeights
+from edge_awq.native_build import CUDA_LIB, default_prefix
 
 log = logging.getLogger(__name__)
 

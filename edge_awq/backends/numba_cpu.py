@@ -25,14 +25,14 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from .. import threads
-from ..ops import HostMemory
-from ..model import LINEARS, W4, Dense
-from ..pack import unpack_bits
-from ..tensorfile import release_array
-from . import numba_gemv_blocked as blocked
-from . import numba_gemv_i16 as i16
-from .numba_intrinsics import byte_f32, half_f32, hi_nibble, int8_f32, lo_nibble
+from edge_awq import threads
+from edge_awq.ops import HostMemory
+from edge_awq.model import LINEARS, W4, Dense
+from edge_awq.pack import unpack_bits
+from edge_awq.tensorfile import release_array
+from edge_awq.backends import numba_gemv_blocked as blocked
+from edge_awq.backends import numba_gemv_i16 as i16
+from edge_awq.backends.numba_intrinsics import byte_f32, half_f32, hi_nibble, int8_f32, lo_nibble
 
 threads.configure()  # before the first parallel kernel starts OpenMP
 
@@ -640,7 +640,7 @@ class NumbaBackend(HostMemory):
         args = self._decode_args(lw, w) if x.shape[0] == 1 and cache.k.dtype == np.float16 else None
         if args is None:
             return None
-        from .numba_decode import decode_layer
+        from edge_awq.backends.numba_decode import decode_layer
 
         cos, sin = self._rope_angles(pos, 1, w.inv_freq)
         a = w.args

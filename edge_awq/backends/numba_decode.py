@@ -16,11 +16,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from . import numba_gemv_blocked as blocked
-from .numba_gemv_i16 import quantize_x16_flat
-from .numba_cpu import attention_kernel, rmsnorm_serial, silu_mul_serial  # numba_cpu imports
+from edge_awq.backends import numba_gemv_blocked as blocked
+from edge_awq.backends.numba_gemv_i16 import quantize_x16_flat
+from edge_awq.backends.numba_cpu import attention_kernel, rmsnorm_serial, silu_mul_serial  # numba_cpu imports
 # this module only when a decode step runs, so the import is not circular
-from .numba_intrinsics import f32_half_bits
+from edge_awq.backends.numba_intrinsics import f32_half_bits
 
 
 @njit(nogil=True, cache=True)

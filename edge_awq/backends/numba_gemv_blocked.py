@@ -38,8 +38,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .numba_gemv_i16 import AVAILABLE, quantize_x16_flat
-from .numba_intrinsics import half_f32
+from edge_awq.backends.numba_gemv_i16 import AVAILABLE, quantize_x16_flat
+from edge_awq.backends.numba_intrinsics import half_f32
 
 CHUNK = 64  # columns per 32-byte vector of 16 words (4-bit)
 CHUNK8 = 32  # the same for 8-bit values

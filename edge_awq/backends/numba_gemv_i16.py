@@ -23,7 +23,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .numba_intrinsics import byte_f32, half_f32
+from edge_awq.backends.numba_intrinsics import byte_f32, half_f32
 
 
 def _host_has_avx2() -> bool:

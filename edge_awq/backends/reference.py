@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ops import HostMemory
-from ..model import W4, Dense
-from ..pack import unpack_linear
+from edge_awq.ops import HostMemory
+from edge_awq.model import W4, Dense
+from edge_awq.pack import unpack_linear
 
 
 def _f32(a) -> np.ndarray:

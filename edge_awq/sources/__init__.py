@@ -24,8 +24,8 @@ from typing import Protocol
 
 import numpy as np
 
-from ..config import ModelArgs
-from ..tokenizer import Tokenizer
+from edge_awq.config import ModelArgs
+from edge_awq.tokenizer import Tokenizer
 
 
 def to_rotate_half(w: np.ndarray, n_heads: int) -> np.ndarray:

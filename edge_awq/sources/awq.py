@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..errors import FormatError
-from ..pack import fit_rows, pack_bits, unpack_awq_gemm
+from edge_awq.errors import FormatError
+from edge_awq.pack import fit_rows, pack_bits, unpack_awq_gemm
 
 VERSIONS = ("gemm", "gemv")
 REFUSED = {"gemv_fast": "AutoAWQ's GEMV-fast (TinyChat's interleaved layout)",

@@ -17,9 +17,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..errors import FormatError
-from ..pack import fit_rows, pack_bits, unpack_along_columns
-from .awq import SUPPORTED
+from edge_awq.errors import FormatError
+from edge_awq.pack import fit_rows, pack_bits, unpack_along_columns
+from edge_awq.sources.awq import SUPPORTED
 
 log = logging.getLogger(__name__)
 

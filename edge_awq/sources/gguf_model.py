@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ModelArgs, RopeScaling, rope_frequencies
-from ..errors import ConfigError, FormatError
-from ..schema import GGUFArgs, validated
-from ..tokenizer import Tokenizer, byte_level_bpe, spm_bpe
-from . import to_rotate_half
+from edge_awq.config import ModelArgs, RopeScaling, rope_frequencies
+from edge_awq.errors import ConfigError, FormatError
+from edge_awq.schema import GGUFArgs, validated
+from edge_awq.tokenizer import Tokenizer, byte_level_bpe, spm_bpe
+from edge_awq.sources import to_rotate_half
 
 GGUF_NAMES = {
     "tok_embeddings": "token_embd",
@@ -62,7 +62,7 @@ class GGUFSource:
 
     def release(self) -> None:
         """Drop the resident pages of the mapped file."""
-        from ..tensorfile import release_pages
+        from edge_awq.tensorfile import release_pages
 
         release_pages(self.reader.data)
 

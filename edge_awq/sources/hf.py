@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import from_hf_config
-from ..errors import FormatError
-from ..model import LINEARS
-from ..tensorfile import SafetensorsFile, TensorInfo
-from ..tokenizer import Tokenizer, from_sentencepiece, from_tokenizer_json
+from edge_awq.config import from_hf_config
+from edge_awq.errors import FormatError
+from edge_awq.model import LINEARS
+from edge_awq.tensorfile import SafetensorsFile, TensorInfo
+from edge_awq.tokenizer import Tokenizer, from_sentencepiece, from_tokenizer_json
 
 # canonical name -> Hugging Face tensor name ({i}: layer index)
 HF_NAMES = {
@@ -64,8 +64,8 @@ PACKED = ("qweight", "scales", "zeros")  # the canonical parts of a packed linea
 
 def quant_layout(path: Path, config: dict):
     """The packed layout a directory's quantization config names (None for a float model); refuses the rest."""
-    from .awq import SUPPORTED, AwqLayout, awq_settings
-    from .compressed_tensors import CompressedTensorsLayout, ct_settings
+    from edge_awq.sources.awq import SUPPORTED, AwqLayout, awq_settings
+    from edge_awq.sources.compressed_tensors import CompressedTensorsLayout, ct_settings
 
     qc, where = config.get("quantization_config"), path / "config.json"
     if qc is None and (path / "quant_config.json").is_file():  # AutoAWQ before transformers carried the config
@@ -119,7 +119,7 @@ class HFSource:
         return module, parts[-1]
 
     def _shape(self, key: str) -> tuple[int, int]:
-        from ..config import expected_shapes
+        from edge_awq.config import expected_shapes
 
         a = self.args
         name = key.split(".")[-2]

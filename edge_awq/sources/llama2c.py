@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ModelArgs
-from ..errors import FormatError
-from ..tokenizer import Tokenizer, from_llama2c_bin, from_sentencepiece
-from . import to_rotate_half
+from edge_awq.config import ModelArgs
+from edge_awq.errors import FormatError
+from edge_awq.tokenizer import Tokenizer, from_llama2c_bin, from_sentencepiece
+from edge_awq.sources import to_rotate_half
 
 MAGIC = 0x616B3432  # "ak42"
 
@@ -67,7 +67,7 @@ class Llama2cSource:
 
     def release(self) -> None:
         """Drop the resident pages of the mapped file."""
-        from ..tensorfile import release_pages
+        from edge_awq.tensorfile import release_pages
 
         release_pages(self._mm)
 
