@@ -40,7 +40,7 @@ def peak_of(args: list[str]) -> tuple[int, str]:
 
 
 def main():
-    from edge_awq.load import open_source
+    from edge_awq.formats.load import open_source
     from tests.hfdir import write_hf_dir
 
     ap = argparse.ArgumentParser()

@@ -17,7 +17,7 @@ import argparse
 import numpy as np
 
 from edge_awq.backends.reference import ReferenceBackend
-from edge_awq.load import load_weights, open_source
+from edge_awq.formats.load import load_weights, open_source
 from edge_awq.model import Dense, KVCache, forward
 from edge_awq.pack import unpack_linear
 

@@ -1,8 +1,8 @@
-"""The Python API: ``edge_awq.load`` opens a model once, the way every command does, and ``LLM`` runs it.
+"""The Python API: ``edge_awq.formats.load`` opens a model once, the way every command does, and ``LLM`` runs it.
 
     import edge_awq
 
-    with edge_awq.load("smollm2-w4g64.eawq") as llm:
+    with edge_awq.formats.load("smollm2-w4g64.eawq") as llm:
         for piece in llm.chat([{"role": "user", "content": "What is the capital of France?"}]):
             print(piece, end="", flush=True)
 
@@ -55,7 +55,7 @@ class Info:
 
 class LLM:
     """A loaded model: tokenizer, prepared weights, backend and one preallocated KV cache (not thread-safe:
-    one generation at a time). Made by ``edge_awq.load``."""
+    one generation at a time). Made by ``edge_awq.formats.load``."""
 
     def __init__(self, weights, ops, tokenizer, cache, plan, info: Info):
         self.weights, self.ops, self.tokenizer, self.cache, self.plan, self.info = (
@@ -124,7 +124,8 @@ class LLM:
             raise InputError(f"only {len(tokens)} token(s) to score: at least 2 are needed to score one")
         if not 2 <= ctx <= self.info.args.max_seq_len:
             raise InputError(f"ctx {ctx}: must be between 2 and the model's context of {self.info.args.max_seq_len}")
-        return perplexity(self.weights, self.ops, tokens, ctx, on_window)
+        cache = self.cache if self.cache.max_seq >= ctx else None  # the one preallocated, where it is long enough
+        return perplexity(self.weights, self.ops, tokens, ctx, on_window, cache)
 
     # --- lifetime ---
 
@@ -163,7 +164,8 @@ def _finite(x) -> bool:
 
 
 def load(model: str | Path, *, backend: str = "auto", ctx: int = 2048, kv_dtype: str = "fp16",
-         memory: str | None = None, verify: str = "cached", tokenizer: str | Path | None = None) -> LLM:
+         memory: str | None = None, verify: str = "cached", tokenizer: str | Path | None = None,
+         dtype: str = "stored", lazy: bool | str = False) -> LLM:
     """Open a model to run it: an .eawq file, a Hugging Face directory (float, AutoAWQ or compressed-tensors),
     a .gguf file or a llama2.c .bin.
 
@@ -176,29 +178,39 @@ def load(model: str | Path, *, backend: str = "auto", ctx: int = 2048, kv_dtype:
     verify: an .eawq file's checksums: "cached" (every tensor the first time the file is used on this
         machine), "always", or "never".
     tokenizer: the tokenizer file of a llama2.c checkpoint, if not beside it.
+    dtype: float tensors as "stored" (float16 stays float16: half the memory) or as "float32".
+    lazy: read each decoder layer from the file when it runs, holding one at a time (a float model larger
+        than memory, scored by ``perplexity``); "auto": when float32 weights would take over half the free
+        memory. Memory is then bounded by a layer, and the plan is not checked.
 
     Raises ``edge_awq.errors.EdgeAwqError`` subclasses (FormatError, ConfigError, DoesNotFit,
     BackendUnavailable, InputError) with a message that names the problem and the fix.
     """
     import numpy as np
 
-    from edge_awq import integrity
-    from edge_awq.load import load_weights, open_source
-    from edge_awq.ops import pick_backend
-    from edge_awq.plan import check_fits
+    from edge_awq.formats import integrity
+    from edge_awq.formats.load import load_weights, open_source
+    from edge_awq.backends import pick_backend
+    from edge_awq.plan import available_memory, check_fits
 
     if kv_dtype not in ("fp16", "int8"):
         raise InputError(f"kv_dtype {kv_dtype!r}: fp16 or int8")
+    if dtype not in ("stored", "float32"):
+        raise InputError(f"dtype {dtype!r}: stored or float32")
     src = open_source(model, tokenizer)
     integrity.check(src, verify)
     ctx = min(int(ctx), src.args.max_seq_len)
     if ctx < 2:
         raise InputError(f"ctx {ctx}: at least 2 tokens")
-    plan = check_fits(src, str(model), ctx, memory, kv_dtype)  # before any weight is read
+    quantized = bool(getattr(src, "quantization", None))
+    if lazy == "auto":
+        lazy = not quantized and 4 * src.args.n_params > available_memory() // 2 > 0
+    plan = None if lazy else check_fits(src, str(model), ctx, memory, kv_dtype)  # before any weight is read
     ops, why = pick_backend(backend)
     if kv_dtype == "int8" and ops.name == "cuda":
         raise InputError("kv_dtype int8 is the CPU backends': the cuda backend keeps an fp16 cache")
-    weights = ops.prepare(load_weights(src, dtype=None))  # stored arrays as they are; prepared in their place
+    # the stored arrays as they are (memory-mapped), prepared in their place
+    weights = ops.prepare(load_weights(src, lazy=bool(lazy), dtype=None if dtype == "stored" else np.float32))
     cache = ops.allocate_cache(weights.args, ctx, np.int8 if kv_dtype == "int8" else None, commit=True)
     tok = src.tokenizer()
     quant = {k: v for k, v in (getattr(src, "quantization", None) or {}).items() if k != "source_config"}

@@ -1,4 +1,5 @@
-"""The ``edge-awq`` command. Each subcommand's module is imported only when it runs."""
+"""The ``edge-awq`` command. Each subcommand's module (``edge_awq.commands.*``, and ``edge_awq.offline.export``)
+is imported only when it runs, so ``edge-awq chat`` never loads torch."""
 
 from __future__ import annotations
 
@@ -8,23 +9,25 @@ import logging
 import os
 import sys
 
-from edge_awq import __version__, atomic, threads
+from edge_awq import __version__
+from edge_awq.backends import threads
+from edge_awq.formats import atomic
 from edge_awq.errors import DoesNotFit, EdgeAwqError
 
 threads.configure()  # before numpy or numba start their thread pools
 
 # name -> (module with add_arguments(p) and run(args) -> int, one-line help)
 COMMANDS = {
-    "eval": ("edge_awq.evaluate", "perplexity of a model (or an .eawq file) on a text file"),
+    "eval": ("edge_awq.commands.eval", "perplexity of a model (or an .eawq file) on a text file"),
     "export": ("edge_awq.offline.export", "quantize a model with AWQ into one .eawq file (needs torch)"),
-    "chat": ("edge_awq.chat", "chat with a model in the terminal (or answer one --prompt)"),
-    "bench": ("edge_awq.bench", "speed and memory of a model on this machine"),
-    "serve": ("edge_awq.serve", "serve a model over an OpenAI-compatible HTTP API (for systemd)"),
-    "plan": ("edge_awq.plan", "will a model fit a device? memory plan before loading"),
-    "inspect": ("edge_awq.inspect_file", "print a model's metadata and tensors (.eawq file or Hugging Face directory)"),
-    "convert": ("edge_awq.convert", "a packed model between .eawq, AutoAWQ GEMM and compressed-tensors, integers untouched"),
-    "verify": ("edge_awq.verify", "check every checksum of an .eawq file"),
-    "build-native": ("edge_awq.native_build", "build the CUDA library of the cuda backend (needs nvcc and CMake)"),
+    "chat": ("edge_awq.commands.chat", "chat with a model in the terminal (or answer one --prompt)"),
+    "bench": ("edge_awq.commands.bench", "speed and memory of a model on this machine"),
+    "serve": ("edge_awq.commands.serve", "serve a model over an OpenAI-compatible HTTP API (for systemd)"),
+    "plan": ("edge_awq.commands.plan", "will a model fit a device? memory plan before loading"),
+    "inspect": ("edge_awq.commands.inspect", "print a model's metadata and tensors (.eawq file or Hugging Face directory)"),
+    "convert": ("edge_awq.commands.convert", "a packed model between .eawq, AutoAWQ GEMM and compressed-tensors, integers untouched"),
+    "verify": ("edge_awq.commands.verify", "check every checksum of an .eawq file"),
+    "build-native": ("edge_awq.commands.build_native", "build the CUDA library of the cuda backend (needs nvcc and CMake)"),
 }
 
 

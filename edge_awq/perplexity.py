@@ -47,12 +47,14 @@ def nll_of_logits(logits: np.ndarray, targets: np.ndarray) -> float:
 
 
 def perplexity(
-    w: ModelWeights, ops, tokens, ctx: int, on_window: Callable[[int, int], None] | None = None
+    w: ModelWeights, ops, tokens, ctx: int, on_window: Callable[[int, int], None] | None = None, cache=None
 ) -> PerplexityResult:
-    """Score tokens (N,) int window by window; on_window(done, total) reports progress."""
+    """Score tokens (N,) int window by window; on_window(done, total) reports progress.
+
+    cache: a KV cache of at least ctx positions to use (one is allocated otherwise)."""
     tokens = np.asarray(tokens, dtype=np.int64)
     wins = windows(tokens, ctx)
-    cache = ops.allocate_cache(w.args, ctx)
+    cache = cache if cache is not None else ops.allocate_cache(w.args, ctx)
     total_nll, scored, seen = 0.0, 0, 0
     t0 = time.perf_counter()
     for k, win in enumerate(wins):

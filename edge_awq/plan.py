@@ -10,12 +10,11 @@ prints it; ``chat`` and ``bench`` check it before reading a weight.
 
 from __future__ import annotations
 
-import argparse
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edge_awq import flags
 from edge_awq.config import ModelArgs
 from edge_awq.errors import ConfigError, DoesNotFit, InputError
 
@@ -100,12 +99,19 @@ class Plan:
         return json.dumps(asdict(self), indent=1)
 
 
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?)B?\s*", re.IGNORECASE)
+
+
 def parse_size(text: str) -> int:
-    """'24GiB', '64MiB', '16GB', '512M', '1073741824' -> bytes."""
-    try:
-        return flags.parse_size(text)
-    except ValueError as e:
-        raise InputError(f"--memory {e}") from None
+    """'24GiB', '64MiB', '16GB', '512M', '1073741824' -> bytes (InputError otherwise)."""
+    m = _SIZE.fullmatch(text)
+    if not m:
+        raise InputError(f"--memory {text!r}: give a size such as 24GiB, 16GB or 512MiB")
+    base = 1024 if m.group(3) or not m.group(2) else 1000
+    n = int(float(m.group(1)) * base ** "BKMGT".index((m.group(2) or "B").upper()))
+    if n <= 0:
+        raise InputError(f"--memory {text!r}: a memory size must be positive")
+    return n
 
 
 def kv_bytes_per_token(a: ModelArgs, kv_dtype: str) -> int:
@@ -135,7 +141,7 @@ def spec_bytes(a: ModelArgs, bits: int, group_size, head: str) -> dict[str, int]
     """Tensor name -> bytes of the .eawq file an export at these settings writes (from ``tensor_specs``)."""
     import numpy as np
 
-    from edge_awq.format import tensor_specs
+    from edge_awq.formats.eawq import tensor_specs
 
     specs = tensor_specs(a, bits, lambda n: _group(n, group_size), 0, head)
     return {name: int(np.dtype(dt).itemsize * np.prod(shape)) for name, dt, shape in specs if name != "tokenizer"}
@@ -263,12 +269,12 @@ def model_args(model: str) -> tuple[ModelArgs, dict, dict | None]:
         raise InputError(f"{model}: no such file, and not a preset ({', '.join(PRESETS)})")
     if path.name == "config.json":
         from edge_awq.config import from_hf_config
-        from edge_awq.sources.hf import _read_json
+        from edge_awq.formats.sources.hf import _read_json
 
         return from_hf_config(_read_json(path), str(path)), {}, None
     if path.is_dir() and not (path / "config.json").is_file():
         raise InputError(f"{model}: no config.json there")
-    from edge_awq.load import open_source, resident_bytes
+    from edge_awq.formats.load import open_source, resident_bytes
 
     src = open_source(path)
     quant = getattr(src, "quantization", None) or {}
@@ -303,7 +309,7 @@ def check_fits(src, model: str, ctx: int, memory: str | None, kv_dtype: str = "f
     A packed source is counted from its own tensors' bytes. memory: the user's --memory, else this
     machine's MemAvailable. Returns the plan (None if unknown).
     """
-    from edge_awq.load import resident_bytes
+    from edge_awq.formats.load import resident_bytes
 
     a, quant = src.args, getattr(src, "quantization", None) or {}
     nbytes = resident_bytes(src) if quant else None
@@ -337,46 +343,3 @@ def _fp_plan(a: ModelArgs, model: str, device: Device, ctx: int) -> Plan:
     return Plan(model, device.name, device.source, ctx, 1, "fp16", 512, 16, 0, "fp32", lines, total, device.usable,
                 total <= device.usable, ctx if total <= device.usable else 0, ["quantize it: edge-awq export"], None,
                 lines["float32 weights"])
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help=f"config.json, Hugging Face directory, .eawq file or a preset: {', '.join(PRESETS)}")
-    p.add_argument("--device", help=f"device profile: {', '.join(DEVICES)}")
-    p.add_argument("--memory", type=flags.size, help="usable memory instead of a profile, e.g. 24GiB")
-    p.add_argument("--ctx", type=flags.context, default=None,
-                   help="context length in tokens (default: the model's, at most 4096)")
-    p.add_argument("--batch", type=flags.int_range(1, 4096, "the batch"), default=1,
-                   help="sequences served at once (default 1)")
-    p.add_argument("--kv-dtype", choices=("fp16", "int8"), default="fp16")
-    p.add_argument("--prefill-chunk", type=flags.int_range(1, 1 << 16, "the prefill chunk"), default=512,
-                   help="prompt tokens run per step (default 512)")
-    p.add_argument("--bits", type=int, choices=(3, 4), default=None, help="for a model not yet packed (default 4)")
-    p.add_argument("--group-size", type=flags.group_size, default=None,
-                   help="for a model not yet packed (default 128; channel: one group a row)")
-    p.add_argument("--head", choices=("fp16", "int8", "w4"), default=None, help="for a model not yet packed")
-    p.add_argument("--json", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    a, quant, nbytes = model_args(args.model)
-    device = device_for(args.device, args.memory)
-    ctx = args.ctx or min(a.max_seq_len, 4096)
-    if quant and (args.bits or args.group_size or args.head):
-        raise InputError(f"{args.model} is packed already: --bits, --group-size and --head are for a model not yet "
-                         "packed")
-    if quant:
-        group = quant.get("group_size", 128)
-    else:  # what an export would use: the size asked for, checked; by default 128 where it divides every layer
-        from edge_awq.config import resolve_group_size
-
-        asked = args.group_size or 128
-        try:
-            group = resolve_group_size(a, asked)
-        except ConfigError:
-            if args.group_size is not None:
-                raise
-            group = resolve_group_size(a, "auto")
-    p = make_plan(a, Path(args.model).name, device, ctx, args.batch, args.kv_dtype, args.prefill_chunk,
-                  args.bits or quant.get("bits", 4), group, args.head or quant.get("head", "fp16"), nbytes)
-    print(p.to_json() if args.json else table(p))
-    return 0 if p.fits else 2

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_awq.errors import InputError
-from edge_awq.evaluate import read_text
+from edge_awq.formats.text import read_text
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import logging
 import time
 from pathlib import Path
 
-from edge_awq import flags
+from edge_awq.commands import flags
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _check_args(args) -> None:
     from edge_awq.errors import InputError
 
-    from edge_awq.convert import target_of
+    from edge_awq.formats.interop import target_of
 
     target_of(args.format, args.output)  # the output's name, and that it does not exist yet
     if args.device == "cuda":
@@ -62,6 +62,7 @@ def _metadata(src, qa, calib: dict, tok_fields: dict, head: str) -> dict:
         "layout": LAYOUT, "model_args": src.args.to_dict(), "tokenizer": tok_fields,
         "quantization": {**qa.to_dict(), "head": head, "embedding": "fp16", "calibration": calib},
         "source": {"name": Path(src.path).name, "fingerprint": src.fingerprint()},
+        "generation": getattr(src, "generation_defaults", dict)(),  # the model's recommended sampling, if any
     }
 
 
@@ -103,51 +104,79 @@ class _CtrlC:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from edge_awq.load import DequantizedSource, open_source
+    from edge_awq.offline.report import Progress
 
-    _check_args(args)
-    t_start = time.perf_counter()
-    src = open_source(args.source, args.tokenizer)
-    quant = getattr(src, "quantization", None) or {}
-    if quant and not args.requantize:
-        from edge_awq.convert import convert
+    def said(message: str) -> None:
+        print(f"edge-awq export: {message}", file=sys.stderr)
 
-        print(f"edge-awq export: {args.source} is already quantized ({quant.get('layout', 'eawq')}, W{quant['bits']}): "
-              "converting it as stored, not quantizing again (--requantize to dequantize and search anew)",
-              file=sys.stderr)
-        info = convert(Path(args.source), args.output, args.format, args.head if args.format == "eawq" else "fp16")
-        info["seconds"] = time.perf_counter() - t_start
-        print(json.dumps(info) if args.json else f"wrote {args.output} ({args.format}) in {info['seconds']:.1f}s: "
-              "integers, scales and zero points as stored in the source")
-        return 0
-    if quant:
-        print(f"edge-awq export: {args.source} is already quantized: dequantizing it and searching again; the new "
-              "grid is fitted to weights already rounded once, so its error adds to the source's", file=sys.stderr)
-        src = DequantizedSource(src)
-    if args.format == "eawq":
-        info = _export_eawq(args, src, args.output, t_start)
-    else:
-        info = _export_directory(args, src, t_start)
+    with Progress() as progress:
+        info = quantize(args.source, args.calib, args.output, format=args.format, bits=args.bits,
+                        group_size=args.group_size, method=args.method, n_samples=args.n_samples, seqlen=args.seqlen,
+                        duo_scaling=args.duo_scaling, clip=not args.no_clip, device=args.device, head=args.head,
+                        tokenizer=args.tokenizer, requantize=args.requantize, progress=progress, note=said)
     print(json.dumps(info) if args.json else info["text"])
     return 0
 
 
-def _export_directory(args, src, t_start: float) -> dict:
+def quantize(source, calib_text, out, *, format: str = "eawq", bits: int = 4, group_size: int | str = 128,
+             method: str = "awq", n_samples: int = 128, seqlen: int = 512, duo_scaling: bool = False,
+             clip: bool = True, device: str = "cpu", head: str = DEFAULT_HEAD, tokenizer=None,
+             requantize: bool = False, progress=None, note=None) -> dict:
+    """``edge-awq export`` as a function: quantize source with AWQ (or RTN) into out; returns the summary.
+
+    source: anything ``edge_awq.load`` opens; calib_text: a UTF-8 text file; out: an .eawq file, or a directory
+    for format "awq-gemm" or "compressed-tensors". bits 4 or 3; group_size an int dividing every linear, "auto"
+    or "channel"; method "awq" or "rtn"; n_samples blocks of seqlen calibration tokens; head "fp16", "int8"
+    or "w4"; device "cpu" or "cuda" (torch's). An already-quantized source is converted as stored unless
+    requantize. progress: an object with ``start(n_layers, method)``, ``phase(layer, name)`` and
+    ``layer_done(report)`` (``offline.report.Progress`` draws a bar); note(message): what the caller should be
+    told. The summary: output, bytes, bits_per_weight, seconds per phase, per-layer losses, and ``text``.
+    """
+    from edge_awq.formats.load import DequantizedSource, open_source
+
+    args = argparse.Namespace(source=source, calib=Path(calib_text), output=Path(out), format=format, bits=bits,
+                              group_size=group_size, method=method, n_samples=n_samples, seqlen=seqlen,
+                              duo_scaling=duo_scaling, no_clip=not clip, device=device, head=head, tokenizer=tokenizer)
+    _check_args(args)
+    note = note or log.info
+    t_start = time.perf_counter()
+    src = open_source(args.source, args.tokenizer)
+    quant = getattr(src, "quantization", None) or {}
+    if quant and not requantize:
+        from edge_awq.formats.interop import convert
+
+        note(f"{args.source} is already quantized ({quant.get('layout', 'eawq')}, W{quant['bits']}): converting it as "
+             "stored, not quantizing again (--requantize to dequantize and search anew)")
+        info = convert(Path(args.source), args.output, args.format, args.head if args.format == "eawq" else "fp16")
+        info["seconds"] = time.perf_counter() - t_start
+        info["text"] = (f"wrote {args.output} ({args.format}) in {info['seconds']:.1f}s: integers, scales and zero "
+                        "points as stored in the source")
+        return info
+    if quant:
+        note(f"{args.source} is already quantized: dequantizing it and searching again; the new grid is fitted to "
+             "weights already rounded once, so its error adds to the source's")
+        src = DequantizedSource(src)
+    if args.format == "eawq":
+        return _export_eawq(args, src, args.output, t_start, progress)
+    return _export_directory(args, src, t_start, progress)
+
+
+def _export_directory(args, src, t_start: float, progress) -> dict:
     """Quantize into a temporary .eawq beside the output, then write it in the asked layout."""
     import os
 
-    from edge_awq.format import EawqSource
-    from edge_awq.hf_export import write_directory
+    from edge_awq.formats.eawq import EawqSource
+    from edge_awq.formats.interop import write_directory
 
     tmp = args.output.with_name(f".{args.output.name}.tmp-{os.getpid()}.eawq")  # swept like the writers' own
     float_head = argparse.Namespace(**{**vars(args), "head": "fp16"})  # neither layout carries a packed head
     try:
-        info = _export_eawq(float_head, src, tmp, t_start)
+        info = _export_eawq(float_head, src, tmp, t_start, progress)
         write_directory(EawqSource(tmp), args.output, args.format)
     finally:
         tmp.unlink(missing_ok=True)
-    from edge_awq.format import stored_bits_per_weight
-    from edge_awq.sources.hf import HFSource
+    from edge_awq.formats.eawq import stored_bits_per_weight
+    from edge_awq.formats.sources.hf import HFSource
 
     stored = {name: t.end - t.begin for name, (_, t) in HFSource(args.output).stored_tensors().items()}
     bpw = stored_bits_per_weight(stored, src.args)
@@ -160,18 +189,18 @@ def _export_directory(args, src, t_start: float) -> dict:
     return info
 
 
-def _export_eawq(args, src, output: Path, t_start: float) -> dict:
+def _export_eawq(args, src, output: Path, t_start: float, progress) -> dict:
     import numpy as np
 
-    from edge_awq.format import HEAD_BITS, EawqWriter, packed_head_arrays, tensor_specs
-    from edge_awq.load import inv_freq
+    from edge_awq.formats.eawq import HEAD_BITS, EawqWriter, packed_head_arrays, tensor_specs
+    from edge_awq.formats.load import inv_freq
 
     from edge_awq.offline.calibrate import calibration_blocks
     from edge_awq.config import resolve_group_size
 
-    from edge_awq.offline.quantize import QuantArgs, quantize_model
+    from edge_awq.offline.layerwise import QuantArgs, quantize_model
     from edge_awq.offline.torch_ops import TorchOps
-    from edge_awq.offline.report import Progress, summary
+    from edge_awq.offline.report import summary
 
     qa = QuantArgs(args.bits, resolve_group_size(src.args, args.group_size), args.method, args.duo_scaling,
                    not args.no_clip)
@@ -183,13 +212,17 @@ def _export_eawq(args, src, output: Path, t_start: float) -> dict:
     specs = tensor_specs(src.args, qa.bits, qa.group_for, len(tok_bytes), args.head)
     a = src.args
     reserve = (1 << 16) + 2 * len(json.dumps(tok_fields))  # room for the metadata in the header
-    with EawqWriter(output, specs, reserve) as writer, Progress(a.n_layers, qa.method) as progress:
+    if progress is not None:
+        progress.start(a.n_layers, qa.method)
+    on_layer = progress.layer_done if progress is not None else (lambda rep: None)
+    on_phase = progress.phase if progress is not None else (lambda i, name: None)
+    with EawqWriter(output, specs, reserve) as writer:
         writer.add("tokenizer", np.frombuffer(tok_bytes, dtype=np.uint8))
         writer.add("rope_inv_freq", inv_freq(src))
         writer.add("tok_embeddings", np.asarray(src.get("tok_embeddings"), dtype=np.float16))
         with _CtrlC() as ctrl_c:
             reports = quantize_model(src, blocks, qa, writer, specs, TorchOps(args.device), args.device,
-                                     ctrl_c.checked(progress.layer_done), ctrl_c.checked(progress.phase))
+                                     ctrl_c.checked(on_layer), ctrl_c.checked(on_phase))
         writer.add("norm", np.asarray(src.get("norm"), dtype=np.float16))
         # the head packed from the float16 values the file (and any directory made from it) keeps: reproducible
         head = np.asarray(src.get("tok_embeddings" if a.tied_embeddings or not src.has("output") else "output"),

@@ -4,29 +4,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_awq.format import stored_bits_per_weight
-from edge_awq.tensorfile import SafetensorsFile
+from edge_awq.formats.eawq import stored_bits_per_weight
+from edge_awq.formats.tensorfile import SafetensorsFile
 
 
 class Progress:
-    """A rich progress bar over layers on stderr, with the last layer's losses."""
+    """A rich progress bar over layers on stderr, with the last layer's losses (shown from ``start``)."""
 
-    def __init__(self, n_layers: int, method: str):
+    def __init__(self):
+        self._bar = None
+
+    def start(self, n_layers: int, method: str) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
 
         self._bar = Bar(TextColumn(f"{method} layers"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[phase]}  {task.fields[last]}"), console=Console(stderr=True),
                         transient=True)
-        self._n = n_layers
+        self._bar.__enter__()
+        self._task = self._bar.add_task("export", total=n_layers, last="", phase="")
 
     def __enter__(self):
-        self._bar.__enter__()
-        self._task = self._bar.add_task("export", total=self._n, last="", phase="")
         return self
 
     def __exit__(self, *exc):
-        return self._bar.__exit__(*exc)
+        return self._bar.__exit__(*exc) if self._bar is not None else False
 
     def phase(self, index: int, name: str) -> None:
         self._bar.update(self._task, phase=f"layer {index}: {name}")

@@ -14,10 +14,10 @@ import sys
 
 import numpy as np
 
-from edge_awq.backends import numba_gemv_i16
-from edge_awq.backends.numba_cpu import NumbaBackend, linear_w4, prepare
+from edge_awq.backends.numba import gemv_i16 as numba_gemv_i16
+from edge_awq.backends.numba import NumbaBackend, linear_w4, prepare
 from edge_awq.generate import SamplingArgs, generate
-from edge_awq.load import load_weights, open_source
+from edge_awq.formats.load import load_weights, open_source
 from edge_awq.pack import pack_linear, unpack_linear
 
 # (bits, group size, out, in, tokens): SmolLM2's widths and groups, a 7B-wide row, the int8 head,

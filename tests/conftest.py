@@ -42,7 +42,7 @@ def smollm2() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_weights(smollm2):
-    from edge_awq.load import load_weights, open_source
+    from edge_awq.formats.load import load_weights, open_source
 
     src = open_source(smollm2)
     return src, load_weights(src)
@@ -50,7 +50,7 @@ def smollm2_weights(smollm2):
 
 @pytest.fixture(scope="session")
 def stories_weights(stories_path):
-    from edge_awq.load import load_weights, open_source
+    from edge_awq.formats.load import load_weights, open_source
 
     src = open_source(stories_path)
     return src, load_weights(src)
@@ -61,7 +61,7 @@ def cuda_build(tmp_path_factory):
     """(install prefix, build log) of libedge_awq_cuda.so for sm_87, built as `edge-awq build-native` does."""
     import shutil
 
-    from edge_awq.native_build import build, source_root
+    from edge_awq.backends.native import build, source_root
 
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not on PATH: the CUDA build is checked where the toolkit is installed")
@@ -72,7 +72,7 @@ def cuda_build(tmp_path_factory):
 
 def to_interleaved(w, n_heads: int):
     """Q/K rows (n_heads * head_dim, in) from Hugging Face's rotate-half order to Meta's interleaved pairs,
-    as llama2.c and llama.cpp's GGUF store them (the inverse of ``edge_awq.sources.to_rotate_half``)."""
+    as llama2.c and llama.cpp's GGUF store them (the inverse of ``edge_awq.formats.sources.to_rotate_half``)."""
     import numpy as np
 
     hd = w.shape[0] // n_heads
@@ -111,5 +111,5 @@ def autoawq():
     return mods
 
 
-# Files the tests check are remembered in a cache of their own, not the developer's (edge_awq.integrity).
+# Files the tests check are remembered in a cache of their own, not the developer's (edge_awq.formats.integrity).
 os.environ.setdefault("EDGE_AWQ_CACHE", __import__("tempfile").mkdtemp(prefix="edge-awq-test-cache-"))

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from edge_awq.config import to_hf_config
-from edge_awq.format import EawqSource
-from edge_awq.hf_writer import tokenizer_files
-from edge_awq.load import load_weights
+from edge_awq.formats.eawq import EawqSource
+from edge_awq.formats.hf_writer import tokenizer_files
+from edge_awq.formats.load import load_weights
 from edge_awq.model import LINEARS, W4
 from edge_awq.pack import unpack_bits, unpack_linear
-from edge_awq.sources.hf import hf_name
+from edge_awq.formats.sources.hf import hf_name
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from edge_awq.sources.hf import hf_name
+from edge_awq.formats.sources.hf import hf_name
 
 
 def hf_config(a, layers: int | None = None) -> dict:

@@ -36,7 +36,7 @@ def stories_rtn(stories_path, tmp_path_factory) -> Path:
 def test_numba_on_aarch64_matches_the_numpy_reference(stories_rtn, tmp_path):
     from edge_awq.backends.reference import ReferenceBackend
     from edge_awq.generate import SamplingArgs, generate
-    from edge_awq.load import load_weights, open_source
+    from edge_awq.formats.load import load_weights, open_source
 
     src = open_source(stories_rtn)
     prompt = src.tokenizer().encode("Once upon a time, a little dog", bos=True)

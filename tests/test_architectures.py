@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from edge_awq.load import load_weights, open_source
+from edge_awq.formats.load import load_weights, open_source
 from edge_awq.model import KVCache, forward
-from edge_awq.ops import select_backend
-from edge_awq.sources.hf import hf_name
+from edge_awq.backends import select_backend
+from edge_awq.formats.sources.hf import hf_name
 
 BASE = {
     "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,

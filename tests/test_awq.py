@@ -6,12 +6,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edge_awq.load import inv_freq, read_layer  # noqa: E402
+from edge_awq.formats.load import inv_freq, read_layer  # noqa: E402
 from edge_awq.model import SCALE_GROUPS, Dense, LayerWeights, ModelWeights, block  # noqa: E402
 from edge_awq.offline.clip import apply_clip, group_errors, sample_tokens, search_clip  # noqa: E402
 from edge_awq.offline.fake_quant import fake_quantize  # noqa: E402
 from edge_awq.config import resolve_group_size  # noqa: E402
-from edge_awq.offline.quantize import QuantArgs, quantize_layer, record_inputs, to_torch  # noqa: E402
+from edge_awq.offline.layerwise import QuantArgs, quantize_layer, record_inputs, to_torch  # noqa: E402
 from edge_awq.offline.search import apply_scales, candidate_scales  # noqa: E402
 from edge_awq.offline.torch_ops import TorchOps  # noqa: E402
 from edge_awq.pack import dequantize, quantize  # noqa: E402

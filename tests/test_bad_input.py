@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_awq import integrity
+from edge_awq.formats import integrity
 from tests.conftest import SHAKESPEARE, TINYSTORIES
 from tests.test_cli import assert_one_line_error, edge_awq
 
@@ -117,7 +117,7 @@ def test_tensor_byte_flipped_is_named_on_first_use(stories_eawq, tmp_path):
 
 def test_intact_file_is_checked_once(stories_eawq, tmp_path):
     """The first use checks every tensor and remembers it; the second start reads no tensor to check it."""
-    from edge_awq.format import EawqSource
+    from edge_awq.formats.eawq import EawqSource
 
     f = tmp_path / "copy.eawq"
     f.write_bytes(stories_eawq.read_bytes())

@@ -5,7 +5,8 @@ from tests.test_cli import edge_awq
 
 
 def test_bench_reports_every_figure():
-    r = edge_awq("bench", GOLDEN_FILE, "--prefill", "8", "16", "--decode", "8", "--repeat", "1", "--json")
+    r = edge_awq("bench", GOLDEN_FILE, "--prefill", "8", "16", "--decode", "8", "--repeat", "1", "--backend", "numba",
+                 "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["backend"] == "numba" and set(res["prefill"]) == {"8", "16"}

@@ -25,7 +25,7 @@ def assert_one_line_error(r, words):
 
 
 def test_eval_stories_json_matches_library(stories_weights):
-    from edge_awq.ops import select_backend
+    from edge_awq.backends import select_backend
     from edge_awq.perplexity import perplexity
 
     src, w = stories_weights

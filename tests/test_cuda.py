@@ -10,7 +10,7 @@ import pytest
 from edge_awq.backends.reference import ReferenceBackend
 from edge_awq.errors import BackendUnavailable
 from edge_awq.model import Dense, forward
-from edge_awq.ops import pick_backend
+from edge_awq.backends import pick_backend
 from edge_awq.pack import pack_linear
 
 ref = ReferenceBackend()

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.conftest import SHAKESPEARE, TINYSTORIES
-from edge_awq.load import open_source
+from edge_awq.formats.load import open_source
 from tests.test_cli import assert_one_line_error, edge_awq
 
 pytest.importorskip("torch")
@@ -119,9 +119,9 @@ def test_ctrl_c_midway_leaves_no_file(stories_path, tmp_path):
 def test_packed_head_keeps_embedding_rows_and_scores_close(stories_path, tmp_path, head, bits):
     import numpy as np
 
-    from edge_awq.backends.numba_cpu import NumbaBackend
+    from edge_awq.backends.numba import NumbaBackend
     from edge_awq.backends.reference import ReferenceBackend
-    from edge_awq.load import load_weights, open_source
+    from edge_awq.formats.load import load_weights, open_source
     from edge_awq.model import W4, Dense, KVCache, forward
 
     outs = {}
@@ -149,7 +149,7 @@ def test_export_peak_memory_does_not_grow_with_depth(smollm2, tmp_path):
     """SmolLM2's layers repeated 4x (a sharded fp16 HF directory): the exporter's peak RSS stays put."""
     import numpy as np
 
-    from edge_awq.load import open_source
+    from edge_awq.formats.load import open_source
     from tests.hfdir import write_hf_dir
     from tests.test_plan import PEAK
 

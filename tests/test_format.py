@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from edge_awq.errors import FormatError, InputError
-from edge_awq.format import EawqSource, EawqWriter, tensor_specs
-from edge_awq.load import load_weights, open_source
+from edge_awq.formats.eawq import EawqSource, EawqWriter, tensor_specs
+from edge_awq.formats.load import load_weights, open_source
 from edge_awq.model import W4
 
 SPECS = [("a", np.float16, (2, 3)), ("b", np.uint32, (4,)), ("tokenizer", np.uint8, (5,))]

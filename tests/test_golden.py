@@ -25,7 +25,7 @@ def test_golden_greedy_tokens():
 
 
 def test_golden_checksums_hold():
-    from edge_awq.format import EawqSource
+    from edge_awq.formats.eawq import EawqSource
 
     assert EawqSource(GOLDEN / "tiny.eawq").verify() == []
 
@@ -33,8 +33,8 @@ def test_golden_checksums_hold():
 def test_golden_version1_file_still_reads_the_same():
     """The same model written by format version 1 (zero points padded per row): unchanged bytes, the same
     weights in memory and the same greedy tokens as the current file."""
-    from edge_awq.format import EawqSource
-    from edge_awq.load import load_weights
+    from edge_awq.formats.eawq import EawqSource
+    from edge_awq.formats.load import load_weights
 
     expected = json.loads((GOLDEN / "expected.json").read_text())
     old, new = GOLDEN / "tiny-v1.eawq", GOLDEN / "tiny.eawq"

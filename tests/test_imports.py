@@ -15,9 +15,9 @@ sys.meta_path.insert(0, Block())
 
 def test_device_side_imports_without_torch(stories_path):
     code = BLOCK + f"""
-import edge_awq, edge_awq.cli, edge_awq.evaluate, edge_awq.load, edge_awq.model, edge_awq.ops
-import edge_awq.perplexity, edge_awq.tokenizer, edge_awq.tensorfile, edge_awq.backends.reference
-import edge_awq.sources.hf, edge_awq.sources.gguf_model, edge_awq.sources.llama2c
+import edge_awq, edge_awq.cli, edge_awq.commands.eval, edge_awq.formats.load, edge_awq.model, edge_awq.ops
+import edge_awq.perplexity, edge_awq.formats.tokenizer, edge_awq.formats.tensorfile, edge_awq.backends.reference
+import edge_awq.formats.sources.hf, edge_awq.formats.sources.gguf, edge_awq.formats.sources.llama2c
 from edge_awq.cli import main
 sys.exit(main(['eval', {str(stories_path)!r}, '--text', {str(stories_path.parents[2] / 'data' / 'tinystories-valid-sample.txt')!r}, '--max-tokens', '100']))
 """

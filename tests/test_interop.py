@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_awq.format import EawqSource
-from edge_awq.load import load_weights, open_source
+from edge_awq.formats.eawq import EawqSource
+from edge_awq.formats.load import load_weights, open_source
 from edge_awq.model import LINEARS, W4, KVCache, forward
-from edge_awq.ops import select_backend
+from edge_awq.backends import select_backend
 from edge_awq.pack import unpack_linear
 from tests.conftest import SHAKESPEARE, TINYSTORIES, WIKITEXT
 from tests.ecosystem import write_autoawq, write_compressed_tensors
@@ -246,7 +246,7 @@ def test_export_writes_directory_formats(stories_path, tmp_path):
 
 
 def test_shards_and_index_are_written_past_the_limit(smol_eawq, tmp_path):
-    from edge_awq.hf_export import write_directory
+    from edge_awq.formats.interop import write_directory
 
     d = write_directory(EawqSource(smol_eawq), tmp_path / "sharded", "compressed-tensors", max_shard_bytes=40 << 20)
     index = json.loads((d / "model.safetensors.index.json").read_text())
@@ -385,7 +385,7 @@ def test_qwen2_biases_ride_along(autoawq, tmp_path):
     from tests.test_architectures import BASE, CASES, write_random_model
 
     src_dir = write_random_model(tmp_path / "qwen2", {**BASE, **CASES["qwen2-bias"], "vocab_size": 512})
-    from edge_awq.tokenizer import from_llama2c_bin
+    from edge_awq.formats.tokenizer import from_llama2c_bin
     from tests.conftest import TOK512_BIN
 
     from_llama2c_bin(TOK512_BIN, 512).impl.save(str(src_dir / "tokenizer.json"))

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from edge_awq.errors import ConfigError, FormatError
-from edge_awq.load import load_weights, open_source
+from edge_awq.formats.load import load_weights, open_source
 from edge_awq.model import KVCache, forward
-from edge_awq.ops import select_backend
-from edge_awq.tokenizer import from_llama2c_bin
+from edge_awq.backends import select_backend
+from edge_awq.formats.tokenizer import from_llama2c_bin
 from tests.conftest import TOK512_BIN, to_interleaved
 from tests.hfdir import write_hf_dir
 

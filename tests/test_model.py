@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from edge_awq.model import KVCache, forward
-from edge_awq.ops import select_backend
-from edge_awq.tokenizer import from_llama2c_bin
+from edge_awq.backends import select_backend
+from edge_awq.formats.tokenizer import from_llama2c_bin
 from tests.conftest import TOK512_BIN
 from tests.hfdir import write_hf_dir
 

@@ -12,7 +12,7 @@ import pytest
 from edge_awq.backends.cuda import abi_cdef
 from edge_awq.backends.reference import ReferenceBackend
 from edge_awq.model import Dense, KVCache
-from edge_awq.native_build import CPU_ARITH_LIB, CUDA_LIB, build, source_root
+from edge_awq.backends.native import CPU_ARITH_LIB, CUDA_LIB, build, source_root
 from edge_awq.pack import pack_linear
 
 cffi = pytest.importorskip("cffi")

@@ -5,9 +5,9 @@ import pytest
 
 pytest.importorskip("numba")
 
-from edge_awq.backends.numba_cpu import NumbaBackend, linear_f16, linear_w4, prepare  # noqa: E402
+from edge_awq.backends.numba import NumbaBackend, linear_f16, linear_w4, prepare  # noqa: E402
 from edge_awq.backends.reference import ReferenceBackend  # noqa: E402
-from edge_awq.load import load_weights, open_source  # noqa: E402
+from edge_awq.formats.load import load_weights, open_source  # noqa: E402
 from edge_awq.model import KVCache, forward  # noqa: E402
 from edge_awq.pack import pack_linear, unpack_linear  # noqa: E402
 
@@ -52,7 +52,7 @@ def test_fp16_linear_reads_half_weights(T, out_f, in_f):
 def test_half_conversion_is_exact_for_every_finite_pattern():
     from numba import njit
 
-    from edge_awq.backends.numba_intrinsics import half_f32
+    from edge_awq.backends.numba.intrinsics import half_f32
 
     @njit
     def convert(bits, out):
@@ -172,7 +172,7 @@ def test_smollm2_packed_numba_and_reference_agree_for_64_greedy_steps(smollm2_pa
                                                                       monkeypatch):
     """Both backends choose the same 64 greedy tokens on packed SmolLM2, with this machine's integer
     kernels and with the float ones that run where AVX2 is missing (ARM)."""
-    from edge_awq.backends import numba_gemv_blocked, numba_gemv_i16
+    from edge_awq.backends.numba import gemv_blocked as numba_gemv_blocked, gemv_i16 as numba_gemv_i16
 
     if not integer_kernels:
         for module in (numba_gemv_i16, numba_gemv_blocked):

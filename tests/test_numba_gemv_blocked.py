@@ -7,11 +7,11 @@ import mmap
 import numpy as np
 import pytest
 
-from edge_awq.backends import numba_gemv_blocked as blocked
-from edge_awq.backends.numba_cpu import NumbaBackend, linear_w4, linears_w4, prepare
+from edge_awq.backends.numba import gemv_blocked as blocked
+from edge_awq.backends.numba import NumbaBackend, linear_w4, linears_w4, prepare
 from edge_awq.backends.reference import ReferenceBackend
 from edge_awq.pack import pack_linear, unpack_linear
-from edge_awq.tensorfile import release_array
+from edge_awq.formats.tensorfile import release_array
 
 needs_avx2 = pytest.mark.skipif(not blocked.AVAILABLE, reason="needs x86 AVX2 (elsewhere the float GEMV runs)")
 ref = ReferenceBackend()

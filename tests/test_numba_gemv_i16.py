@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from edge_awq.backends import numba_gemv_i16 as i16
-from edge_awq.backends.numba_cpu import NumbaBackend, linear_w4, linears_w4, prepare
+from edge_awq.backends.numba import gemv_i16 as i16
+from edge_awq.backends.numba import NumbaBackend, linear_w4, linears_w4, prepare
 from edge_awq.backends.reference import ReferenceBackend
 from edge_awq.pack import pack_linear
 

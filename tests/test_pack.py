@@ -76,7 +76,7 @@ def test_linear_round_trip_error_bound(bits, gs, shape):
 def test_stored_bits_per_weight_counts_the_bytes():
     """SmolLM2's shapes at W4 g64: 4 bits, a float16 scale and a 4-bit zero per 64 weights (the zero points no
     longer padded to 32 a row); per channel, one scale and zero a row."""
-    from edge_awq.format import stored_bits_per_weight, tensor_specs
+    from edge_awq.formats.eawq import stored_bits_per_weight, tensor_specs
     from edge_awq.plan import PRESETS
 
     a = PRESETS["smollm2-135m"]

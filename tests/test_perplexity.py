@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from edge_awq.ops import select_backend
+from edge_awq.backends import select_backend
 from edge_awq.perplexity import nll_of_logits, perplexity, windows
 from tests.conftest import TINYSTORIES
 

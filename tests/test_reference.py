@@ -6,7 +6,7 @@ import pytest
 from edge_awq.backends.reference import ReferenceBackend
 from edge_awq.config import ModelArgs
 from edge_awq.model import Dense, KVCache
-from edge_awq.sources import to_rotate_half
+from edge_awq.formats.sources import to_rotate_half
 
 ops = ReferenceBackend()
 rng = np.random.default_rng(0)

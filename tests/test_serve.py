@@ -293,7 +293,7 @@ def test_port_in_use_is_one_line(stories_path):
 def test_watchdog_is_fed_only_while_the_engine_steps(tmp_path, monkeypatch):
     import asyncio
 
-    from edge_awq.serve import _feed_watchdog
+    from edge_awq.serve.server import feed_watchdog
 
     sock_path = tmp_path / "wd.sock"
     nsock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -311,7 +311,7 @@ def test_watchdog_is_fed_only_while_the_engine_steps(tmp_path, monkeypatch):
 
     def pings(ok) -> int:
         async def main():
-            task = asyncio.create_task(_feed_watchdog(Engine(ok)))
+            task = asyncio.create_task(feed_watchdog(Engine(ok)))
             await asyncio.sleep(0.55)
             task.cancel()
 

@@ -6,7 +6,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from edge_awq.errors import FormatError
-from edge_awq.tensorfile import SafetensorsFile
+from edge_awq.formats.tensorfile import SafetensorsFile
 
 
 def write_raw(path, tensors: dict[str, tuple[str, tuple, bytes]], metadata=None):

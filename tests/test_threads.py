@@ -5,11 +5,11 @@ import os
 import subprocess
 import sys
 
-from edge_awq import threads
+from edge_awq.backends import threads
 
 
 def _configured(env: dict) -> dict:
-    code = "import json; from edge_awq import threads; print(json.dumps(threads.configure()))"
+    code = "import json; from edge_awq.backends import threads; print(json.dumps(threads.configure()))"
     clean = {k: v for k, v in os.environ.items() if k not in threads.DEFAULTS}
     out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
                          check=True).stdout

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from edge_awq.errors import FormatError
-from edge_awq.tokenizer import from_llama2c_bin, from_sentencepiece
+from edge_awq.formats.tokenizer import from_llama2c_bin, from_sentencepiece
 from tests.conftest import SHAKESPEARE, TINYSTORIES, TOK512_BIN, TOK512_MODEL, WIKITEXT
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from edge_awq.config import ModelArgs
 from edge_awq.errors import BackendUnavailable, InputError, KernelError
 from edge_awq.model import W4, Dense, LayerWeights, ModelWeights
-from edge_awq.native_build import CUDA_LIB, default_prefix
+from edge_awq.backends.native import CUDA_LIB, default_prefix
 
 log = logging.getLogger(__name__)
 

@@ -42,9 +42,9 @@ def header_sha256(path: Path) -> str:
 
 
 def greedy_tokens(path: Path, steps: int = 16) -> list[int]:
-    from edge_awq.load import load_weights, open_source
+    from edge_awq.formats.load import load_weights, open_source
     from edge_awq.model import KVCache, forward
-    from edge_awq.ops import select_backend
+    from edge_awq.backends import select_backend
 
     w = load_weights(open_source(path))
     ops, cache, out = select_backend("reference"), KVCache.allocate(w.args, steps + 1), [1]
@@ -54,7 +54,7 @@ def greedy_tokens(path: Path, steps: int = 16) -> list[int]:
 
 
 def main() -> None:
-    from edge_awq.tokenizer import from_llama2c_bin
+    from edge_awq.formats.tokenizer import from_llama2c_bin
 
     with tempfile.TemporaryDirectory() as tmp:
         d = write_random_model(Path(tmp) / "tiny", CONFIG, seed=7)

@@ -1,0 +1,159 @@
+"""``NumbaBackend``: the ops of ``edge_awq.ops.Backend`` in numba, on host arrays.
+
+Linears go through ``linear.py`` (prepared weights, the kernel table); a one-token decode step runs each
+4-bit layer as one compiled call where it can (``decode.py``); the other ops are ``kernels.py``'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+
+import numpy as np
+
+from edge_awq.backends import threads
+from edge_awq.backends.numba.kernels import (attention_int8_kernel, attention_kernel, rmsnorm_kernel, rmsnorm_serial,
+                                             rope_kernel, rope_serial, silu_mul_kernel, silu_mul_serial)
+from edge_awq.backends.numba.linear import (GEMV_MAX_T, PreparedW4, linear_f16, linear_w4, linears_w4, prepare)
+from edge_awq.model import LINEARS, W4, Dense
+from edge_awq.ops import HostMemory
+
+threads.configure()  # before the first parallel kernel starts OpenMP
+
+
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _kept_while_alive(table: dict, obj, make):
+    """make(obj), computed once and kept in table while obj lives (keyed by identity; the entry
+    leaves with obj, so layers read lazily do not pile up their prepared copies)."""
+    key = id(obj)
+    hit = table.get(key)
+    if hit is None or hit[0]() is not obj:
+        hit = table[key] = (weakref.ref(obj), make(obj))
+        weakref.finalize(obj, table.pop, key, None)
+    return hit[1]
+
+
+class NumbaBackend(HostMemory):
+    """The six ops in numba. W4 linears read packed weights; Dense ones (fp16 head, FP models) use BLAS."""
+
+    name = "numba"
+    kv_dtype = np.float16
+
+    def __init__(self):
+        self._prepared_w4: dict[int, tuple[weakref.ref, PreparedW4]] = {}  # id(W4) -> (a weak ref to it, prepared)
+        self._dense: dict[int, tuple[weakref.ref, np.ndarray]] = {}  # id(Dense) -> (..., its float32 weight)
+        self._angles: tuple = (None,)
+        self._fused: dict[int, tuple] = {}  # id(LayerWeights) -> (a weak ref to it, decode_layer's arrays or None)
+
+    def embed(self, table, tokens) -> np.ndarray:
+        return np.asarray(table[np.asarray(tokens, dtype=np.int64)], dtype=np.float32)
+
+    def rmsnorm(self, x, weight, eps: float) -> np.ndarray:
+        x = _f32(x)
+        out = np.empty_like(x)
+        (rmsnorm_serial if x.shape[0] <= GEMV_MAX_T else rmsnorm_kernel)(x, _f32(weight), eps, out)
+        return out
+
+    def linear(self, x, w) -> np.ndarray:
+        x = _f32(x)
+        if isinstance(w, PreparedW4):
+            return linear_w4(x, w)
+        if isinstance(w, Dense):
+            if w.weight.dtype == np.float16:  # read as it is stored: half the bytes of a float32 copy
+                y = linear_f16(x, w.weight)
+            else:
+                y = x @ _kept_while_alive(self._dense, w, lambda d: _f32(d.weight)).T  # converted once
+            return y if w.bias is None else y + _f32(w.bias)
+        return linear_w4(x, self._prepared(w))
+
+    def linears(self, x, ws) -> list[np.ndarray]:
+        x = _f32(x)
+        if x.shape[0] <= GEMV_MAX_T and len(ws) in (2, 3) and all(isinstance(w, (W4, PreparedW4)) for w in ws):
+            ps = [self._prepared(w) for w in ws]
+            if all(p.byte_path and p.bits == 4 and p.group_size == ps[0].group_size for p in ps):
+                return linears_w4(x, ps)
+        return [self.linear(x, w) for w in ws]
+
+    def prepare(self, w):
+        """The model with every packed linear prepared now, one at a time, rather than at its first token:
+        the returned weights hold the prepared forms in place of the W4s (drop the argument to free what
+        was converted at load). Layers read lazily are prepared as they come, and dropped with them."""
+        output = self._prepared(w.output) if isinstance(w.output, W4) else w.output
+        if not isinstance(w.layers, list):
+            return dataclasses.replace(w, output=output)
+        layers = [dataclasses.replace(lw, **{n: self._prepared(getattr(lw, n)) for n in LINEARS
+                                             if isinstance(getattr(lw, n), W4)}) for lw in w.layers]
+        return dataclasses.replace(w, layers=layers, output=output)
+
+    def _prepared(self, w) -> PreparedW4:
+        """A W4 prepared (once, kept while it lives), or a PreparedW4 as it is."""
+        if isinstance(w, PreparedW4):
+            return w
+        return _kept_while_alive(self._prepared_w4, w, lambda m: prepare(m, repack=True))
+
+    def decode_block(self, lw, x, pos: int, cache, layer: int, w):
+        """One decoder layer for one token as a single compiled call (``decode.py``), or None when
+        this layer, cache or machine is not the case it covers (the model then runs op by op)."""
+        args = self._decode_args(lw, w) if x.shape[0] == 1 and cache.k.dtype == np.float16 else None
+        if args is None:
+            return None
+        from edge_awq.backends.numba.decode import decode_layer
+
+        cos, sin = self._rope_angles(pos, 1, w.inv_freq)
+        a = w.args
+        return decode_layer(_f32(x), *args, cos, sin, a.rope_interleaved,
+                            cache.k[layer].view(np.uint16), cache.v[layer].view(np.uint16), pos, a.n_heads,
+                            a.n_kv_heads, a.head_dim, lw.w1.shape[0])
+
+    def _decode_args(self, lw, w):
+        """The layer's arrays for ``decode_layer`` (kept per layer), or None if it does not apply."""
+        return _kept_while_alive(self._fused, lw, lambda layer: self._layer_args(layer, w))
+
+    def _layer_args(self, lw, w):
+        lins = [getattr(lw, n) for n in LINEARS]  # decode_layer takes them in this order
+        ok = (all(isinstance(m, (W4, PreparedW4)) and m.bits == 4 and m.bias is None for m in lins)
+              and len({m.group_size for m in lins}) == 1)
+        if not ok:
+            return None
+        ps = [self._prepared(m) for m in lins]
+        if not all(p.blocked is not None for p in ps):
+            return None
+        return (np.asarray(lw.attn_norm, np.float32), np.asarray(lw.ffn_norm, np.float32), w.args.norm_eps,
+                *[(p.blocked.words, p.blocked.scales, p.blocked.zeros) for p in ps], lins[0].group_size)
+
+    def rope(self, x, pos: int, inv_freq, interleaved: bool) -> np.ndarray:
+        x = _f32(x)
+        cos, sin = self._rope_angles(pos, x.shape[0], inv_freq)
+        out = np.empty_like(x)
+        (rope_serial if x.shape[0] <= GEMV_MAX_T else rope_kernel)(x, cos, sin, interleaved, out)
+        return out
+
+    def _rope_angles(self, pos: int, T: int, inv_freq) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin (T, hd/2) float32 of positions pos..pos+T-1, computed once for all layers of a step."""
+        key = (pos, T, id(inv_freq))
+        if self._angles[0] != key:
+            angles = np.arange(pos, pos + T, dtype=np.float64)[:, None] * inv_freq[None, :]  # (T, hd/2)
+            self._angles = (key, np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32), inv_freq)
+        return self._angles[1], self._angles[2]
+
+    def attention(self, q, k, v, cache, layer: int, pos: int) -> np.ndarray:
+        T, H, hd = q.shape
+        if cache.k.dtype not in (np.float16, np.int8):
+            raise TypeError("the numba backend keeps its KV cache in float16 or int8: allocate it with one of those")
+        cache.write(layer, pos, k, v)
+        out = np.empty((T, H, hd), np.float32)
+        if cache.k.dtype == np.int8:
+            attention_int8_kernel(_f32(q), cache.k[layer], cache.k_scale[layer], cache.v[layer], cache.v_scale[layer],
+                                  pos, out)
+        else:
+            attention_kernel(_f32(q), cache.k[layer].view(np.uint16), cache.v[layer].view(np.uint16), pos, out)
+        return out.reshape(T, H * hd)
+
+    def silu_mul(self, gate, up) -> np.ndarray:
+        gate = _f32(gate)
+        out = np.empty_like(gate)
+        (silu_mul_serial if gate.shape[0] <= GEMV_MAX_T else silu_mul_kernel)(gate, _f32(up), out)
+        return out

@@ -1,0 +1,179 @@
+"""Quantize a model layer by layer: calibration activations stream through one decoder layer at a time.
+
+Per layer: record the inputs of every linear (FP), search AWQ scales for each
+scale group and fold them, search clipping limits, quantize and pack, then run
+the quantized layer to make the next layer's input. Only one layer's weights
+and the calibration activations are in memory at any time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from edge_awq.formats.eawq import linear_arrays
+from edge_awq.formats.load import inv_freq, read_layer
+from edge_awq.model import LINEARS, NO_CLIP, SCALE_GROUPS, Dense, LayerWeights, ModelWeights, attention, block, mlp
+from edge_awq.pack import pack_linear, unpack_linear
+
+from edge_awq.offline.clip import apply_clip, search_clip
+from edge_awq.offline.fake_quant import fake_quantize
+from edge_awq.offline.search import ScaleResult, apply_scales, search_scales
+from edge_awq.offline.torch_ops import RecordingOps
+
+
+
+@dataclass(frozen=True)
+class QuantArgs:
+    bits: int = 4
+    group_size: int | str = 128  # an int, or "channel": one group per output row
+    method: str = "awq"  # "awq" | "rtn"
+    duo_scaling: bool = False
+    clip: bool = True
+    n_grid: int = 20
+
+    def group_for(self, in_features: int) -> int:
+        return in_features if self.group_size == "channel" else int(self.group_size)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "zero_point": True}
+
+
+@dataclass
+class LayerReport:
+    index: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    loss: float = 0.0  # MSE of the layer output, quantized vs FP, on the calibration input
+    loss_rtn: float = 0.0  # the same for plain rounding
+    scales: list[ScaleResult] = field(default_factory=list)
+
+
+def to_torch(lw: LayerWeights, device) -> LayerWeights:
+    t = lambda a: None if a is None else torch.from_numpy(np.array(a, dtype=np.float32)).to(device)  # noqa: E731
+    return LayerWeights(**{n: Dense(t(getattr(lw, n).weight), t(getattr(lw, n).bias)) if n in LINEARS
+                           else t(getattr(lw, n)) for n in lw.__dataclass_fields__})
+
+
+def record_inputs(lw: LayerWeights, x, ctx: ModelWeights, ops):
+    """Inputs of each linear by name, the attention output and the layer output, all FP."""
+    rec = RecordingOps(ops, {id(getattr(lw, n)): n for n in LINEARS})
+    x_mid = attention(lw, x, 0, None, 0, ctx, rec)
+    return rec.inputs, x_mid, mlp(lw, x_mid, ctx, rec)
+
+
+def judge_for(group, x_in, x_mid, feats, ctx, ops) -> Callable[[LayerWeights], torch.Tensor]:
+    if group.inspect == "attention":
+        return lambda t: attention(t, x_in, 0, None, 0, ctx, ops)
+    if group.inspect == "mlp":
+        return lambda t: mlp(t, x_mid, ctx, ops)
+    return lambda t: torch.cat([ops.linear(feats[n], getattr(t, n)) for n in group.linears], dim=-1)
+
+
+def rtn_layer(lw: LayerWeights, qa: QuantArgs) -> LayerWeights:
+    q = {n: Dense(fake_quantize(getattr(lw, n).weight, qa.bits, qa.group_for(getattr(lw, n).weight.shape[1])),
+                  getattr(lw, n).bias) for n in LINEARS}
+    return dataclasses.replace(lw, **q)
+
+
+def _timed(rep: LayerReport, phase: str, t0: float) -> float:
+    now = time.perf_counter()
+    rep.seconds[phase] = rep.seconds.get(phase, 0.0) + now - t0
+    return now
+
+
+def _nothing(index: int, phase: str) -> None:
+    pass
+
+
+def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerReport, t: float, on_phase=_nothing):
+    """AWQ on one layer: scales searched on FP features and folded, then clipping.
+
+    Returns the new lw and the FP layer output (kept for the loss report).
+    """
+    on_phase(rep.index, "stats")
+    feats, x_mid, fp_out = record_inputs(lw, x_in, ctx, ops)
+    t = _timed(rep, "stats", t)
+    on_phase(rep.index, "scale search")
+    found = []
+    for g in (g for g in SCALE_GROUPS if g.when(ctx.args)):
+        gs = qa.group_for(feats[g.linears[0]].shape[-1])
+        res = search_scales(g, lw, feats[g.linears[0]], judge_for(g, x_in, x_mid, feats, ctx, ops), qa.bits, gs,
+                            qa.n_grid, qa.duo_scaling)
+        rep.scales.append(res)
+        found.append((g, torch.tensor(res.scales, dtype=torch.float32, device=x_in.device)))
+    for g, s in found:
+        lw = apply_scales(lw, g, s)
+        scaled_input = feats[g.linears[0]] / s
+        feats.update({n: scaled_input for n in g.linears})
+    t = _timed(rep, "scale search", t)
+    if qa.clip:
+        on_phase(rep.index, "clip search")
+        for n in (n for n in LINEARS if n not in NO_CLIP):
+            d = getattr(lw, n)
+            gs = qa.group_for(d.weight.shape[1])
+            limits = search_clip(d.weight, feats[n], qa.bits, gs, qa.n_grid)
+            lw = dataclasses.replace(lw, **{n: Dense(apply_clip(d.weight, limits, gs), d.bias)})
+        _timed(rep, "clip search", t)
+    return lw, fp_out
+
+
+def quantize_layer(lw_fp: LayerWeights, x_in, index: int, ctx, qa: QuantArgs, ops, on_phase=_nothing):
+    """Quantize one layer. Returns (packed linears {name: W4}, folded norms {name: array}, next input, report)."""
+    rep = LayerReport(index)
+    t = time.perf_counter()
+    lw, fp_out = search_layer(lw_fp, x_in, ctx, qa, ops, rep, t, on_phase) if qa.method == "awq" else (lw_fp, None)
+    on_phase(index, "quantize")
+    t = time.perf_counter()
+    packed, dequant = {}, {}
+    for n in LINEARS:
+        d = getattr(lw, n)
+        bias = None if d.bias is None else d.bias.cpu().numpy()
+        packed[n] = pack_linear(d.weight.cpu().numpy(), qa.bits, qa.group_for(d.weight.shape[1]), bias)
+        dequant[n] = Dense(torch.from_numpy(unpack_linear(packed[n])).to(x_in.device), d.bias)
+    t = _timed(rep, "quantize", t)
+    lw_q = dataclasses.replace(lw, **dequant)
+    on_phase(index, "propagate")
+    if fp_out is None:
+        fp_out = block(lw_fp, x_in, 0, None, 0, ctx, ops)
+    x_out = block(lw_q, x_in, 0, None, 0, ctx, ops)
+    rep.loss = float((x_out - fp_out).pow(2).mean())
+    rep.loss_rtn = rep.loss if qa.method == "rtn" else float(
+        (block(rtn_layer(lw_fp, qa), x_in, 0, None, 0, ctx, ops) - fp_out).pow(2).mean())
+    _timed(rep, "propagate", t)
+    norms = {n: lw.attn_norm if n == "attn_norm" else lw.ffn_norm for n in ("attn_norm", "ffn_norm")}
+    return packed, {n: v.cpu().numpy() for n, v in norms.items()}, x_out, rep
+
+
+def layer_arrays(i: int, packed: dict, norms: dict) -> dict[str, np.ndarray]:
+    """The .eawq tensors of layer i by name."""
+    out = {f"layers.{i}.{n}": v.astype(np.float16) for n, v in norms.items()}
+    for n, w in packed.items():
+        out.update(linear_arrays(f"layers.{i}.{n}", w))
+    return out
+
+
+def quantize_model(src, blocks: np.ndarray, qa: QuantArgs, writer, specs, ops, device="cpu",
+                   on_layer: Callable[[LayerReport], None] | None = None, on_phase=_nothing) -> list[LayerReport]:
+    """Stream src through the quantizer into writer (tensors in ``specs`` order). Returns per-layer reports."""
+    a = src.args
+    ctx = ModelWeights(a, None, (), None, None, torch.from_numpy(inv_freq(src)).to(device))
+    emb = src.get("tok_embeddings")
+    x = torch.from_numpy(np.asarray(emb[blocks], dtype=np.float32)).to(device)  # (n, seqlen, dim)
+    order = [name for name, _, _ in specs]
+    reports = []
+    for i in range(a.n_layers):
+        with torch.inference_mode():
+            packed, norms, x, rep = quantize_layer(to_torch(read_layer(src, i), device), x, i, ctx, qa, ops, on_phase)
+        arrays = layer_arrays(i, packed, norms)
+        for name in (n for n in order if n.startswith(f"layers.{i}.")):
+            writer.add(name, arrays[name])
+        reports.append(rep)
+        src.release()  # the layer's mapped source pages: without this, peak memory grows with depth
+        if on_layer:
+            on_layer(rep)
+    return reports
