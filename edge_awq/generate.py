@@ -50,8 +50,7 @@ def sample(logits: np.ndarray, s: SamplingArgs, rng: np.random.Generator) -> int
     """Pick a token from logits (vocab,) by greedy, temperature, top-k and top-p.
 
     Once a token: float32 over the vocabulary, the nucleus sorted only among the tokens that can
-    be in it, and one draw (``_draw``): about 0.4 ms for 49k tokens, 0.5 with top-p, where a full
-    sort in float64 and ``Generator.choice`` took 1.7 and 5.2 ms (a decode step is about 12).
+    be in it, and one draw (``_draw``) — a fraction of a decode step (docs/cpu-kernels.md).
     """
     if s.temperature <= 0:
         return int(np.argmax(logits))

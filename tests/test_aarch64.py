@@ -18,7 +18,8 @@ import pytest
 from tests.conftest import SHAKESPEARE
 
 AARCH64_PYTHON = os.environ.get("EDGE_AWQ_AARCH64_PYTHON")
-pytestmark = pytest.mark.skipif(not AARCH64_PYTHON, reason="set EDGE_AWQ_AARCH64_PYTHON: build it with .ci/aarch64 DIR")
+pytestmark = [pytest.mark.long,
+              pytest.mark.skipif(not AARCH64_PYTHON, reason="set EDGE_AWQ_AARCH64_PYTHON: build it with .ci/aarch64 DIR")]
 CHECK = Path(__file__).with_name("aarch64_check.py")
 
 

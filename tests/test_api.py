@@ -64,6 +64,7 @@ def test_generate_streams_the_reference_greedy_tokens(stories_path):
     assert ids == want and text == tok.decode(want)
 
 
+@pytest.mark.long
 def test_chat_and_sampling_defaults(smol_eawq):
     with edge_awq.load(smol_eawq, backend="numba", ctx=512) as llm:
         assert llm.info.quantization["bits"] == 4 and llm.info.generation == {}  # a GGUF source: no generation config
@@ -145,6 +146,7 @@ def test_quantize_is_export_as_a_function(stories_path, tmp_path):
     assert info["bits_per_weight"] == pytest.approx(4.381, abs=1e-3)
 
 
+@pytest.mark.long
 def test_example_program_finds_paris(smol_eawq):
     r = subprocess.run([sys.executable, str(ROOT / "examples" / "capital.py"), str(smol_eawq)], capture_output=True,
                        text=True, timeout=300)

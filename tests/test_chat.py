@@ -5,6 +5,8 @@ import pty
 import re
 import select
 import subprocess
+
+import pytest
 import sys
 import time
 
@@ -53,6 +55,7 @@ class Terminal:
         raise AssertionError("the chat did not exit")
 
 
+@pytest.mark.long
 def test_chat_session_in_a_terminal(smollm2):
     t = Terminal(["-m", "edge_awq", "chat", str(smollm2), "--max-new-tokens", "200", "--ctx", "1024", "--temperature", "0"])
     t.expect(r"> ")
@@ -90,6 +93,7 @@ def test_backend_unknown_is_one_line(stories_path):
     assert r.returncode == 2 and r.stderr.strip().endswith("use cuda, numba, reference or auto")
 
 
+@pytest.mark.long
 def test_int8_kv_cache_answers_the_same(smollm2):
     answers = []
     for kv in ("fp16", "int8"):

@@ -53,6 +53,7 @@ def test_export_is_deterministic(stories_path, tmp_path):
     assert {f.name for f in tmp_path.iterdir()} == {"a.eawq", "b.eawq"}  # no temporary left behind
 
 
+@pytest.mark.long
 def test_awq_perplexity_beats_rtn_on_stories(stories_path, tmp_path):
     fp = ppl(stories_path)
     got = {}
@@ -115,6 +116,7 @@ def test_ctrl_c_midway_leaves_no_file(stories_path, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("head,bits", [("int8", 8), ("w4", 4)])
 def test_packed_head_keeps_embedding_rows_and_scores_close(stories_path, tmp_path, head, bits):
     import numpy as np
@@ -145,6 +147,7 @@ def test_packed_head_keeps_embedding_rows_and_scores_close(stories_path, tmp_pat
     assert ppl(outs[head]) < 1.1 * ppl(outs["fp16"])
 
 
+@pytest.mark.long
 def test_export_peak_memory_does_not_grow_with_depth(smollm2, tmp_path):
     """SmolLM2's layers repeated 4x (a sharded fp16 HF directory): the exporter's peak RSS stays put."""
     import numpy as np

@@ -24,6 +24,7 @@ from tests.conftest import SHAKESPEARE, TINYSTORIES, WIKITEXT
 from tests.ecosystem import write_autoawq, write_compressed_tensors
 from tests.test_cli import assert_one_line_error, edge_awq
 
+pytestmark = pytest.mark.long  # SmolLM2 checkpoints written by the libraries: about two minutes
 torch = pytest.importorskip("torch")
 pytest.importorskip("compressed_tensors")
 

@@ -70,6 +70,7 @@ def test_stories260k_matches_transformers(stories_path, stories_weights, tmp_pat
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.long
 def test_smollm2_gguf_matches_transformers(smollm2, smollm2_weights):
     """transformers dequantizes the same GGUF and undoes llama.cpp's Q/K permutation itself."""
     torch = pytest.importorskip("torch")

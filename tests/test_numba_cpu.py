@@ -167,6 +167,7 @@ def smollm2_packed_greedy(smollm2_weights):
     return packed, prompt, _greedy_64(packed, prompt, ReferenceBackend())
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("integer_kernels", [True, False], ids=["x86-integer", "float-as-on-arm"])
 def test_smollm2_packed_numba_and_reference_agree_for_64_greedy_steps(smollm2_packed_greedy, integer_kernels,
                                                                       monkeypatch):

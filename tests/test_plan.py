@@ -91,6 +91,7 @@ def _peak_rss_of_chat(model, ctx: int) -> int:
     return int(peak[0].split()[1])
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("which,ctx", [("stories", 512), ("smollm2", 1024)])
 def test_measured_peak_rss_is_what_plan_predicts(which, ctx, request, tmp_path):
     if which == "stories":

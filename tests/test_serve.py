@@ -332,6 +332,7 @@ def _rss_mib(pid: int) -> float:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 
+@pytest.mark.long
 def test_prompts_at_the_body_limit_leave_memory_where_it_was(tmp_path_factory, smollm2):
     """One 1 MiB prompt (inside the default body limit) took the server from 325 to 440-500 MB for good, past the
     MemoryMax install.sh sets: such text is refused before it is tokenized, and freed memory is given back."""

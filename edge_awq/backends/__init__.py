@@ -6,8 +6,12 @@ for which weight is the table in ``backends/numba/__init__.py``) and ``cuda`` (`
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from edge_awq.errors import BackendUnavailable
-from edge_awq.ops import Backend
+
+if TYPE_CHECKING:  # the package is imported for threads.configure before numpy may start OpenBLAS
+    from edge_awq.ops import Backend
 
 
 def pick_backend(name: str = "auto") -> tuple[Backend, str]:

@@ -1,8 +1,7 @@
 """One decoder layer of a one-token decode step as a single numba call.
 
-Decoding runs about thirteen small ops per layer; as separate calls, each pays Python and the
-numba dispatcher some ten microseconds, and SmolLM2's 30 layers spent about 9 ms of a 32 ms token
-there. ``decode_layer`` runs the same sequence — the model's ``attention`` and ``mlp`` sub-blocks
+Decoding runs about thirteen small ops per layer, each of which, as a separate call, pays Python
+and the numba dispatcher (docs/cpu-kernels.md has what that cost). ``decode_layer`` runs the same sequence — the model's ``attention`` and ``mlp`` sub-blocks
 (model.py) — inside compiled code: RMSNorm, q/k/v as one GEMV kernel, RoPE, the fp16 cache
 write, attention, o, the residual, RMSNorm, gate/up, SiLU-mul, down, the residual.
 
@@ -27,8 +26,8 @@ from edge_awq.backends.numba.intrinsics import f32_half_bits
 def _rope(v, heads, head_dim, cos, sin, interleaved):
     """v (1, heads * head_dim) rotated in place; cos, sin (head_dim / 2,).
 
-    Not ``rope_serial`` on a (1, heads, head_dim) view: called here, that cost about 40 us a call
-    (2.5 ms of an 18 ms token on SmolLM2, measured); this flat loop costs about 1."""
+    A flat loop rather than ``rope_serial`` on a (1, heads, head_dim) view, which costs far more called from
+    here (docs/cpu-kernels.md)."""
     half = head_dim // 2
     for h in range(heads):
         base = h * head_dim

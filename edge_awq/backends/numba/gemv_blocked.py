@@ -23,9 +23,7 @@ in natural order with a scale per group (``gemv_i16.quantize_x16_flat``, error b
 128 * 255 * 32767 < 2^31 for 8-bit groups of 1024) before it is converted to float32, so a row's
 result is ``sum_g s_g * xscale_g * dot_g - sum_g s_g * z_g * xsum_g``.
 
-On this project's 2-core Zen 1 test machine the integer multiplier (one port, two cycles per
-256-bit ``vpmaddwd``) bounds this at 8 weights per cycle per core; the README's Speed section
-gives what it reaches.
+What it reaches, and why, is in docs/cpu-kernels.md.
 """
 
 from __future__ import annotations
