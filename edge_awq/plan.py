@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edge_awq.config import ModelArgs
-from edge_awq.errors import ConfigError, DoesNotFit, InputError
+from edge_awq.errors import DoesNotFit, InputError
 
 GIB, MIB = 1 << 30, 1 << 20
 

@@ -1,10 +1,19 @@
 """Shared fixtures: the real models and texts of ../shared, never downloaded."""
 
 import importlib.util
+import json
 import os
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
+
+from edge_awq.formats import integrity
+from edge_awq.formats.sources.hf import hf_name
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 if not SHARED.is_dir():  # CI clones main beside shared/, so parents[2] is right; allow an override
@@ -113,3 +122,120 @@ def autoawq():
 
 # Files the tests check are remembered in a cache of their own, not the developer's (edge_awq.formats.integrity).
 os.environ.setdefault("EDGE_AWQ_CACHE", __import__("tempfile").mkdtemp(prefix="edge-awq-test-cache-"))
+
+
+# --- helpers the test modules share ---
+
+def edge_awq(*args, timeout=600):
+    env = {**os.environ, "COLUMNS": "120"}
+    return subprocess.run([sys.executable, "-m", "edge_awq", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def assert_one_line_error(r, words):
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert words in lines[0], lines[0]
+
+
+BASE = {
+    "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "vocab_size": 100, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0, "hidden_act": "silu", "torch_dtype": "float32",
+}
+
+
+CASES = {
+    "llama-gqa-untied": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": False},
+    "llama3-rope-scaling": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": True, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 16},
+    },
+    "mistral": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "tie_word_embeddings": False,
+                "sliding_window": None},
+    "qwen2-bias": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "tie_word_embeddings": True,
+                   "use_sliding_window": False},
+}
+
+
+def write_random_model(d, cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    dim, hid, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["hidden_size"] // cfg["num_attention_heads"]
+    q_out, kv_out = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    shapes = {"wq": (q_out, dim), "wk": (kv_out, dim), "wv": (kv_out, dim), "wo": (dim, q_out),
+              "w1": (hid, dim), "w2": (dim, hid), "w3": (hid, dim)}
+    r = lambda *s, scale=0.1: (rng.standard_normal(s) * scale).astype(np.float32)  # noqa: E731
+    t = {hf_name("tok_embeddings"): r(cfg["vocab_size"], dim, scale=1.0), hf_name("norm"): 1 + r(dim)}
+    if not cfg["tie_word_embeddings"]:
+        t[hf_name("output")] = r(cfg["vocab_size"], dim)
+    for i in range(cfg["num_hidden_layers"]):
+        t[hf_name(f"layers.{i}.attn_norm")] = 1 + r(dim)
+        t[hf_name(f"layers.{i}.ffn_norm")] = 1 + r(dim)
+        for name, shape in shapes.items():
+            t[hf_name(f"layers.{i}.{name}.weight")] = r(*shape)
+        if cfg["model_type"] == "qwen2":
+            for name in ("wq", "wk", "wv"):
+                t[hf_name(f"layers.{i}.{name}.bias")] = r(shapes[name][0], scale=0.5)
+    save_file(t, str(d / "model.safetensors"))
+    return d
+
+
+def read_header(path: Path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def write_header(path: Path, header, data: bytes, reseal: bool = True) -> Path:
+    """Write a (changed) header before the same tensor bytes; reseal: recompute the header checksum, as a writer
+    with a bug (or a hand edit that knows the format) would."""
+    if reseal and isinstance(header, dict) and isinstance(header.get("__metadata__"), dict):
+        meta = header["__metadata__"]
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        meta["header_checksum"] = integrity.header_digest(meta, entries)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
+          "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 512, "max_position_embeddings": 256,
+          "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+
+
+LLAMA2C_GREEDY = (
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw "
+    "a big, red ball. She wanted to play with it, but it was too high.\nLily's mom said, \"Lily, let's go to the "
+    "park.\" Lily was sad and didn't know what to do. She said, \"I want to play with your ball, but I can't find "
+    "it.\"\nLily was sad and didn't know what to do. She said, \"I'm sorry, Lily. I didn't know what to do.\"\n"
+    "Lily didn't want to help her mom, so she"
+)
+
+
+PEAK = """
+import sys
+from edge_awq.cli import main
+sys.argv = ["edge-awq", *sys.argv[1:]]
+try:
+    sys.exit(main())
+finally:  # VmHWM: this process image's own peak (ru_maxrss would count the forked parent's pages too)
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+    sys.stderr.write(f"PEAK {int(hwm.split()[1]) * 1024}\\n")
+"""
+
+
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+}
+
+
+def export(source, out, *extra):
+    """edge-awq export of source calibrated on Tiny Shakespeare (flags in extra)."""
+    return edge_awq("export", source, "--calib", SHAKESPEARE, "-o", out, *extra)

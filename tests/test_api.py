@@ -12,7 +12,7 @@ import edge_awq
 from edge_awq.errors import DoesNotFit, EdgeAwqError, FormatError, InputError
 from tests.conftest import SHAKESPEARE, TINYSTORIES
 from tests.golden.regen import GOLDEN_FILE
-from tests.test_cli import edge_awq as cli
+from tests.conftest import edge_awq as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_chat_and_sampling_defaults(smol_eawq):
 def test_recommended_sampling_comes_from_the_generation_config(tmp_path):
     from edge_awq.formats.tokenizer import from_llama2c_bin
     from tests.conftest import TOK512_BIN
-    from tests.test_architectures import BASE, CASES, write_random_model
+    from tests.conftest import BASE, CASES, write_random_model
 
     d = write_random_model(tmp_path / "m", {**BASE, **CASES["llama-gqa-untied"], "vocab_size": 512})
     from_llama2c_bin(TOK512_BIN, 512).impl.save(str(d / "tokenizer.json"))

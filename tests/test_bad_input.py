@@ -7,18 +7,16 @@ behind. The promise: exit code 0 with the right answer, or exit code 2 with one 
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from edge_awq.formats import integrity
-from tests.conftest import SHAKESPEARE, TINYSTORIES
-from tests.test_cli import assert_one_line_error, edge_awq
+from tests.conftest import SHAKESPEARE, TINYSTORIES, read_header, write_header, CONFIG
+from tests.conftest import assert_one_line_error, edge_awq
 
 
 @pytest.fixture(scope="module")
@@ -29,25 +27,6 @@ def stories_eawq(stories_path, tmp_path_factory):
                  "channel", "--n-samples", 1, "--seqlen", 64)
     assert r.returncode == 0, r.stderr
     return out
-
-
-def read_header(path: Path) -> tuple[dict, bytes]:
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
-
-
-def write_header(path: Path, header, data: bytes, reseal: bool = True) -> Path:
-    """Write a (changed) header before the same tensor bytes; reseal: recompute the header checksum, as a writer
-    with a bug (or a hand edit that knows the format) would."""
-    if reseal and isinstance(header, dict) and isinstance(header.get("__metadata__"), dict):
-        meta = header["__metadata__"]
-        entries = {k: v for k, v in header.items() if k != "__metadata__"}
-        meta["header_checksum"] = integrity.header_digest(meta, entries)
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
-    return path
 
 
 def _edit_meta(header: dict, key: str, value) -> dict:
@@ -152,9 +131,6 @@ def test_overlapping_or_negative_offsets(stories_eawq, tmp_path, span, words):
 
 # --- config.json ---
 
-CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
-          "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 512, "max_position_embeddings": 256,
-          "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
 CONFIG_CASES = {
     "hidden-size-string": ({"hidden_size": "64"}, "hidden_size = '64'"),
     "hidden-size-null": ({"hidden_size": None}, "hidden_size = None"),

@@ -1,7 +1,7 @@
 import json
 
 from tests.golden.regen import GOLDEN_FILE
-from tests.test_cli import edge_awq
+from tests.conftest import edge_awq
 
 
 def test_bench_reports_every_figure():

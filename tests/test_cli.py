@@ -1,27 +1,11 @@
 """The command line: results, and one clear line with exit code 2 for every bad input."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import TINYSTORIES
-
-
-def edge_awq(*args, timeout=600):
-    env = {**os.environ, "COLUMNS": "120"}
-    return subprocess.run([sys.executable, "-m", "edge_awq", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
-def assert_one_line_error(r, words):
-    assert r.returncode == 2, r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    assert words in lines[0], lines[0]
+from tests.conftest import TINYSTORIES, edge_awq, assert_one_line_error
 
 
 def test_eval_stories_json_matches_library(stories_weights):
@@ -71,7 +55,7 @@ def test_eval_truncated_gguf(smollm2, tmp_path):
 def test_eval_truncated_safetensors(tmp_path):
     from safetensors.numpy import save_file
 
-    from tests.test_config import LLAMA
+    from tests.conftest import LLAMA
 
     d = tmp_path / "m"
     d.mkdir()

@@ -3,15 +3,10 @@ import math
 import numpy as np
 import pytest
 
+from tests.conftest import LLAMA
+
 from edge_awq.config import ModelArgs, RopeScaling, from_hf_config, rope_frequencies
 from edge_awq.errors import ConfigError
-
-LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
-    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-}
-
 
 def test_llama_config_fields():
     a = from_hf_config(LLAMA)

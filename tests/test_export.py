@@ -9,15 +9,11 @@ import time
 
 import pytest
 
-from tests.conftest import SHAKESPEARE, TINYSTORIES
+from tests.conftest import SHAKESPEARE, TINYSTORIES, export
 from edge_awq.formats.load import open_source
-from tests.test_cli import assert_one_line_error, edge_awq
+from tests.conftest import assert_one_line_error, edge_awq
 
 pytest.importorskip("torch")
-
-
-def export(source, out, *extra):
-    return edge_awq("export", source, "--calib", SHAKESPEARE, "-o", out, *extra)
 
 
 def ppl(path):
@@ -154,7 +150,7 @@ def test_export_peak_memory_does_not_grow_with_depth(smollm2, tmp_path):
 
     from edge_awq.formats.load import open_source
     from tests.hfdir import write_hf_dir
-    from tests.test_plan import PEAK
+    from tests.conftest import PEAK
 
     src = open_source(smollm2)
     peaks = []

@@ -59,7 +59,7 @@ def test_unwritable_output(tmp_path):
 @pytest.fixture(scope="module")
 def exported(stories_path, tmp_path_factory):
     pytest.importorskip("torch")
-    from tests.test_export import export
+    from tests.conftest import export
 
     out = tmp_path_factory.mktemp("eawq") / "s.eawq"
     r = export(stories_path, out, "--n-samples", 4, "--seqlen", 128, "--group-size", "channel")

@@ -10,7 +10,6 @@ import contextlib
 import io
 import json
 import os
-import struct
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from hypothesis import strategies as st
 
 from edge_awq.cli import main
 from tests.conftest import SHAKESPEARE, TINYSTORIES
-from tests.test_bad_input import CONFIG, read_header, write_header
+from tests.conftest import CONFIG, read_header, write_header
 
 settings.register_profile("default", max_examples=25, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

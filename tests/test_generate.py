@@ -4,7 +4,7 @@ import pytest
 from edge_awq.errors import InputError
 from edge_awq.generate import SamplingArgs, TextStream, _draw, _nucleus, fit_prompt, generate, penalize, sample
 from edge_awq.backends import select_backend
-from tests.test_model import LLAMA2C_GREEDY
+from tests.conftest import LLAMA2C_GREEDY
 
 ops = select_backend("reference")
 

@@ -22,7 +22,7 @@ from edge_awq.backends import select_backend
 from edge_awq.pack import unpack_linear
 from tests.conftest import SHAKESPEARE, TINYSTORIES, WIKITEXT
 from tests.ecosystem import write_autoawq, write_compressed_tensors
-from tests.test_cli import assert_one_line_error, edge_awq
+from tests.conftest import assert_one_line_error, edge_awq
 
 pytestmark = pytest.mark.long  # SmolLM2 checkpoints written by the libraries: about two minutes
 torch = pytest.importorskip("torch")
@@ -383,7 +383,7 @@ def test_bfloat16_float_tensors_and_no_safetensors_metadata(stories_eawq, tmp_pa
 
 def test_qwen2_biases_ride_along(autoawq, tmp_path):
     """A qwen2 model (q/k/v biases) through AutoAWQ GEMM and compressed-tensors: the same logits as its .eawq."""
-    from tests.test_architectures import BASE, CASES, write_random_model
+    from tests.conftest import BASE, CASES, write_random_model
 
     src_dir = write_random_model(tmp_path / "qwen2", {**BASE, **CASES["qwen2-bias"], "vocab_size": 512})
     from edge_awq.formats.tokenizer import from_llama2c_bin

@@ -6,21 +6,12 @@ import pytest
 from edge_awq.model import KVCache, forward
 from edge_awq.backends import select_backend
 from edge_awq.formats.tokenizer import from_llama2c_bin
-from tests.conftest import TOK512_BIN
+from tests.conftest import TOK512_BIN, LLAMA2C_GREEDY
 from tests.hfdir import write_hf_dir
 
 ops = select_backend("reference")
 
 # llama2.c's run.c on stories260K.bin with temperature 0 and 200 steps (its test_all.py expectation).
-LLAMA2C_GREEDY = (
-    "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw "
-    "a big, red ball. She wanted to play with it, but it was too high.\nLily's mom said, \"Lily, let's go to the "
-    "park.\" Lily was sad and didn't know what to do. She said, \"I want to play with your ball, but I can't find "
-    "it.\"\nLily was sad and didn't know what to do. She said, \"I'm sorry, Lily. I didn't know what to do.\"\n"
-    "Lily didn't want to help her mom, so she"
-)
-
-
 def greedy(w, prompt, steps, stop=()):
     cache = KVCache.allocate(w.args, len(prompt) + steps)
     logits = forward(w, np.array(prompt), 0, cache, ops, last_only=True)

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from edge_awq.plan import DEVICES, GIB, PRESETS, Device, make_plan, parse_size
-from tests.conftest import SHAKESPEARE, TINYSTORIES
-from tests.test_cli import edge_awq
+from tests.conftest import SHAKESPEARE, TINYSTORIES, PEAK
+from tests.conftest import edge_awq
 
 
 def test_llama2_70b_fits_orin_64gb_with_published_sizes():
@@ -68,18 +68,6 @@ def test_model_that_does_not_fit_is_refused_before_loading(smollm2_eawq):
     r = edge_awq("chat", smollm2_eawq, "--prompt", "Hi", "--memory", "64MiB")
     assert r.returncode == 2 and "does NOT fit" in r.stderr and "Traceback" not in r.stderr
     assert "packed decoder weights" in r.stderr and "[backend" not in r.stderr  # refused before a backend started
-
-
-PEAK = """
-import sys
-from edge_awq.cli import main
-sys.argv = ["edge-awq", *sys.argv[1:]]
-try:
-    sys.exit(main())
-finally:  # VmHWM: this process image's own peak (ru_maxrss would count the forked parent's pages too)
-    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-    sys.stderr.write(f"PEAK {int(hwm.split()[1]) * 1024}\\n")
-"""
 
 
 def _peak_rss_of_chat(model, ctx: int) -> int:

@@ -25,7 +25,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import SHAKESPEARE, TOK512_BIN  # noqa: E402
-from tests.test_architectures import write_random_model  # noqa: E402
+from tests.conftest import write_random_model
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,

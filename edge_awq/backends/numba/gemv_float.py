@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from edge_awq.backends.numba.intrinsics import byte_f32, half_f32, hi_nibble, int8_f32, lo_nibble
+from edge_awq.backends.numba.intrinsics import byte_f32, half_f32, hi_nibble, lo_nibble
 
 
 
