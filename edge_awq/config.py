@@ -74,8 +74,8 @@ class ModelArgs:
     @property
     def linear_params(self) -> int:
         """Weights of all decoder linears (what gets quantized)."""
-        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        return self.n_layers * self.dim * (2 * q_out + 2 * kv_out + 3 * self.hidden_dim)
+        shapes = expected_shapes(self)
+        return self.n_layers * sum(shapes[n][0] * shapes[n][1] for n in LINEAR_NAMES)
 
     @property
     def n_params(self) -> int:

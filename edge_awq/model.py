@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_awq.config import ModelArgs
+from edge_awq.config import LINEAR_NAMES, ModelArgs
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class LayerWeights:
     w3: Linear  # up   (hidden_dim, dim)
 
 
-LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+LINEARS = LINEAR_NAMES  # config.py: the one list, with the layer shapes
 NORMS = ("attn_norm", "ffn_norm")
 
 

@@ -54,6 +54,12 @@ class Backend(Protocol):
     def to_host(self, x) -> np.ndarray:
         """An op's output as a float32 numpy array (the logits at the end of ``forward``)."""
 
+    # Optional, fused: a backend may define it, and may decline a call by returning None (the model then
+    # runs the layer op by op). numba runs a one-token step of a 4-bit layer as one compiled call.
+    #
+    # def decode_block(self, lw, x, pos: int, cache, layer: int, w):
+    #     """One decoder layer (``model.block``) for x (1, dim) at position pos, or None."""
+
 
 class HostMemory:
     """prepare, allocate_cache and to_host for backends that compute on host arrays (numpy, numba)."""

@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edge_awq.config import ModelArgs
+from edge_awq.config import ModelArgs, expected_shapes
 from edge_awq.errors import DoesNotFit, InputError
 
 GIB, MIB = 1 << 30, 1 << 20
@@ -122,7 +122,8 @@ def kv_bytes_per_token(a: ModelArgs, kv_dtype: str) -> int:
 
 def workspace_bytes(a: ModelArgs, chunk: int, ctx: int, group_size: int) -> int:
     """float32 activations of one prefill chunk (numba backend), with the dequantization buffers."""
-    q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    shapes = expected_shapes(a)
+    q_out, kv_out = shapes["wq"][0], shapes["wk"][0]
     per_token = 4 * (4 * a.dim + 2 * q_out + 2 * kv_out + 3 * a.hidden_dim)
     dequant = 2 * 256 * max(a.dim, a.hidden_dim) * 4  # DEQUANT_ROWS rows of the widest input, two planes
     scores = 2 * ctx * 4  # one score row per thread, two threads per core counted generously

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_awq.config import ModelArgs
+from edge_awq.config import ModelArgs, expected_shapes
 from edge_awq.errors import FormatError
 from edge_awq.formats.tokenizer import Tokenizer, from_llama2c_bin, from_sentencepiece
 from edge_awq.formats.sources import to_rotate_half
@@ -74,14 +74,10 @@ class Llama2cSource:
     def _offsets(self, offset: int, legacy: bool) -> dict[str, tuple[int, tuple[int, ...]]]:
         """Canonical name -> (byte offset, shape) of every tensor, in file order."""
         a = self.args
-        q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-        shapes = {
-            "attn_norm": (a.dim,), "ffn_norm": (a.dim,), "wq.weight": (q_out, a.dim), "wk.weight": (kv_out, a.dim),
-            "wv.weight": (kv_out, a.dim), "wo.weight": (a.dim, q_out), "w1.weight": (a.hidden_dim, a.dim),
-            "w2.weight": (a.dim, a.hidden_dim), "w3.weight": (a.hidden_dim, a.dim),
-            "tok_embeddings": (a.vocab_size, a.dim), "norm": (a.dim,), "output": (a.vocab_size, a.dim),
-            "rope_tables": (2, a.max_seq_len, a.head_dim // 2),  # freq_cis real and imaginary, unused
-        }
+        layer = expected_shapes(a)
+        shapes = {**{(n if "norm" in n else n + ".weight"): s for n, s in layer.items()},
+                  "tok_embeddings": (a.vocab_size, a.dim), "norm": (a.dim,), "output": (a.vocab_size, a.dim),
+                  "rope_tables": (2, a.max_seq_len, a.head_dim // 2)}  # freq_cis real and imaginary, unused
         linears = ["wq.weight", "wk.weight", "wv.weight", "wo.weight"]
         ffn = ["w1.weight", "w2.weight", "w3.weight"]
         if legacy:
