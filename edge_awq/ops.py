@@ -9,7 +9,12 @@ import numpy as np
 
 
 class Backend(Protocol):
-    """Six ops (and ``linears``, several linears of one input). Activations are float32 arrays; T is the number of tokens in the call."""
+    """Six ops (and ``linears``, several linears of one input). Activations are float32 arrays; T is the number of tokens in the call.
+
+    A backend may also define ``decode_block(lw, x, pos, cache, layer, w)``: one decoder layer (``model.block``)
+    for x (1, dim) at position pos as one fused call, returning None for a layer it declines (the model then
+    runs it op by op). numba runs a one-token step of a 4-bit layer so.
+    """
 
     name: str
     kv_dtype: type  # dtype of the KV cache the backend reads (numpy dtype)
@@ -53,12 +58,6 @@ class Backend(Protocol):
 
     def to_host(self, x) -> np.ndarray:
         """An op's output as a float32 numpy array (the logits at the end of ``forward``)."""
-
-    # Optional, fused: a backend may define it, and may decline a call by returning None (the model then
-    # runs the layer op by op). numba runs a one-token step of a 4-bit layer as one compiled call.
-    #
-    # def decode_block(self, lw, x, pos: int, cache, layer: int, w):
-    #     """One decoder layer (``model.block``) for x (1, dim) at position pos, or None."""
 
 
 class HostMemory:
