@@ -20,6 +20,8 @@ from edge_awq.ops import HostMemory
 
 threads.configure()  # before the first parallel kernel starts OpenMP
 
+DEFAULT_ACTIVATIONS = "int16"  # the measured default (README "Speed"): int8 where its perplexity cost is under 1 %
+
 
 def _f32(a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
@@ -42,7 +44,11 @@ class NumbaBackend(HostMemory):
     name = "numba"
     kv_dtype = np.float16
 
-    def __init__(self):
+    def __init__(self, activations: str = DEFAULT_ACTIVATIONS):
+        """activations: "int8" (integer dot products with 8-bit activations, ``gemv_i8.py``) or "int16"."""
+        if activations not in ("int8", "int16"):
+            raise ValueError(f"activations {activations!r}: int8 or int16")
+        self.activations = activations
         self._prepared_w4: dict[int, tuple[weakref.ref, PreparedW4]] = {}  # id(W4) -> (a weak ref to it, prepared)
         self._dense: dict[int, tuple[weakref.ref, np.ndarray]] = {}  # id(Dense) -> (..., its float32 weight)
         self._angles: tuple = (None,)
@@ -73,7 +79,8 @@ class NumbaBackend(HostMemory):
         x = _f32(x)
         if x.shape[0] <= GEMV_MAX_T and len(ws) in (2, 3) and all(isinstance(w, (W4, PreparedW4)) for w in ws):
             ps = [self._prepared(w) for w in ws]
-            if all(p.byte_path and p.bits == 4 and p.group_size == ps[0].group_size for p in ps):
+            same = all(p.bits == 4 and p.group_size == ps[0].group_size for p in ps)
+            if same and (all(p.a8 is not None for p in ps) or all(p.byte_path and p.a8 is None for p in ps)):
                 return linears_w4(x, ps)
         return [self.linear(x, w) for w in ws]
 
@@ -92,7 +99,15 @@ class NumbaBackend(HostMemory):
         """A W4 prepared (once, kept while it lives), or a PreparedW4 as it is."""
         if isinstance(w, PreparedW4):
             return w
-        return _kept_while_alive(self._prepared_w4, w, lambda m: prepare(m, repack=True))
+        return _kept_while_alive(self._prepared_w4, w, lambda m: prepare(m, repack=True, activations=self.activations))
+
+    def route_of(self, w, tokens: int = 1) -> str:
+        """The name of the kernel table's route that runs w (a packed weight) for this many tokens."""
+        from edge_awq.backends.numba.linear import route
+
+        if isinstance(w, Dense):
+            return "f16-float" if w.weight.dtype == np.float16 else "blas"
+        return route(self._prepared(w), tokens).name
 
     def decode_block(self, lw, x, pos: int, cache, layer: int, w):
         """One decoder layer for one token as a single compiled call (``decode.py``), or None when
@@ -119,10 +134,12 @@ class NumbaBackend(HostMemory):
         if not ok:
             return None
         ps = [self._prepared(m) for m in lins]
-        if not all(p.blocked is not None for p in ps):
+        layouts = [p.a8 if p.a8 is not None else p.blocked for p in ps]
+        if any(b is None for b in layouts) or len({type(b) for b in layouts}) != 1:
             return None
+        activations = np.empty(0, np.int8 if ps[0].a8 is not None else np.int16)  # says which kernels run
         return (np.asarray(lw.attn_norm, np.float32), np.asarray(lw.ffn_norm, np.float32), w.args.norm_eps,
-                *[(p.blocked.words, p.blocked.scales, p.blocked.zeros) for p in ps], lins[0].group_size)
+                *[(b.words, b.scales, b.zeros) for b in layouts], lins[0].group_size, activations)
 
     def rope(self, x, pos: int, inv_freq, interleaved: bool) -> np.ndarray:
         x = _f32(x)

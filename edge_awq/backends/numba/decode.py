@@ -6,8 +6,10 @@ and the numba dispatcher (docs/cpu-kernels.md has what that cost). ``decode_laye
 write, attention, o, the residual, RMSNorm, gate/up, SiLU-mul, down, the residual.
 
 It covers the common case and says no to the rest (``NumbaBackend.decode_block`` returns None
-and the model runs op by op): one token, 4-bit layers of one group size repacked into the block
-layout (``gemv_blocked.py``), no biases, an fp16 cache. Tests hold it to the op-by-op path.
+and the model runs op by op): one token, 4-bit layers of one group size repacked for the integer
+kernels (``gemv_i8.py`` with int8 activations, ``gemv_blocked.py`` with int16), no biases, an fp16
+cache. The activations' type (an empty array of int8 or int16) picks the kernels when the layer
+compiles, so only the ones this CPU runs are ever compiled. Tests hold it to the op-by-op path.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from numba import types
+from numba.extending import overload
+
 from edge_awq.backends.numba import gemv_blocked as blocked
+from edge_awq.backends.numba import gemv_i8 as i8
 from edge_awq.backends.numba.gemv_i16 import quantize_x16_flat
 from edge_awq.backends.numba.kernels import attention_kernel, rmsnorm_serial, silu_mul_serial
 # this module only when a decode step runs, so the import is not circular
@@ -39,37 +45,73 @@ def _rope(v, heads, head_dim, cos, sin, interleaved):
             v[0, b] = x0 * sin[i] + x1 * cos[i]
 
 
-@njit(nogil=True, cache=True)
-def _inputs(x, group_size):
-    T, n = x.shape
-    G = n // group_size
-    x16, xs, xsum = np.empty((T, n), np.int16), np.empty((T, G), np.float32), np.empty((T, G), np.float32)
-    quantize_x16_flat(x, group_size, x16, xs, xsum)
-    return x16, xs, xsum
+def _inputs(x, group_size, kind):
+    """x quantized for the kernels kind names (an int8 or int16 array): (xq, scale, sum) per group."""
+
+
+@overload(_inputs)
+def _inputs_impl(x, group_size, kind):
+    quantize = i8.quantize_x8 if kind.dtype == types.int8 else quantize_x16_flat
+
+    def impl(x, group_size, kind):
+        T, n = x.shape
+        G = n // group_size
+        xq, xs, xsum = np.empty((T, n), kind.dtype), np.empty((T, G), np.float32), np.empty((T, G), np.float32)
+        quantize(x, group_size, xq, xs, xsum)
+        return xq, xs, xsum
+
+    return impl
+
+
+def _three(wa, wb, wc, ya, yb, yc, xq, xs, xsum, group_size):
+    """Three weights of one input, by the kernels of xq's type."""
+
+
+@overload(_three)
+def _three_impl(wa, wb, wc, ya, yb, yc, xq, xs, xsum, group_size):
+    kernel = i8.gemv_three_kernel if xq.dtype == types.int8 else blocked.gemv_three_kernel
+
+    def impl(wa, wb, wc, ya, yb, yc, xq, xs, xsum, group_size):
+        kernel(wa[0], wa[1], wa[2], ya, wb[0], wb[1], wb[2], yb, wc[0], wc[1], wc[2], yc, xq, xs, xsum, group_size)
+
+    return impl
+
+
+def _one(w, y, xq, xs, xsum, group_size):
+    """One weight, by the kernels of xq's type."""
+
+
+@overload(_one)
+def _one_impl(w, y, xq, xs, xsum, group_size):
+    kernel = i8.gemv_kernel if xq.dtype == types.int8 else blocked.gemv_kernel
+
+    def impl(w, y, xq, xs, xsum, group_size):
+        kernel(w[0], w[1], w[2], xq, xs, xsum, group_size, y)
+
+    return impl
 
 
 @njit(nogil=True, cache=True, fastmath=True)
-def _gemv(x, w, out_f, group_size):
-    x16, xs, xsum = _inputs(x, group_size)
+def _gemv(x, w, out_f, group_size, kind):
+    xq, xs, xsum = _inputs(x, group_size, kind)
     y = np.empty((1, out_f), np.float32)
-    blocked.gemv_kernel(w[0], w[1], w[2], x16, xs, xsum, group_size, y)
+    _one(w, y, xq, xs, xsum, group_size)
     return y
 
 
 @njit(nogil=True, cache=True, fastmath=True)
-def decode_layer(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, w1, w2, w3, group_size, cos, sin, interleaved,
+def decode_layer(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, w1, w2, w3, group_size, kind, cos, sin, interleaved,
                  keys, values, pos, n_heads, n_kv_heads, head_dim, hidden_dim):
-    """x (1, dim) float32 -> the layer's output (1, dim). Each w* is a blocked weight's (words, scales, zeros);
-    cos, sin (1, head_dim / 2); keys, values (n_kv_heads, max_seq, head_dim) uint16 (fp16 bits) of this
-    layer, row pos written here."""
+    """x (1, dim) float32 -> the layer's output (1, dim). Each w* is a repacked weight's (words, scales, zeros);
+    kind an empty int8 or int16 array (which kernels); cos, sin (1, head_dim / 2); keys, values (n_kv_heads,
+    max_seq, head_dim) uint16 (fp16 bits) of this layer, row pos written here."""
     h = np.empty_like(x)
     rmsnorm_serial(x, attn_norm, eps, h)
-    x16, xs, xsum = _inputs(h, group_size)
+    xq, xs, xsum = _inputs(h, group_size, kind)
     q = np.empty((1, n_heads * head_dim), np.float32)
     k = np.empty((1, n_kv_heads * head_dim), np.float32)
     v = np.empty((1, n_kv_heads * head_dim), np.float32)
-    blocked.gemv_three_kernel(wq[0], wq[1], wq[2], q, wk[0], wk[1], wk[2], k, wv[0], wv[1], wv[2], v,
-                              x16, xs, xsum, group_size)
+    _three(wq, wk, wv, q, k, v, xq, xs, xsum, group_size)
     _rope(q, n_heads, head_dim, cos[0], sin[0], interleaved)
     _rope(k, n_kv_heads, head_dim, cos[0], sin[0], interleaved)
     for hh in range(n_kv_heads):
@@ -78,12 +120,12 @@ def decode_layer(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, w1, w2, w3, group_
             values[hh, pos, d] = f32_half_bits(v[0, hh * head_dim + d])
     att = np.empty((1, n_heads, head_dim), np.float32)
     attention_kernel(q.reshape(1, n_heads, head_dim), keys, values, pos, att)
-    x = x + _gemv(att.reshape(1, n_heads * head_dim), wo, x.shape[1], group_size)
+    x = x + _gemv(att.reshape(1, n_heads * head_dim), wo, x.shape[1], group_size, kind)
     rmsnorm_serial(x, ffn_norm, eps, h)
-    x16, xs, xsum = _inputs(h, group_size)
+    xq, xs, xsum = _inputs(h, group_size, kind)
     gate = np.empty((1, hidden_dim), np.float32)
     up = np.empty((1, hidden_dim), np.float32)
-    blocked.gemv_three_kernel(w1[0], w1[1], w1[2], gate, w3[0], w3[1], w3[2], up, w3[0][:0], w3[1][:0],
-                              w3[2][:0], up[:, :0], x16, xs, xsum, group_size)
+    empty = (w3[0][:0], w3[1][:0], w3[2][:0])
+    _three(w1, w3, empty, gate, up, up[:, :0], xq, xs, xsum, group_size)
     silu_mul_serial(gate, up, gate)
-    return x + _gemv(gate, w2, x.shape[1], group_size)
+    return x + _gemv(gate, w2, x.shape[1], group_size, kind)

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_awq.backends.numba import gemv_blocked as blocked
+from edge_awq.backends.numba import gemv_i8 as i8
 from edge_awq.backends.numba import gemv_i16 as i16
+from edge_awq.backends.numba.isa import ISA
 from edge_awq.backends.numba.gemv_float import (dequant_rows_kernel, dequant_w4_planes_kernel, dequant_w8_kernel,
                                                 f16_rows_kernel, gemv_any_kernel, gemv_f16_kernel, gemv_w4_kernel,
                                                 gemv_w4_three_kernel, gemv_w8_kernel)
@@ -58,6 +60,7 @@ class PreparedW4:
     in_features: int
     bias: np.ndarray | None  # (out,) float32
     blocked: blocked.BlockedW4 | None = None  # the load-time block layout, where it applies (then read instead)
+    a8: i8.BlockedA8 | None = None  # the 8-bit-activation layout (activations="int8"), where it applies
 
     @property
     def byte_path(self) -> bool:
@@ -69,14 +72,21 @@ class PreparedW4:
         return (self.out_features, self.in_features)
 
 
-def prepare(w: W4, repack: bool = False) -> PreparedW4:
-    """w's arrays as the kernels read them; repack: the block layout where it applies
-    (``gemv_blocked.py``), after which the file's pages of w leave the resident set."""
+def prepare(w: W4, repack: bool = False, activations: str = "int16") -> PreparedW4:
+    """w's arrays as the kernels read them; repack: the layout of its kernels where one applies (``gemv_i8.py``
+    for activations "int8", ``gemv_blocked.py`` for "int16"), after which the file's pages of w leave the
+    resident set."""
     qweight = np.ascontiguousarray(w.qweight)
     scale_bits = np.ascontiguousarray(w.scales, dtype=np.float16).view(np.uint16)
     zero_bytes = np.ascontiguousarray(w.zeros).view(np.uint8)
     bias = None if w.bias is None else np.asarray(w.bias, np.float32)
     out_f = qweight.shape[0]
+    if repack and activations == "int8" and i8.usable(w.bits, w.group_size):
+        a8 = i8.repack(qweight.view(np.uint8), scale_bits, zero_bytes, w.group_size, w.bits)
+        for a in (w.qweight, w.scales, w.zeros):
+            release_array(a)
+        return PreparedW4(out_f, None, None, None, None, None, None, w.group_size, w.bits, w.in_features, bias,
+                          a8=a8)
     if repack and blocked.usable(w.bits, w.group_size):
         packed = blocked.repack(qweight.view(np.uint8), scale_bits, zero_bytes, w.group_size, w.bits)
         for a in (w.qweight, w.scales, w.zeros):
@@ -117,6 +127,12 @@ def linears_w4(x: np.ndarray, ws: list[PreparedW4]) -> list[np.ndarray]:
     x = np.ascontiguousarray(x, dtype=np.float32)
     gs = ws[0].group_size
     ys = [np.empty((x.shape[0], w.out_features), np.float32) for w in ws]
+    if all(w.a8 is not None for w in ws):
+        sets = [(w.a8.words, w.a8.scales, w.a8.zeros, y) for w, y in zip(ws, ys)]
+        if len(sets) == 2:
+            sets.append(tuple(a[:0] for a in sets[0][:3]) + (ys[0][:, :0],))
+        i8.gemv_three_kernel(*sets[0], *sets[1], *sets[2], *i8.inputs(x, gs), gs)
+        return [y if w.bias is None else y + w.bias for w, y in zip(ws, ys)]
     use_blocked = all(w.blocked is not None for w in ws)
     if use_blocked:
         sets = [(w.blocked.words, w.blocked.scales, w.blocked.zeros, y) for w, y in zip(ws, ys)]
@@ -134,6 +150,11 @@ def linears_w4(x: np.ndarray, ws: list[PreparedW4]) -> list[np.ndarray]:
         if w.bias is not None:
             y += w.bias
     return ys
+
+
+def _gemv_a8(x, w, y):
+    b = w.a8
+    i8.gemv_kernel(b.words, b.scales, b.zeros, *i8.inputs(x, w.group_size), w.group_size, y)
 
 
 def _gemv_blocked(x, w, y):
@@ -182,6 +203,8 @@ class Route:
 
 # Decode (at most GEMV_MAX_T tokens): the first route whose condition holds runs.
 GEMV_ROUTES = (
+    Route(f"a8-{ISA}", "4-bit in groups of 64k and 8-bit in groups of 32k, int8 activations (activations=int8); "
+          "x86 AVX2 or VNNI, ARM sdot or NEON", lambda w: w.a8 is not None, _gemv_a8),
     Route("blocked-i16", "4-bit in groups of 64k and 8-bit in groups of 32k, block layout; x86 AVX2",
           lambda w: w.blocked is not None, _gemv_blocked),
     Route("w4-i16", "4-bit, even groups the block layout does not take; x86 AVX2",
@@ -194,6 +217,8 @@ GEMV_ROUTES = (
 
 # Prefill (more tokens): DEQUANT_ROWS rows at a time into float32 for BLAS.
 PREFILL_ROUTES = (
+    Route("a8-dequant", "the 8-bit-activation layout", lambda w: w.a8 is not None,
+          lambda x, w: _blocked(x, w.out_features, w.in_features, lambda r0, out: i8.dequantize_rows(w.a8, r0, out))),
     Route("blocked-dequant", "the block layout", lambda w: w.blocked is not None,
           lambda x, w: _blocked(x, w.out_features, w.in_features,
                                 lambda r0, out: blocked.dequantize_rows(w.blocked, r0, out))),

@@ -1,0 +1,171 @@
+"""The 8-bit-activation kernels against the numpy reference's integer arithmetic (``reference.linear_int8``):
+random and real weights, awkward shapes, the fused decode layer, and each instruction set forced in turn."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edge_awq.backends.numba import NumbaBackend, linear_w4, prepare
+from edge_awq.backends.numba import gemv_i8 as i8
+from edge_awq.backends.numba.isa import FEATURES, ISA, NEEDS
+from edge_awq.backends.reference import ReferenceBackend, linear_int8, quantize_activations
+from edge_awq.pack import pack_bits, pack_linear, unpack_linear
+
+needs_int8 = pytest.mark.skipif(ISA == "none", reason="this CPU has no integer dot products the kernels use")
+
+
+def _rel(got, want) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def _packed(out_f, in_f, group, seed, bits=4, bias=False):
+    rng = np.random.default_rng(seed)
+    return pack_linear(rng.standard_normal((out_f, in_f)).astype(np.float32), bits, group,
+                       bias=rng.standard_normal(out_f).astype(np.float32) if bias else None)
+
+
+def test_activation_quantization_is_the_references():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3, 576)) * rng.uniform(0.01, 40, (3, 1))).astype(np.float32)
+    x[1, 64:128] = 0  # an all-zero group: scale 1
+    x8, scale, xsum = i8.inputs(x, 64)
+    r8, rscale, rsum = quantize_activations(x, 64)
+    assert np.array_equal(x8, r8) and np.array_equal(scale, rscale) and scale[1, 1] == 1.0
+    np.testing.assert_allclose(xsum, rscale * rsum, rtol=1e-7)
+    assert np.abs(x8.astype(np.int32)).max() == 127
+
+
+@needs_int8
+def test_integer_part_is_exact():
+    """Scales of 1 and integer activations up to 127: the outputs are the exact integer sums."""
+    rng = np.random.default_rng(1)
+    out_f, in_f, gs = 9, 256, 64
+    q = rng.integers(0, 16, (out_f, in_f)).astype(np.uint8)
+    z = rng.integers(0, 16, (out_f, in_f // gs)).astype(np.uint8)
+    from edge_awq.model import W4
+
+    w = W4(pack_bits(q, 4), np.ones((out_f, in_f // gs), np.float16), pack_bits(z, 4), gs, 4, in_f)
+    x = rng.integers(-127, 128, (2, in_f)).astype(np.float32)
+    x[:, ::gs] = 127  # every group's largest magnitude is 127: its scale is exactly 1
+    want = np.einsum("oi,ti->to", q.astype(np.int64), x.astype(np.int64)) - np.einsum(
+        "og,tg->to", z.astype(np.int64), x.reshape(2, -1, gs).sum(-1).astype(np.int64))
+    got = NumbaBackend("int8").linear(x, w)
+    assert np.array_equal(got, want.astype(np.float32)) and np.array_equal(linear_int8(x, w), got)
+
+
+@needs_int8
+@pytest.mark.parametrize("bits,out_f,in_f,group", [(4, 1, 64, 64), (4, 5, 384, 192), (4, 7, 128, 64),
+                                                   (4, 33, 576, 64), (4, 13, 1536, 128), (4, 6, 4096, 128),
+                                                   (8, 9, 576, 64), (8, 3, 64, 32), (8, 5, 1024, 1024)])
+@pytest.mark.parametrize("T", [1, 2, 4])
+def test_gemv_matches_the_reference(bits, out_f, in_f, group, T):
+    """Rows not a multiple of the block of four, a single row, one to sixteen chunks a group, 4 and 8 bits."""
+    w = _packed(out_f, in_f, group, out_f + in_f + T, bits, bias=True)
+    p = prepare(w, repack=True, activations="int8")
+    assert p.a8 is not None and p.a8.words.shape[0] == -(-out_f // 4)
+    rng = np.random.default_rng(T)
+    x = (rng.standard_normal((T, in_f)) * rng.uniform(0.01, 30, (T, 1))).astype(np.float32)
+    want = linear_int8(x, w) + w.bias
+    assert _rel(linear_w4(x, p), want) <= 2e-6
+
+
+@needs_int8
+@pytest.mark.parametrize("T", [5, 33, 513])
+def test_prefill_from_the_layout_is_the_file_values(T):
+    """More tokens than a GEMV takes: dequantized rows from the layout and BLAS (float activations)."""
+    w = _packed(300, 576, 64, T, bias=True)
+    p = prepare(w, repack=True, activations="int8")
+    x = np.random.default_rng(T).standard_normal((T, 576)).astype(np.float32)
+    want = x @ unpack_linear(w).T + w.bias
+    assert _rel(linear_w4(x, p), want) <= 1e-5
+
+
+@needs_int8
+def test_real_weights(smollm2_weights):
+    """SmolLM2's q/k/v, gate/up, down (group 64 repacked from the GGUF's values) and an int8 head slice."""
+    _, w = smollm2_weights
+    lw = w.layers[3]
+    rng = np.random.default_rng(3)
+    for name in ("wq", "wk", "w1", "w2"):
+        dense = np.asarray(getattr(lw, name).weight, np.float32)
+        packed = pack_linear(dense, 4, 64)
+        x = rng.standard_normal((1, dense.shape[1])).astype(np.float32)
+        assert _rel(NumbaBackend("int8").linear(x, packed), linear_int8(x, packed)) <= 2e-6, name
+    head = pack_linear(np.asarray(w.tok_embeddings[:1000], np.float32), 8, 64)
+    x = rng.standard_normal((1, 576)).astype(np.float32)
+    assert _rel(NumbaBackend("int8").linear(x, head), linear_int8(x, head)) <= 2e-6
+
+
+@needs_int8
+def test_grouped_linears_and_the_fused_layer_match_op_by_op(smollm2_weights):
+    """q/k/v as one kernel, and a whole decoder layer as one call, against the same ops run one by one."""
+    from edge_awq.model import KVCache, block
+    import dataclasses
+
+    _, w = smollm2_weights
+    lw = w.layers[5]
+    packed = dataclasses.replace(lw, **{n: pack_linear(np.asarray(getattr(lw, n).weight, np.float32), 4, 64)
+                                        for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")})
+    fused, plain = NumbaBackend("int8"), NumbaBackend("int8")
+    plain.decode_block = lambda *a: None  # op by op
+    x = np.random.default_rng(5).standard_normal((1, 576)).astype(np.float32)
+    outs = []
+    for ops in (fused, plain):
+        cache = KVCache.allocate(w.args, 8, np.float16)
+        for pos in range(3):
+            y = block(packed, x, pos, cache, 5, w, ops)
+        outs.append(y)
+    assert fused._decode_args(packed, w) is not None  # the fused call ran
+    assert _rel(outs[0], outs[1]) <= 1e-5
+
+
+@needs_int8
+def test_routes_name_what_runs():
+    nb = NumbaBackend("int8")
+    assert nb.route_of(_packed(8, 128, 64, 0), 1) == f"a8-{ISA}"
+    assert nb.route_of(_packed(8, 128, 64, 0), 40) == "a8-dequant"
+    assert nb.route_of(_packed(8, 96, 32, 0), 1) != f"a8-{ISA}"  # 4-bit groups of 32: not this layout
+    assert NumbaBackend("int16").route_of(_packed(8, 128, 64, 0), 1) != f"a8-{ISA}"
+
+
+FORCED = """
+import json, sys
+import numpy as np
+from edge_awq.backends.numba import NumbaBackend
+from edge_awq.backends.numba.isa import ISA
+from edge_awq.backends.reference import linear_int8
+from edge_awq.pack import pack_linear
+rng = np.random.default_rng(0)
+errs = []
+for bits, gs, out_f, in_f, T in [(4, 64, 33, 576, 1), (4, 128, 7, 4096, 3), (8, 64, 9, 576, 2)]:
+    w = pack_linear(rng.standard_normal((out_f, in_f)).astype(np.float32), bits, gs)
+    x = rng.standard_normal((T, in_f)).astype(np.float32)
+    nb = NumbaBackend("int8")
+    got = nb.linear(x, w)
+    ref = linear_int8(x, w)
+    errs.append(float(np.abs(got - ref).max() / np.abs(ref).max()))
+print(json.dumps({"isa": ISA, "route": nb.route_of(w, 1), "err": max(errs)}))
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avxvnni", "avx512vnni", "sdot", "neon"])
+def test_each_instruction_set_in_turn(isa, tmp_path):
+    """Each variant this CPU has, forced (its own numba cache: compiled code is cached by CPU, not by variant)."""
+    if not all(FEATURES.get(f) for f in NEEDS[isa]):
+        pytest.skip(f"this CPU has no {isa}")
+    env = {**os.environ, "EDGE_AWQ_ISA": isa, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    r = subprocess.run([sys.executable, "-c", FORCED], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["isa"] == isa and out["route"] == f"a8-{isa}" and out["err"] <= 2e-6
+
+
+def test_reference_backend_runs_the_same_arithmetic():
+    w = _packed(7, 128, 64, 9)
+    x = np.random.default_rng(9).standard_normal((2, 128)).astype(np.float32)
+    assert np.array_equal(ReferenceBackend("int8").linear(x, w), linear_int8(x, w))
+    assert _rel(ReferenceBackend("int8").linear(x, w), ReferenceBackend().linear(x, w)) < 0.02  # 8-bit error
