@@ -165,7 +165,7 @@ def _finite(x) -> bool:
 
 def load(model: str | Path, *, backend: str = "auto", ctx: int = 2048, kv_dtype: str = "fp16",
          memory: str | None = None, verify: str = "cached", tokenizer: str | Path | None = None,
-         dtype: str = "stored", lazy: bool | str = False) -> LLM:
+         dtype: str = "stored", lazy: bool | str = False, activations: str = "auto") -> LLM:
     """Open a model to run it: an .eawq file, a Hugging Face directory (float, AutoAWQ or compressed-tensors),
     a .gguf file or a llama2.c .bin.
 
@@ -179,6 +179,8 @@ def load(model: str | Path, *, backend: str = "auto", ctx: int = 2048, kv_dtype:
         machine), "always", or "never".
     tokenizer: the tokenizer file of a llama2.c checkpoint, if not beside it.
     dtype: float tensors as "stored" (float16 stays float16: half the memory) or as "float32".
+    activations: the CPU backends' packed linears: "int8" (integer dot products with 8-bit activations),
+        "int16", or "auto" (numba's measured default, README "Speed"); the cuda backend's are fp16.
     lazy: read each decoder layer from the file when it runs, holding one at a time (a float model larger
         than memory, scored by ``perplexity``); "auto": when float32 weights would take over half the free
         memory. Memory is then bounded by a layer, and the plan is not checked.
@@ -206,7 +208,7 @@ def load(model: str | Path, *, backend: str = "auto", ctx: int = 2048, kv_dtype:
     if lazy == "auto":
         lazy = not quantized and 4 * src.args.n_params > available_memory() // 2 > 0
     plan = None if lazy else check_fits(src, str(model), ctx, memory, kv_dtype)  # before any weight is read
-    ops, why = pick_backend(backend)
+    ops, why = pick_backend(backend, activations)
     if kv_dtype == "int8" and ops.name == "cuda":
         raise InputError("kv_dtype int8 is the CPU backends': the cuda backend keeps an fp16 cache")
     # the stored arrays as they are (memory-mapped), prepared in their place

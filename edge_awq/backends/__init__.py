@@ -14,15 +14,23 @@ if TYPE_CHECKING:  # the package is imported for threads.configure before numpy 
     from edge_awq.ops import Backend
 
 
-def pick_backend(name: str = "auto") -> tuple[Backend, str]:
+ACTIVATIONS = ("auto", "int8", "int16")
+
+
+def pick_backend(name: str = "auto", activations: str = "auto") -> tuple[Backend, str]:
     """The only place a backend is chosen, and why: "cuda", "numba", "reference" (numpy) or "auto".
 
     auto takes cuda when libedge_awq_cuda.so loads and a device answers, else numba, else numpy.
+    activations: how the CPU backends' packed linears take their inputs: "int8" (integer dot products),
+    "int16", or "auto" (numba's measured default; the reference's float arithmetic). The reason names the
+    CPU kernels' instruction set.
     """
+    if activations not in ACTIVATIONS:
+        raise BackendUnavailable(f"activations {activations!r} unknown: use int8, int16 or auto")
     if name in ("reference", "numpy"):
         from edge_awq.backends.reference import ReferenceBackend
 
-        return ReferenceBackend(), "asked for"
+        return ReferenceBackend("int16" if activations == "auto" else activations), "asked for"
     if name == "cuda":
         from edge_awq.backends.cuda import CudaBackend
 
@@ -44,11 +52,15 @@ def pick_backend(name: str = "auto") -> tuple[Backend, str]:
         if name == "auto":
             from edge_awq.backends.reference import ReferenceBackend
 
-            return ReferenceBackend(), f"{why}; no numba ({e})"
+            return ReferenceBackend("int16" if activations == "auto" else activations), f"{why}; no numba ({e})"
         raise BackendUnavailable(f"the numba backend needs numba ({e}): pip install numba") from None
-    return NumbaBackend(), why
+    from edge_awq.backends.numba.backend import DEFAULT_ACTIVATIONS
+    from edge_awq.backends.numba.isa import ISA
+
+    ops = NumbaBackend(DEFAULT_ACTIVATIONS if activations == "auto" else activations)
+    return ops, f"{why}; {ops.activations} activations, integer kernels: {ISA}"
 
 
-def select_backend(name: str = "auto") -> Backend:
+def select_backend(name: str = "auto", activations: str = "auto") -> Backend:
     """``pick_backend`` without the reason."""
-    return pick_backend(name)[0]
+    return pick_backend(name, activations)[0]

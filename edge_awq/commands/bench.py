@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode", type=flags.int_range(2, what="decode tokens"), default=128,
                    help="tokens to decode (default 128)")
     p.add_argument("--repeat", type=flags.positive, default=3, help="runs of each measurement; the best is kept")
+    flags.add_activations(p)
     p.add_argument("--memory", type=flags.size, default=None,
                    help="memory the model may use, e.g. 2GiB (default: what is free)")
     p.add_argument("--no-verify", action="store_true",
@@ -47,8 +48,8 @@ def _timed(fn) -> float:
 
 def _linear_bytes_shape(w) -> tuple[int, tuple[int, int]]:
     """The bytes one token reads of a linear, as the backend holds it, and its shape (out, in)."""
-    blocked = getattr(w, "blocked", None)
-    if blocked is not None:  # numba's block layout
+    blocked = getattr(w, "a8", None) or getattr(w, "blocked", None)
+    if blocked is not None:  # numba's repacked layouts
         arrays = (blocked.words, blocked.scales, blocked.zeros)
     elif hasattr(w, "buffers"):  # cuda: its device buffers
         arrays = [b for b in w.buffers if b is not None]
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
     n_ctx = max(args.prefill) + args.decode
     llm = load(args.model, backend=args.backend, ctx=n_ctx, memory=args.memory,
-               verify="never" if args.no_verify else "cached")
+               verify="never" if args.no_verify else "cached", activations=args.activations)
     w, ops, tok = llm.weights, llm.ops, llm.tokenizer
     probe = (w.layers[0], w.output)  # what the kernel rows time, as the backend holds them
     rng = np.random.default_rng(0)

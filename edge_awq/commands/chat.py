@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=flags.repetition_penalty, default=None, help="1: off")
     p.add_argument("--seed", type=flags.seed, default=None)
     p.add_argument("--tokenizer", default=None, help="tokenizer file for a llama2.c checkpoint")
+    flags.add_activations(p)
     p.add_argument("--kv-dtype", choices=("fp16", "int8"), default="fp16",
                    help="KV cache precision (int8: half the memory, a scale per token and head)")
     p.add_argument("--memory", type=flags.size, default=None,
@@ -175,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
     if args.ctx < 8:
         raise InputError(f"--ctx {args.ctx}: too small to chat")
     llm = load(args.model, backend=args.backend, ctx=args.ctx, kv_dtype=args.kv_dtype, memory=args.memory,
-               tokenizer=args.tokenizer, verify="never" if args.no_verify else "cached")
+               tokenizer=args.tokenizer, verify="never" if args.no_verify else "cached",
+               activations=args.activations)
     if args.backend == "auto":  # once the model is in: a refused model is one line
         print(f"[backend: {llm.info.backend} ({llm.info.backend_reason})]", file=sys.stderr)
     ctx = llm.info.ctx

@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="score only the first N tokens of the text")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer file for a llama2.c checkpoint")
     p.add_argument("--backend", default="reference", help="compute backend (default: reference)")
+    flags.add_activations(p)
     p.add_argument("--no-verify", action="store_true",
                    help="skip the check of an .eawq file's checksums (done once per file on this machine otherwise)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     text = read_text(args.text)
     llm = load(args.model, backend=args.backend, ctx=args.ctx, tokenizer=args.tokenizer, dtype="float32",
-               verify="never" if args.no_verify else "cached", lazy="auto")
+               verify="never" if args.no_verify else "cached", lazy="auto", activations=args.activations)
     if args.ctx > llm.info.args.max_seq_len:
         raise InputError(f"--ctx {args.ctx}: must be between 2 and the model's context of {llm.info.args.max_seq_len}")
     tokens = llm.tokenizer.encode(text)

@@ -84,3 +84,10 @@ def size(text: str) -> str:
     except InputError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--memory ")) from None
     return text
+
+
+def add_activations(p) -> None:
+    """``--activations``: how the CPU backends' packed linears take their inputs."""
+    p.add_argument("--activations", choices=("auto", "int8", "int16"), default="auto",
+                   help="the CPU's packed linears: int8 (integer dot products), int16, "
+                        "or auto (the measured default, README 'Speed')")

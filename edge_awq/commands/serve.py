@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest request body (default 1 MiB)")
     p.add_argument("--drain-timeout", type=flags.seconds, default=30.0,
                    help="seconds requests in flight get to finish after SIGTERM (default 30)")
+    flags.add_activations(p)
     p.add_argument("--memory", type=flags.size, default=None,
                    help="memory the model may use, e.g. 2GiB (default: what is free)")
 
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     sock = listen_socket(args.host, args.port, args.unix_socket)  # a taken port: one line, before the model loads
     if args.ctx < 32:
         raise InputError(f"--ctx {args.ctx}: too small to serve (at least 32)")
-    llm = load(args.model, backend=args.backend, ctx=args.ctx, memory=args.memory,
+    llm = load(args.model, backend=args.backend, ctx=args.ctx, memory=args.memory, activations=args.activations,
                verify="always")  # a box nobody watches: every start, before READY (a flip at rest keeps mtime)
     log.info("backend %s (%s)", llm.info.backend, llm.info.backend_reason)
     engine = Engine(llm, max(args.queue_size, 1))
