@@ -188,8 +188,13 @@ def forward(w: ModelWeights, tokens, pos: int, cache: KVCache, ops, last_only: b
     if pos + len(tokens) > cache.max_seq:
         raise ValueError(f"positions {pos}..{pos + len(tokens) - 1} exceed the KV cache of {cache.max_seq}")
     x = ops.embed(w.tok_embeddings, tokens)
-    for i, lw in enumerate(w.layers):
-        x = block(lw, x, pos, cache, i, w, ops)
+    fused = getattr(ops, "decode_layers", None)  # every layer in one call, where the backend has it
+    y = fused(w, x, pos, cache) if fused is not None else None
+    if y is not None:
+        x = y
+    else:
+        for i, lw in enumerate(w.layers):
+            x = block(lw, x, pos, cache, i, w, ops)
     if last_only:
         x = x[-1:]
     return ops.to_host(ops.linear(ops.rmsnorm(x, w.norm, w.args.norm_eps), w.output))

@@ -13,7 +13,8 @@ class Backend(Protocol):
 
     A backend may also define ``decode_block(lw, x, pos, cache, layer, w)``: one decoder layer (``model.block``)
     for x (1, dim) at position pos as one fused call, returning None for a layer it declines (the model then
-    runs it op by op). numba runs a one-token step of a 4-bit layer so.
+    runs it op by op). numba runs a one-token step of a 4-bit layer so. ``decode_layers(w, x, pos, cache)`` does
+    the same for every layer of the model at once (``model.forward``), or returns None.
     """
 
     name: str

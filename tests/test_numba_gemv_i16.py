@@ -75,8 +75,9 @@ def test_8bit_groups_too_long_for_int32_stay_on_the_float_path():
 
 
 def test_fused_decode_layer_matches_op_by_op(smollm2_weights):
-    """SmolLM2 with W4 g64 layers: decode steps through ``decode_block`` (one call per layer) and through
-    the ops one by one give the same greedy tokens and logits within 1e-2 of the largest."""
+    """SmolLM2 with W4 g64 layers: decode steps through ``decode_layers`` (the whole model in one call), through
+    ``decode_block`` (one call per layer) and through the ops one by one give the same greedy tokens, the two
+    fused paths the same logits exactly, and logits within 1e-2 of the largest of the op-by-op ones."""
     from dataclasses import replace
 
     from edge_awq.model import LINEARS, forward
@@ -85,22 +86,23 @@ def test_fused_decode_layer_matches_op_by_op(smollm2_weights):
     layers = [replace(lw, **{n: pack_linear(np.asarray(getattr(lw, n).weight, np.float32), 4, 64) for n in LINEARS})
               for lw in w.layers]
     w = replace(w, layers=layers)
-    fused, plain = NumbaBackend(), NumbaBackend()
-    plain.decode_block = lambda *a: None
+    whole, per_layer, plain = NumbaBackend(), NumbaBackend(), NumbaBackend()
+    per_layer.decode_layers = lambda *a: None
+    plain.decode_block = plain.decode_layers = lambda *a: None
     calls = []
-    real = fused.decode_block
-    fused.decode_block = lambda *a: calls.append(1) or real(*a)
-    caches = [b.allocate_cache(w.args, 64) for b in (fused, plain)]
+    real = whole.decode_layers
+    whole.decode_layers = lambda *a: calls.append(1) or real(*a)
+    backends = (whole, per_layer, plain)
+    caches = [b.allocate_cache(w.args, 64) for b in backends]
     prompt = np.array([1, 400, 401, 402, 403, 404, 405, 406])
-    la = forward(w, prompt, 0, caches[0], fused, last_only=True)[-1]
-    lb = forward(w, prompt, 0, caches[1], plain, last_only=True)[-1]
+    logits = [forward(w, prompt, 0, c, b, last_only=True)[-1] for b, c in zip(backends, caches)]
     for pos in range(len(prompt), len(prompt) + 12):
-        tok = int(np.argmax(lb))
-        assert int(np.argmax(la)) == tok
-        la = forward(w, np.array([tok]), pos, caches[0], fused, last_only=True)[-1]
-        lb = forward(w, np.array([tok]), pos, caches[1], plain, last_only=True)[-1]
-        assert _rel(la, lb) <= 1e-2
-    assert len(calls) >= 12 * w.args.n_layers  # the fused path ran (and was not declined)
+        tok = int(np.argmax(logits[2]))
+        assert all(int(np.argmax(lg)) == tok for lg in logits)
+        logits = [forward(w, np.array([tok]), pos, c, b, last_only=True)[-1] for b, c in zip(backends, caches)]
+        assert np.array_equal(logits[0], logits[1])
+        assert _rel(logits[0], logits[2]) <= 1e-2
+    assert len(calls) >= 12 and real(w, np.zeros((1, w.args.dim), np.float32), 0, caches[0]) is not None
 
 
 def test_fused_decode_declines_what_it_does_not_cover(stories_weights):

@@ -35,7 +35,7 @@ def test_activation_quantization_is_the_references():
     x8, scale, xsum = i8.inputs(x, 64)
     r8, rscale, rsum = quantize_activations(x, 64)
     assert np.array_equal(x8, r8) and np.array_equal(scale, rscale) and scale[1, 1] == 1.0
-    np.testing.assert_allclose(xsum, rscale * rsum, rtol=1e-7)
+    assert xsum.dtype == np.int32 and np.array_equal(xsum, rsum)
     assert np.abs(x8.astype(np.int32)).max() == 127
 
 
@@ -111,7 +111,7 @@ def test_grouped_linears_and_the_fused_layer_match_op_by_op(smollm2_weights):
     packed = dataclasses.replace(lw, **{n: pack_linear(np.asarray(getattr(lw, n).weight, np.float32), 4, 64)
                                         for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")})
     fused, plain = NumbaBackend("int8"), NumbaBackend("int8")
-    plain.decode_block = lambda *a: None  # op by op
+    plain.decode_block = plain.decode_layers = lambda *a: None  # op by op
     x = np.random.default_rng(5).standard_normal((1, 576)).astype(np.float32)
     outs = []
     for ops in (fused, plain):

@@ -4,6 +4,7 @@ linear kernel's effective bandwidth against this machine's measured read bandwid
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import resource
@@ -62,37 +63,77 @@ def _linear_bytes_shape(w) -> tuple[int, tuple[int, int]]:
     return sum(a.nbytes for a in arrays), tuple(w.shape)
 
 
-def kernel_rates(lw, output, ops, repeat: int) -> list[dict]:
-    """Decode-step (one token) time and effective GB/s of each linear of layer 0 and of the head (as prepared)."""
+def _copies(lin, working_set: int) -> list:
+    """lin and copies of it (its arrays copied: new memory) to make up working_set bytes, so that the
+    timed loop reads each from memory rather than from a cache; lin alone where it cannot be copied
+    (a device backend's buffers)."""
+    nbytes, _ = _linear_bytes_shape(lin)
+    try:
+        return [lin] + [copy.deepcopy(lin) for _ in range(-(-working_set // max(nbytes, 1)) - 1)]
+    except (TypeError, AttributeError, ValueError):
+        return [lin]
+
+
+def _cold_rate(name: str, lins: list, ops, repeat: int) -> dict:
+    """One token through each of lins in turn, the best of repeat rounds: seconds per linear, and GB/s."""
+    nbytes, shape = _linear_bytes_shape(lins[0])
+    x = np.random.default_rng(0).standard_normal((1, shape[1])).astype(np.float32)
+    x = ops.upload(x) if hasattr(ops, "upload") else x  # a device backend: time the kernel, not the copy
+    for w in lins:  # prepares each (a W4 on first use) and compiles
+        ops.to_host(ops.linear(x, w))
+
+    def round_():
+        for w in lins:
+            ops.to_host(ops.linear(x, w))
+
+    rounds = max(repeat, 10, -(-40 // len(lins)))  # at least ten rounds and 40 timed calls
+    t = min(_timed(round_) for _ in range(rounds)) / len(lins)
+    return {"linear": name, "shape": list(shape), "seconds": t, "gb_per_s": nbytes / t / 1e9,
+            "working_set_bytes": nbytes * len(lins), "copies": len(lins)}
+
+
+def kernel_rates(lw, output, ops, repeat: int, working_set: int) -> list[dict]:
+    """Decode-step (one token) time and effective GB/s of each linear of layer 0 and of the head (as prepared),
+    each timed over copies of itself that make up working_set bytes."""
     rows = []
     for name, lin in [(n, getattr(lw, n)) for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")] + [("output", output)]:
-        nbytes, shape = _linear_bytes_shape(lin)
-        x = np.random.default_rng(0).standard_normal((1, shape[1])).astype(np.float32)
-        x = ops.upload(x) if hasattr(ops, "upload") else x  # a device backend: time the kernel, not the copy
-        ops.to_host(ops.linear(x, lin))
-        t = min(_timed(lambda: ops.to_host(ops.linear(x, lin))) for _ in range(max(repeat, 20)))
-        rows.append({"linear": name, "shape": list(shape), "seconds": t, "gb_per_s": nbytes / t / 1e9})
+        rows.append(_cold_rate(name, _copies(lin, working_set), ops, repeat))
     return rows
 
 
 GEMV_SHAPES = ((4096, 4096), (11008, 4096))  # a 7B model's attention and MLP layers
+COLD_FACTOR = 4  # each kernel row reads a working set of this many times the last-level cache
+ASSUMED_LLC = 32 << 20  # when the system does not say
 
 
-def gemv_layers(ops, repeat: int, group_size: int = 128) -> list[dict]:
-    """One-token time and effective GB/s of W4 (group 128) layers of 7B shapes, random weights."""
+def gemv_layers(ops, repeat: int, working_set: int, group_size: int = 128) -> list[dict]:
+    """One-token time and effective GB/s of W4 (group 128) layers of 7B shapes, random weights, each timed
+    over copies that make up working_set bytes."""
     from edge_awq.pack import pack_linear
 
     rows = []
     rng = np.random.default_rng(0)
     for out_f, in_f in GEMV_SHAPES:
         lin = pack_linear(rng.standard_normal((out_f, in_f), dtype=np.float32), 4, group_size)
-        nbytes, _ = _linear_bytes_shape(lin)
-        x = rng.standard_normal((1, in_f)).astype(np.float32)
-        x = ops.upload(x) if hasattr(ops, "upload") else x
-        ops.to_host(ops.linear(x, lin))
-        t = min(_timed(lambda: ops.to_host(ops.linear(x, lin))) for _ in range(max(repeat, 30)))
-        rows.append({"linear": f"W4 g{group_size}", "shape": [out_f, in_f], "seconds": t, "gb_per_s": nbytes / t / 1e9})
+        ops.linear(np.zeros((1, in_f), np.float32), lin)  # as the backend holds it, to count its bytes
+        prepared = ops._prepared(lin) if hasattr(ops, "_prepared") else lin
+        n = -(-working_set // _linear_bytes_shape(prepared)[0])
+        lins = [lin] + [copy.deepcopy(lin) for _ in range(n - 1)]  # host copies: each prepared on first use
+        row = _cold_rate(f"W4 g{group_size}", lins, ops, repeat)
+        row["gb_per_s"] = _linear_bytes_shape(prepared)[0] / row["seconds"] / 1e9
+        row["working_set_bytes"] = _linear_bytes_shape(prepared)[0] * n
+        rows.append(row)
+        del lins, prepared
     return rows
+
+
+def machine(ops) -> dict:
+    """The CPU, its last-level cache, and the instruction set of the kernels that ran."""
+    from edge_awq.backends.host import cpu_name, last_level_cache
+
+    isa = getattr(ops, "isa", None) or getattr(ops, "device_name", None) or "numpy"
+    return {"cpu": cpu_name(), "llc_bytes": last_level_cache(), "isa": isa,
+            "activations": getattr(ops, "activations", None)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,7 +164,11 @@ def run(args: argparse.Namespace) -> int:
     res["decode_tokens_per_s"] = (len(steps) - 1) / (steps[-1] - steps[0]) if len(steps) > 1 else 0.0
     res["time_to_first_token_s_16"] = steps[0] - t0
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the probes below
-    res["kernels"] = kernel_rates(*probe, ops, args.repeat) + gemv_layers(ops, args.repeat)
+    res.update(machine(ops))
+    llc = res["llc_bytes"] or ASSUMED_LLC
+    res["cache_assumed_bytes"] = llc
+    working_set = COLD_FACTOR * llc
+    res["kernels"] = kernel_rates(*probe, ops, args.repeat, working_set) + gemv_layers(ops, args.repeat, working_set)
     res["read_gb_per_s"] = read_bandwidth() / 1e9
     print(json.dumps(res) if args.json else _table(res))
     return 0
@@ -131,7 +176,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _table(r: dict) -> str:
     bw = r["read_gb_per_s"]
-    lines = [f"{r['model']} on {r['backend']}; measured read bandwidth {bw:.1f} GB/s"]
+    act = f", {r['activations']} activations" if r.get("activations") else ""
+    lines = [f"{r['model']} on {r['backend']} ({r['isa']}{act}); {r['cpu']}",
+             f"measured read bandwidth {bw:.1f} GB/s; kernels timed over {r['cache_assumed_bytes'] * COLD_FACTOR >> 20} MiB "
+             f"({COLD_FACTOR} x the {r['cache_assumed_bytes'] >> 20} MiB last-level cache"
+             f"{'' if r['llc_bytes'] else ', assumed'})"]
     for n, p in r["prefill"].items():
         lines.append(f"prefill {n:>4} tokens: {p['tokens_per_s']:8.1f} tokens/s (time to first token {p['time_to_first_token_s']:.3f}s)")
     lines.append(f"decode: {r['decode_tokens_per_s']:.1f} tokens/s; peak RSS {r['peak_rss_mb']:.0f} MB")

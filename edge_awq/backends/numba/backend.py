@@ -23,6 +23,19 @@ threads.configure()  # before the first parallel kernel starts OpenMP
 DEFAULT_ACTIVATIONS = "int16"  # the measured default (README "Speed"): int8 where its perplexity cost is under 1 %
 
 
+def _isa(activations: str) -> str:
+    """The instruction set the packed linears' inner loops use: the integer kernels' (isa.py), or, for
+    int16, what LLVM vectorizes for this CPU."""
+    from edge_awq.backends.numba.isa import ISA
+
+    if activations == "int8" and ISA != "none":
+        return ISA
+    import numba
+    from llvmlite import binding
+
+    return f"vectorized for {numba.config.CPU_NAME or binding.get_host_cpu_name()}"
+
+
 def _f32(a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
@@ -49,10 +62,12 @@ class NumbaBackend(HostMemory):
         if activations not in ("int8", "int16"):
             raise ValueError(f"activations {activations!r}: int8 or int16")
         self.activations = activations
+        self.isa = _isa(activations)
         self._prepared_w4: dict[int, tuple[weakref.ref, PreparedW4]] = {}  # id(W4) -> (a weak ref to it, prepared)
         self._dense: dict[int, tuple[weakref.ref, np.ndarray]] = {}  # id(Dense) -> (..., its float32 weight)
         self._angles: tuple = (None,)
         self._fused: dict[int, tuple] = {}  # id(LayerWeights) -> (a weak ref to it, decode_layer's arrays or None)
+        self._steps: dict[int, tuple] = {}  # id(ModelWeights) -> (a weak ref to it, decode_step's layers or None)
 
     def embed(self, table, tokens) -> np.ndarray:
         return np.asarray(table[np.asarray(tokens, dtype=np.int64)], dtype=np.float32)
@@ -123,6 +138,38 @@ class NumbaBackend(HostMemory):
                             cache.k[layer].view(np.uint16), cache.v[layer].view(np.uint16), pos, a.n_heads,
                             a.n_kv_heads, a.head_dim, lw.w1.shape[0])
 
+    def decode_layers(self, w, x, pos: int, cache):
+        """Every decoder layer for one token as a single compiled call (``decode.decode_step``), or None when a
+        layer, the cache or the machine is not the case it covers."""
+        if x.shape[0] != 1 or cache.k.dtype != np.float16 or not isinstance(w.layers, list):
+            return None
+        step = _kept_while_alive(self._steps, w, self._step_args)
+        if step is None:
+            return None
+        from edge_awq.backends.numba.decode import decode_step
+
+        layers, eps, group_size, kind = step
+        cos, sin = self._rope_angles(pos, 1, w.inv_freq)
+        a = w.args
+        return decode_step(_f32(x), layers, eps, group_size, kind, cos, sin, a.rope_interleaved,
+                           cache.k.view(np.uint16), cache.v.view(np.uint16), pos, a.n_heads, a.n_kv_heads,
+                           a.head_dim, a.hidden_dim)
+
+    def _step_args(self, w):
+        """decode_step's typed list of the layers' arrays, and what they share; None if a layer is declined."""
+        from numba.typed import List
+
+        per_layer = [self._decode_args(lw, w) for lw in w.layers]
+        if not per_layer or any(a is None for a in per_layer):
+            return None
+        eps, group_size, kind = per_layer[0][2], per_layer[0][10], per_layer[0][11]
+        if any(a[10] != group_size or a[11].dtype != kind.dtype for a in per_layer):
+            return None
+        layers = List()
+        for a in per_layer:
+            layers.append((a[0], a[1], *a[3:10]))
+        return layers, eps, group_size, kind
+
     def _decode_args(self, lw, w):
         """The layer's arrays for ``decode_layer`` (kept per layer), or None if it does not apply."""
         return _kept_while_alive(self._fused, lw, lambda layer: self._layer_args(layer, w))
@@ -138,7 +185,7 @@ class NumbaBackend(HostMemory):
         if any(b is None for b in layouts) or len({type(b) for b in layouts}) != 1:
             return None
         activations = np.empty(0, np.int8 if ps[0].a8 is not None else np.int16)  # says which kernels run
-        return (np.asarray(lw.attn_norm, np.float32), np.asarray(lw.ffn_norm, np.float32), w.args.norm_eps,
+        return (np.array(lw.attn_norm, np.float32), np.array(lw.ffn_norm, np.float32), w.args.norm_eps,
                 *[(b.words, b.scales, b.zeros) for b in layouts], lins[0].group_size, activations)
 
     def rope(self, x, pos: int, inv_freq, interleaved: bool) -> np.ndarray:

@@ -5,7 +5,8 @@ and the numba dispatcher (docs/cpu-kernels.md has what that cost). ``decode_laye
 (model.py) — inside compiled code: RMSNorm, q/k/v as one GEMV kernel, RoPE, the fp16 cache
 write, attention, o, the residual, RMSNorm, gate/up, SiLU-mul, down, the residual.
 
-It covers the common case and says no to the rest (``NumbaBackend.decode_block`` returns None
+``decode_step`` runs every layer of a step so, in one call from Python (``NumbaBackend.decode_layers``).
+They cover the common case and say no to the rest (``decode_layers`` and ``decode_block`` return None
 and the model runs op by op): one token, 4-bit layers of one group size repacked for the integer
 kernels (``gemv_i8.py`` with int8 activations, ``gemv_blocked.py`` with int16), no biases, an fp16
 cache. The activations' type (an empty array of int8 or int16) picks the kernels when the layer
@@ -52,11 +53,12 @@ def _inputs(x, group_size, kind):
 @overload(_inputs)
 def _inputs_impl(x, group_size, kind):
     quantize = i8.quantize_x8 if kind.dtype == types.int8 else quantize_x16_flat
+    sums = np.int32 if kind.dtype == types.int8 else np.float32  # int8: exact sums; int16: scaled
 
     def impl(x, group_size, kind):
         T, n = x.shape
         G = n // group_size
-        xq, xs, xsum = np.empty((T, n), kind.dtype), np.empty((T, G), np.float32), np.empty((T, G), np.float32)
+        xq, xs, xsum = np.empty((T, n), kind.dtype), np.empty((T, G), np.float32), np.empty((T, G), sums)
         quantize(x, group_size, xq, xs, xsum)
         return xq, xs, xsum
 
@@ -91,7 +93,7 @@ def _one_impl(w, y, xq, xs, xsum, group_size):
     return impl
 
 
-@njit(nogil=True, cache=True, fastmath=True)
+@njit(nogil=True, cache=True, fastmath=True, error_model="numpy")
 def _gemv(x, w, out_f, group_size, kind):
     xq, xs, xsum = _inputs(x, group_size, kind)
     y = np.empty((1, out_f), np.float32)
@@ -99,7 +101,7 @@ def _gemv(x, w, out_f, group_size, kind):
     return y
 
 
-@njit(nogil=True, cache=True, fastmath=True)
+@njit(nogil=True, cache=True, fastmath=True, error_model="numpy")
 def decode_layer(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, w1, w2, w3, group_size, kind, cos, sin, interleaved,
                  keys, values, pos, n_heads, n_kv_heads, head_dim, hidden_dim):
     """x (1, dim) float32 -> the layer's output (1, dim). Each w* is a repacked weight's (words, scales, zeros);
@@ -129,3 +131,16 @@ def decode_layer(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, w1, w2, w3, group_
     _three(w1, w3, empty, gate, up, up[:, :0], xq, xs, xsum, group_size)
     silu_mul_serial(gate, up, gate)
     return x + _gemv(gate, w2, x.shape[1], group_size, kind)
+
+
+@njit(nogil=True, cache=True, fastmath=True, error_model="numpy")
+def decode_step(x, layers, eps, group_size, kind, cos, sin, interleaved, keys, values, pos, n_heads, n_kv_heads,
+                head_dim, hidden_dim):
+    """x (1, dim) through every layer of the model: ``decode_layer`` in turn, without returning to Python in
+    between. layers: a typed List of each layer's (attn_norm, ffn_norm, wq, wk, wv, wo, w1, w2, w3); keys,
+    values (n_layers, n_kv_heads, max_seq, head_dim) uint16."""
+    for i in range(len(layers)):
+        attn_norm, ffn_norm, wq, wk, wv, wo, w1, w2, w3 = layers[i]
+        x = decode_layer(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, w1, w2, w3, group_size, kind, cos, sin,
+                         interleaved, keys[i], values[i], pos, n_heads, n_kv_heads, head_dim, hidden_dim)
+    return x

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from edge_awq.backends.numba.intrinsics import half_f32, int8_f32
+from edge_awq.backends.numba.intrinsics import bits_f32, half_f32, int8_f32
 
 
 
@@ -142,20 +142,41 @@ def attention_int8_kernel(q, keys, k_scale, values, v_scale, pos, out):
 
 
 @njit(cache=True, inline="always", fastmath=True)
+def exp_f32(x):
+    """e**x in float32 within 4e-7 relative, in arithmetic a loop vectorizes (numba's exp is a libm call):
+    x = n ln 2 + r, |r| <= ln 2 / 2, e**r by its Taylor polynomial to degree 7, times 2**n built in the
+    exponent bits. Inputs are clamped to [-87, 88], where 2**n stays a normal float."""
+    x = min(max(x, np.float32(-87.0)), np.float32(88.0))
+    n = np.rint(x * np.float32(1.4426950408889634))
+    r = x - n * np.float32(0.693145751953125)  # ln 2 in two parts: the first exact times any n here
+    r = r - n * np.float32(1.428606765330187e-06)
+    p = np.float32(1.0 / 5040)
+    p = p * r + np.float32(1.0 / 720)
+    p = p * r + np.float32(1.0 / 120)
+    p = p * r + np.float32(1.0 / 24)
+    p = p * r + np.float32(1.0 / 6)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    return p * bits_f32(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
+
+
+@njit(cache=True, inline="always", fastmath=True, error_model="numpy")
 def _silu_mul_row(gate, up, out, t):
-    for i in range(gate.shape[1]):
-        g = gate[t, i]
-        out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+    g_row, u_row, o_row = gate[t], up[t], out[t]
+    for i in range(g_row.shape[0]):
+        g = g_row[i]
+        o_row[i] = g / (np.float32(1.0) + exp_f32(-g)) * u_row[i]
 
 
-@njit(nogil=True, parallel=True, cache=True, fastmath=True)
+@njit(nogil=True, parallel=True, cache=True, fastmath=True, error_model="numpy")
 def silu_mul_kernel(gate, up, out):
     """out (T, n) = silu(gate) * up; out may be gate."""
     for t in prange(gate.shape[0]):
         _silu_mul_row(gate, up, out, t)
 
 
-@njit(nogil=True, cache=True, fastmath=True)
+@njit(nogil=True, cache=True, fastmath=True, error_model="numpy")
 def silu_mul_serial(gate, up, out):
     """``silu_mul_kernel`` on the calling thread."""
     for t in range(gate.shape[0]):
