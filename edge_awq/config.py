@@ -26,6 +26,8 @@ ARCHITECTURES = {
 }
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
+ATTENTION_TILE = 64  # a prompt's queries whose scores (against every cached key) a CPU backend holds at once
+
 
 @dataclass(frozen=True)
 class RopeScaling:

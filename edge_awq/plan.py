@@ -126,7 +126,8 @@ def workspace_bytes(a: ModelArgs, chunk: int, ctx: int, group_size: int) -> int:
     q_out, kv_out = shapes["wq"][0], shapes["wk"][0]
     per_token = 4 * (4 * a.dim + 2 * q_out + 2 * kv_out + 3 * a.hidden_dim)
     dequant = 2 * 256 * max(a.dim, a.hidden_dim) * 4  # DEQUANT_ROWS rows of the widest input, two planes
-    scores = 2 * ctx * 4  # one score row per thread, two threads per core counted generously
+    # a prompt's attention: the KV heads' keys and values as float32, and a score row per thread
+    scores = 2 * a.n_kv_heads * ctx * a.head_dim * 4 + 2 * ctx * 4
     logits = 2 * a.vocab_size * 4
     return chunk * per_token + dequant + scores + logits
 

@@ -108,13 +108,15 @@ def test_small_ops_match_reference(T):
 
 
 @pytest.mark.parametrize("kv_dtype", [np.float16, np.int8])
-@pytest.mark.parametrize("T,pos,H,n_kv", [(1, 0, 9, 3), (1, 40, 9, 3), (7, 0, 8, 4), (16, 9, 4, 4), (33, 0, 6, 1)])
-def test_attention_matches_reference_on_fp16_and_int8_cache(T, pos, H, n_kv, kv_dtype):
+@pytest.mark.parametrize("T,pos,H,n_kv,hd", [(1, 0, 9, 3, 64), (1, 40, 9, 3, 64), (7, 0, 8, 4, 64), (16, 9, 4, 4, 64),
+                                           (33, 0, 6, 1, 64), (150, 40, 9, 3, 64), (70, 3, 4, 2, 12)])
+def test_attention_matches_reference_on_fp16_and_int8_cache(T, pos, H, n_kv, hd, kv_dtype):
+    """One query (the decode kernels) and prompts (the tiled attention: tiles of 64 queries and a tail, after a
+    cached prefix, head dims with and without a multiple of eight)."""
     from edge_awq.config import ModelArgs
 
-    hd = 64
-    a = ModelArgs("llama", H * hd, 8, 2, H, n_kv, hd, 10, 128)
-    caches = [KVCache.allocate(a, 128, kv_dtype) for _ in range(2)]
+    a = ModelArgs("llama", H * hd, 8, 2, H, n_kv, hd, 10, 256)
+    caches = [KVCache.allocate(a, 256, kv_dtype) for _ in range(2)]
     prev_k, prev_v = (rng.standard_normal((pos, n_kv, hd)).astype(np.float32) for _ in range(2))
     q, k, v = (rng.standard_normal((T, h, hd)).astype(np.float32) for h in (H, n_kv, n_kv))
     for c in caches:
@@ -123,7 +125,7 @@ def test_attention_matches_reference_on_fp16_and_int8_cache(T, pos, H, n_kv, kv_
     want = ref.attention(q, k, v, caches[1], 1, pos)
     assert rel_err(got, want) <= 1e-3 and np.array_equal(caches[0].k, caches[1].k)
     if kv_dtype == np.int8:  # and the int8 cache stays close to exact float attention
-        exact = KVCache.allocate(a, 128, np.float32)
+        exact = KVCache.allocate(a, 256, np.float32)
         exact.write(1, 0, prev_k, prev_v)
         assert rel_err(got, ref.attention(q, k, v, exact, 1, pos)) <= 0.03
 

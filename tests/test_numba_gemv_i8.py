@@ -61,12 +61,13 @@ def test_integer_part_is_exact():
 @pytest.mark.parametrize("bits,out_f,in_f,group", [(4, 1, 64, 64), (4, 5, 384, 192), (4, 7, 128, 64),
                                                    (4, 33, 576, 64), (4, 13, 1536, 128), (4, 6, 4096, 128),
                                                    (8, 9, 576, 64), (8, 3, 64, 32), (8, 5, 1024, 1024)])
-@pytest.mark.parametrize("T", [1, 2, 4])
+@pytest.mark.parametrize("T", [1, 2, 4, 5, 9])
 def test_gemv_matches_the_reference(bits, out_f, in_f, group, T):
-    """Rows not a multiple of the block of four, a single row, one to sixteen chunks a group, 4 and 8 bits."""
+    """Rows not a multiple of the block of eight, a single row, one to sixteen chunks a group, 4 and 8 bits;
+    token counts below, at and past a tile."""
     w = _packed(out_f, in_f, group, out_f + in_f + T, bits, bias=True)
     p = prepare(w, repack=True, activations="int8")
-    assert p.a8 is not None and p.a8.words.shape[0] == -(-out_f // 4)
+    assert p.a8 is not None and p.a8.words.shape[0] == -(-out_f // 8)
     rng = np.random.default_rng(T)
     x = (rng.standard_normal((T, in_f)) * rng.uniform(0.01, 30, (T, 1))).astype(np.float32)
     want = linear_int8(x, w) + w.bias
@@ -74,14 +75,33 @@ def test_gemv_matches_the_reference(bits, out_f, in_f, group, T):
 
 
 @needs_int8
-@pytest.mark.parametrize("T", [5, 33, 513])
-def test_prefill_from_the_layout_is_the_file_values(T):
-    """More tokens than a GEMV takes: dequantized rows from the layout and BLAS (float activations)."""
-    w = _packed(300, 576, 64, T, bias=True)
+@pytest.mark.parametrize("bits,out_f,in_f,group", [(4, 300, 576, 64), (4, 172, 1536, 128), (8, 49, 576, 64)])
+@pytest.mark.parametrize("T", [1, 33, 513])
+def test_prefill_gemm_matches_the_reference(bits, out_f, in_f, group, T):
+    """More tokens than a GEMV takes (a prompt of 1, 33 and 513 tokens: tiles and a tail), the integer GEMM on
+    the packed layout, against the reference's arithmetic; rows written, and only they."""
+    w = _packed(out_f, in_f, group, T + bits, bits, bias=True)
     p = prepare(w, repack=True, activations="int8")
-    x = np.random.default_rng(T).standard_normal((T, 576)).astype(np.float32)
-    want = x @ unpack_linear(w).T + w.bias
-    assert _rel(linear_w4(x, p), want) <= 1e-5
+    x = (np.random.default_rng(T).standard_normal((T, in_f)) * 3).astype(np.float32)
+    y = np.full((T, out_f + 5), 7.0, np.float32)
+    i8.gemv_kernel(p.a8.words, p.a8.scales, p.a8.zeros, *i8.inputs(x, group), group, y[:, :out_f])
+    want = linear_int8(x, w)
+    assert _rel(y[:, :out_f], want) <= 2e-6 and (y[:, out_f:] == 7.0).all()
+    assert _rel(linear_w4(x, p), want + w.bias) <= 2e-6
+
+
+@needs_int8
+@pytest.mark.parametrize("bits,group", [(4, 64), (4, 128), (8, 32), (8, 64)])
+def test_layout_holds_the_file_values(bits, group):
+    """The repacked layout, dequantized, is the file's values (every row, block boundaries, the tail)."""
+    w = _packed(21, 256, group, bits, bits)
+    b = prepare(w, repack=True, activations="int8").a8
+    out = np.empty((21, 256), np.float32)
+    i8.dequantize_rows(b, 0, out)
+    assert np.array_equal(out, unpack_linear(w))
+    part = np.empty((7, 256), np.float32)
+    i8.dequantize_rows(b, 6, part)  # rows 6..12: across the first block boundary
+    assert np.array_equal(part, unpack_linear(w)[6:13])
 
 
 @needs_int8
@@ -127,7 +147,7 @@ def test_grouped_linears_and_the_fused_layer_match_op_by_op(smollm2_weights):
 def test_routes_name_what_runs():
     nb = NumbaBackend("int8")
     assert nb.route_of(_packed(8, 128, 64, 0), 1) == f"a8-{ISA}"
-    assert nb.route_of(_packed(8, 128, 64, 0), 40) == "a8-dequant"
+    assert nb.route_of(_packed(8, 128, 64, 0), 40) == f"a8-gemm-{ISA}"
     assert nb.route_of(_packed(8, 96, 32, 0), 1) != f"a8-{ISA}"  # 4-bit groups of 32: not this layout
     assert NumbaBackend("int16").route_of(_packed(8, 128, 64, 0), 1) != f"a8-{ISA}"
 

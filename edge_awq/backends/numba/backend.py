@@ -92,10 +92,12 @@ class NumbaBackend(HostMemory):
 
     def linears(self, x, ws) -> list[np.ndarray]:
         x = _f32(x)
-        if x.shape[0] <= GEMV_MAX_T and len(ws) in (2, 3) and all(isinstance(w, (W4, PreparedW4)) for w in ws):
+        if len(ws) in (2, 3) and all(isinstance(w, (W4, PreparedW4)) for w in ws):
             ps = [self._prepared(w) for w in ws]
             same = all(p.bits == 4 and p.group_size == ps[0].group_size for p in ps)
-            if same and (all(p.a8 is not None for p in ps) or all(p.byte_path and p.a8 is None for p in ps)):
+            if same and all(p.a8 is not None for p in ps):  # any number of tokens
+                return linears_w4(x, ps)
+            if same and x.shape[0] <= GEMV_MAX_T and all(p.byte_path and p.a8 is None for p in ps):
                 return linears_w4(x, ps)
         return [self.linear(x, w) for w in ws]
 
@@ -209,7 +211,13 @@ class NumbaBackend(HostMemory):
             raise TypeError("the numba backend keeps its KV cache in float16 or int8: allocate it with one of those")
         cache.write(layer, pos, k, v)
         out = np.empty((T, H, hd), np.float32)
-        if cache.k.dtype == np.int8:
+        if T > GEMV_MAX_T:  # a prompt: matrix products (attention.py)
+            from edge_awq.backends.numba.attention import attention_tiles
+
+            int8 = cache.k.dtype == np.int8
+            attention_tiles(_f32(q), cache.k[layer], cache.v[layer], pos, out,
+                            cache.k_scale[layer] if int8 else None, cache.v_scale[layer] if int8 else None)
+        elif cache.k.dtype == np.int8:
             attention_int8_kernel(_f32(q), cache.k[layer], cache.k_scale[layer], cache.v[layer], cache.v_scale[layer],
                                   pos, out)
         else:

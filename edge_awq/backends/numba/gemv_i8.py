@@ -1,24 +1,29 @@
-"""GEMVs with 8-bit activations: integer dot products of the weights' codes with int8 activations.
+"""Linears with 8-bit activations: integer dot products of the weights' codes with int8 activations,
+for one token (decode) and for many (prefill), from one weight layout.
 
 Each linear input is quantized once to int8 with a scale per group of the weights' group size
 (``quantize_x8``: ``x8 = rint(x / s)``, ``s = max|x| / 127``); a row's group is then the exact integer
 ``sum q * x8 - z * sum x8``, times the weight's and the activations' scales in float32 — the arithmetic
 of ``backends/reference.py``'s ``linear_int8``, which the tests hold these kernels to.
 
-The weights are repacked once at load, one tensor at a time, into blocks of four rows (``repack``):
+The weights are repacked once at load, one tensor at a time, into blocks of eight rows (``repack``) whose
+bytes interleave the rows four columns at a time, so that one 32-byte vector holds four consecutive
+codes of each of the eight rows, and one instruction adds four products into each row's own 32-bit
+lane — no sums across lanes, and the activations' four bytes broadcast to all eight:
 
-- 4-bit, groups of a multiple of 64: per group, 64 columns a chunk, each row's chunk 32 bytes, byte i
-  holding column i in its low nibble and column 32 + i in its high one: ``w & 15`` and ``w >> 4`` are 32
-  unsigned bytes each that meet 32 consecutive activations;
-- 8-bit (the int8 head), groups of a multiple of 32: per chunk of 32 columns, the codes less 128 as
-  signed bytes (the zero point stored less 128 likewise);
-- ``scales`` (blocks, G * 4) fp16 bits and ``zeros`` (blocks, G * 4) int8: four rows side by side.
+- 4-bit, groups of a multiple of 64: per 64-column chunk eight such vectors; in vector q, row k's four
+  bytes hold columns 4q..4q+3 of the chunk in their low nibbles and columns 32+4q..32+4q+3 in their high
+  ones (``w & 15`` and ``w >> 4`` meet the activations of those columns);
+- 8-bit (the int8 head), groups of a multiple of 32: per 32-column chunk eight vectors of the codes;
+- ``scales`` (blocks, G * 8) fp16 bits and ``zeros`` (blocks, G * 8) uint8: eight rows side by side.
 
-The inner loop is chosen by ``isa.ISA`` when the kernels compile: AVX-512 VNNI or AVX-VNNI ``vpdpbusd``
-(unsigned weights times signed activations, four products into each int32 lane), AVX2 ``vpmaddubsw``
-then ``vpmaddwd`` (pairs of products in int16 — at most 2 * 2 * 15 * 127, exact), the Armv8.2 ``sdot``,
-or widening multiplies on plain NEON. Signed 8-bit weights meet the unsigned-times-signed x86
-instructions as |w| and x with w's sign (``vpsignb``), whose pairs stay within int16.
+A tile of up to ``TOKENS`` tokens reads each vector of weights once (``tile_a8``), so prefill is a blocked
+integer GEMM on the packed weights, and a decode step the same loop with one token. The inner loop is
+chosen by ``isa.ISA`` when the kernels compile: AVX-512 VNNI or AVX-VNNI ``vpdpbusd`` (unsigned codes
+times signed activations, four products into each int32 lane), AVX2 ``vpmaddubsw`` then ``vpmaddwd``
+(pairs of products in int16: at most 2 * 2 * 15 * 127 for 4-bit codes, exact), the Armv8.2 ``sdot``, or
+widening multiplies on plain NEON. 8-bit codes meet the signed instructions as ``code - 128`` (its zero
+point likewise): on AVX2 as |w| and x with w's sign (``vpsignb``), whose pairs stay within int16.
 """
 
 from __future__ import annotations
@@ -34,23 +39,23 @@ from numba.extending import intrinsic
 from edge_awq.backends.numba.intrinsics import half_f32
 from edge_awq.backends.numba.isa import ISA, X86
 
-ROWS = 4
+ROWS = 8  # rows a block; one int32 lane each
+QUAD = 4  # consecutive codes of a row that meet one lane
+CHUNK4, CHUNK8 = 64, 32  # columns a chunk: eight 32-byte vectors
+TOKENS = 8 if ISA == "avx512vnni" else 4  # tokens a tile: an int32 and a float32 accumulator each (32 or 16 registers)
 PREFETCH = 2048  # bytes ahead of the weights being read that each chunk asks the cache for (measured: 1-4 KiB)
-CHUNK4, CHUNK8 = 64, 32  # columns per chunk: 32 bytes a row
+VNNI = ISA in ("avx512vnni", "avxvnni")
 _I1, _I8, _I16, _I32, _I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _F32 = ir.FloatType()
-LANES = 8 if X86 else 4  # int32 lanes of an accumulator: 256-bit on x86, 128-bit on ARM
-_VACC = ir.VectorType(_I32, LANES)
-_V4F = ir.VectorType(_F32, 4)
 
 
 @dataclass(frozen=True)
 class BlockedA8:
     """A 4- or 8-bit weight in the 8-bit-activation block layout (see the module docstring)."""
 
-    words: np.ndarray  # (blocks, G * chunks * 4 * 32) uint8 (4-bit) or int8 (8-bit)
-    scales: np.ndarray  # (blocks, G * 4) uint16, fp16 bits
-    zeros: np.ndarray  # (blocks, G * 4) int8: z (4-bit), z - 128 (8-bit)
+    words: np.ndarray  # (blocks, G * chunks * 8 * 32) uint8: the codes, rows interleaved four at a time
+    scales: np.ndarray  # (blocks, G * 8) uint16, fp16 bits
+    zeros: np.ndarray  # (blocks, G * 8) uint8: the zero points
     out_features: int
     group_size: int
     bits: int
@@ -62,7 +67,7 @@ def usable(bits: int, group_size: int) -> bool:
         return False
     if bits == 4:
         return group_size % CHUNK4 == 0
-    return bits == 8 and group_size % CHUNK8 == 0 and group_size <= 1 << 16
+    return bits == 8 and group_size % CHUNK8 == 0 and group_size <= 1 << 15
 
 
 @njit(cache=True, inline="always")
@@ -86,16 +91,17 @@ def _repack_kernel(qb, scale_bits, zero_bytes, group_size, bits, words, scales, 
                 continue  # padding rows stay zero
             for g in range(n_groups):
                 scales[b, ROWS * g + k] = scale_bits[r, g]
-                z = _code(zero_bytes, r, g, bits)
-                zeros[b, ROWS * g + k] = z if bits == 4 else z - 128
+                zeros[b, ROWS * g + k] = _code(zero_bytes, r, g, bits)
                 for c in range(chunks):
-                    base = ((g * chunks + c) * ROWS + k) * 32
                     col0 = g * group_size + c * cols
-                    for i in range(32):
-                        if bits == 4:
-                            words[b, base + i] = _code(qb, r, col0 + i, 4) | (_code(qb, r, col0 + 32 + i, 4) << 4)
-                        else:
-                            words[b, base + i] = _code(qb, r, col0 + i, 8) - 128
+                    for q in range(ROWS):
+                        base = (((g * chunks + c) * ROWS + q) * ROWS + k) * QUAD
+                        for j in range(QUAD):
+                            col = col0 + QUAD * q + j
+                            if bits == 4:
+                                words[b, base + j] = _code(qb, r, col, 4) | (_code(qb, r, col + 32, 4) << 4)
+                            else:
+                                words[b, base + j] = _code(qb, r, col, 8)
 
 
 def repack(qbytes: np.ndarray, scale_bits: np.ndarray, zero_bytes: np.ndarray, group_size: int,
@@ -104,9 +110,9 @@ def repack(qbytes: np.ndarray, scale_bits: np.ndarray, zero_bytes: np.ndarray, g
     (out, G) and packed zero points (out, >= G * bits / 8 bytes)."""
     out_f, n_groups = scale_bits.shape
     blocks = -(-out_f // ROWS)
-    words = np.zeros((blocks, n_groups * group_size * bits // 8 * ROWS), np.uint8 if bits == 4 else np.int8)
+    words = np.zeros((blocks, n_groups * group_size * bits // 8 * ROWS), np.uint8)
     scales = np.zeros((blocks, n_groups * ROWS), np.uint16)
-    zeros = np.zeros((blocks, n_groups * ROWS), np.int8)
+    zeros = np.zeros((blocks, n_groups * ROWS), np.uint8)
     _repack_kernel(qbytes, scale_bits, zero_bytes, group_size, bits, words, scales, zeros)
     return BlockedA8(words, scales, zeros, out_f, group_size, bits)
 
@@ -151,12 +157,19 @@ def quantize_x8(x, group_size, x8, xscale, xsum):
             xscale[t, g] = s
 
 
+@njit(nogil=True, parallel=True, cache=True, error_model="numpy")
+def quantize_x8_parallel(x, group_size, x8, xscale, xsum):
+    """``quantize_x8`` with the tokens shared among the threads (a prompt)."""
+    for t in prange(x.shape[0]):
+        quantize_x8(x[t : t + 1], group_size, x8[t : t + 1], xscale[t : t + 1], xsum[t : t + 1])
+
+
 def inputs(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x (T, in) float32 -> (x8, xscale, xsum): what the kernels read."""
     T, n = x.shape
     out = (np.empty((T, n), np.int8), np.empty((T, n // group_size), np.float32),
            np.empty((T, n // group_size), np.int32))
-    quantize_x8(np.ascontiguousarray(x, dtype=np.float32), group_size, *out)
+    (quantize_x8 if T <= TOKENS else quantize_x8_parallel)(np.ascontiguousarray(x, dtype=np.float32), group_size, *out)
     return out
 
 
@@ -164,6 +177,9 @@ def inputs(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 def _vec(ty, n):
     return ir.VectorType(ty, n)
+
+
+_V8I, _V8F, _V32B = _vec(_I32, ROWS), _vec(_F32, ROWS), _vec(_I8, 32)
 
 
 def _splat(builder, x, vty):
@@ -179,31 +195,18 @@ def _fn(builder, name, ret, args):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
 
 
-def _dot_x86(builder, acc, w, x):
-    """acc (8 x i32) plus, in each lane, four products of w's unsigned bytes with x's signed ones."""
-    v32, v8 = _vec(_I8, 32), _vec(_I32, 8)
-    if ISA in ("avx512vnni", "avxvnni"):
-        dp = _fn(builder, "llvm.x86.avx512.vpdpbusd.256", v8, [v8, v8, v8])
-        return builder.call(dp, [acc, builder.bitcast(w, v8), builder.bitcast(x, v8)])
-    maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [v32, v32])
-    madd = _fn(builder, "llvm.x86.avx2.pmadd.wd", v8, [_vec(_I16, 16)] * 2)
-    p = builder.call(maddubs, [w, x])
-    return builder.add(acc, builder.call(madd, [p, ir.Constant(_vec(_I16, 16), [1] * 16)]))
+def _halves(builder, v, n):
+    """v's first and second halves (n lanes each)."""
+    return (builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), list(range(n)))),
+            builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, n), list(range(n, 2 * n)))))
 
 
-def _dot_x86_pair(builder, acc, w0, x0, w1, x1):
-    """acc plus the dot products of two unsigned-by-signed byte vectors (4-bit codes: int16 pairs exact)."""
-    if ISA in ("avx512vnni", "avxvnni"):
-        return _dot_x86(builder, _dot_x86(builder, acc, w0, x0), w1, x1)
-    v32, v8 = _vec(_I8, 32), _vec(_I32, 8)
-    maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [v32, v32])
-    madd = _fn(builder, "llvm.x86.avx2.pmadd.wd", v8, [_vec(_I16, 16)] * 2)
-    p = builder.add(builder.call(maddubs, [w0, x0]), builder.call(maddubs, [w1, x1]))  # <= 2 * 2 * 15 * 127
-    return builder.add(acc, builder.call(madd, [p, ir.Constant(_vec(_I16, 16), [1] * 16)]))
+def _join(builder, a, b, n):
+    return builder.shuffle_vector(a, b, ir.Constant(_vec(_I32, 2 * n), list(range(2 * n))))
 
 
-def _dot_arm(builder, acc, w, x):
-    """acc (4 x i32) plus, in each lane, four products of w's signed bytes with x's."""
+def _dot4_arm(builder, acc, w, x):
+    """acc (4 x i32) plus, in each lane, the four products of w's signed bytes with x's (16 bytes each)."""
     v16 = _vec(_I8, 16)
     if ISA == "sdot":
         dot = _fn(builder, "llvm.aarch64.neon.sdot.v4i32.v16i8", _vec(_I32, 4), [_vec(_I32, 4), v16, v16])
@@ -215,144 +218,173 @@ def _dot_arm(builder, acc, w, x):
     return builder.add(acc, builder.add(builder.add(quarter[0], quarter[1]), builder.add(quarter[2], quarter[3])))
 
 
-def _chunk(builder, bits, acc, waddr, xaddr):
-    """acc plus one row's chunk (32 bytes of codes) dotted with the chunk's activations."""
+def _dot(builder, acc, w, x):
+    """acc (8 x i32) plus, in lane k, the four products of w's bytes 4k..4k+3 with x's (32 bytes each): w
+    unsigned on x86 (at most 15, or 255 with VNNI), signed on ARM."""
     if X86:
-        v32 = _vec(_I8, 32)
-        w = _load(builder, waddr, v32)
-        if bits == 4:
-            lo = builder.and_(w, ir.Constant(v32, [15] * 32))
-            hi = builder.lshr(w, ir.Constant(v32, [4] * 32))
-            return _dot_x86_pair(builder, acc, lo, _load(builder, xaddr, v32), hi,
-                                 _load(builder, builder.add(xaddr, ir.Constant(_I64, 32)), v32))
-        x = _load(builder, xaddr, v32)
-        absw = builder.call(_fn(builder, "llvm.abs.v32i8", v32, [v32, _I1]), [w, ir.Constant(_I1, 0)])
-        signed_x = builder.call(_fn(builder, "llvm.x86.avx2.psign.b", v32, [v32, v32]), [x, w])
-        return _dot_x86(builder, acc, absw, signed_x)
-    v16 = _vec(_I8, 16)
-    sixteen = ir.Constant(_I64, 16)
-    w0, w1 = _load(builder, waddr, v16), _load(builder, builder.add(waddr, sixteen), v16)
-    if bits == 4:
-        mask, four = ir.Constant(v16, [15] * 16), ir.Constant(v16, [4] * 16)
-        xs = [_load(builder, builder.add(xaddr, ir.Constant(_I64, 16 * j)), v16) for j in range(4)]
-        acc = _dot_arm(builder, acc, builder.and_(w0, mask), xs[0])
-        acc = _dot_arm(builder, acc, builder.and_(w1, mask), xs[1])
-        acc = _dot_arm(builder, acc, builder.lshr(w0, four), xs[2])
-        return _dot_arm(builder, acc, builder.lshr(w1, four), xs[3])
-    acc = _dot_arm(builder, acc, w0, _load(builder, xaddr, v16))
-    return _dot_arm(builder, acc, w1, _load(builder, builder.add(xaddr, sixteen), v16))
+        if VNNI:
+            dp = _fn(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I, [_V8I, _V8I, _V8I])
+            return builder.call(dp, [acc, builder.bitcast(w, _V8I), builder.bitcast(x, _V8I)])
+        maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [_V32B, _V32B])
+        madd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _V8I, [_vec(_I16, 16)] * 2)
+        return builder.add(acc, builder.call(madd, [builder.call(maddubs, [w, x]),
+                                                    ir.Constant(_vec(_I16, 16), [1] * 16)]))
+    (a0, a1), (w0, w1), (x0, x1) = _halves(builder, acc, 4), _halves(builder, w, 16), _halves(builder, x, 16)
+    return _join(builder, _dot4_arm(builder, a0, w0, x0), _dot4_arm(builder, a1, w1, x1), 4)
 
 
-def _row_sums(builder, accs):
-    """The four rows' int32 accumulators (LANES lanes each) summed across lanes: one 4 x i32 vector, row k in
-    lane k (x86: three vphaddd and the two halves added; ARM: three addp)."""
-    v4 = _vec(_I32, 4)
+def _dot_pair(builder, acc, w0, x0, w1, x1):
+    """acc plus the dot products of two pairs (4-bit codes: on AVX2 the int16 pairs of both stay exact)."""
+    if X86 and not VNNI:
+        maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [_V32B, _V32B])
+        madd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _V8I, [_vec(_I16, 16)] * 2)
+        p = builder.add(builder.call(maddubs, [w0, x0]), builder.call(maddubs, [w1, x1]))  # <= 2 * 2 * 15 * 127
+        return builder.add(acc, builder.call(madd, [p, ir.Constant(_vec(_I16, 16), [1] * 16)]))
+    return _dot(builder, _dot(builder, acc, w0, x0), w1, x1)
+
+
+def _dot8(builder, acc, w, x):
+    """acc plus the dot products of 8-bit codes w with x, less 128 times x's sums unless VNNI (the caller
+    takes 128 from the zero point alike): unsigned-by-signed takes the raw codes, the signed forms code - 128."""
+    if VNNI:
+        return _dot(builder, acc, w, x)
+    signed = builder.xor(w, ir.Constant(_V32B, [0x80] * 32))  # code - 128, as a signed byte
     if X86:
-        hadd = _fn(builder, "llvm.x86.avx2.phadd.d", _VACC, [_VACC, _VACC])
-        h = builder.call(hadd, [builder.call(hadd, accs[:2]), builder.call(hadd, accs[2:])])  # [r0..r3 | r0..r3]
-        lo = builder.shuffle_vector(h, h, ir.Constant(v4, [0, 1, 2, 3]))
-        hi = builder.shuffle_vector(h, h, ir.Constant(v4, [4, 5, 6, 7]))
-        return builder.add(lo, hi)
-    addp = _fn(builder, "llvm.aarch64.neon.addp.v4i32", v4, [v4, v4])
-    return builder.call(addp, [builder.call(addp, accs[:2]), builder.call(addp, accs[2:])])
+        absw = builder.call(_fn(builder, "llvm.abs.v32i8", _V32B, [_V32B, _I1]), [signed, ir.Constant(_I1, 0)])
+        signed_x = builder.call(_fn(builder, "llvm.x86.avx2.psign.b", _V32B, [_V32B, _V32B]), [x, signed])
+        return _dot(builder, acc, absw, signed_x)
+    return _dot(builder, acc, signed, x)
 
 
-def _block4_codegen(bits: int):
-    """One block's four dot products (see ``block4_a8``)."""
+def _tile_codegen(bits: int, nt: int):
+    """Eight rows of one block times nt tokens (see ``tile_a8``)."""
     cols = CHUNK4 if bits == 4 else CHUNK8
+    zero_bias = 128 if bits == 8 and not VNNI else 0  # the signed forms read code - 128
 
     def codegen(context, builder, signature, args):
-        wp, sp, zp, xp, fxp, sxp, n_groups, chunks = args
-        v4 = _vec(_I32, 4)
-        fma = _fn(builder, "llvm.fma.v4f32", _V4F, [_V4F] * 3)
-        facc = cgutils.alloca_once_value(builder, ir.Constant(_V4F, None))
-        accs = [cgutils.alloca_once(builder, _VACC) for _ in range(ROWS)]
-
+        wp, sp, zp, xp, x_stride, fxp, sxp, g_stride, n_groups, chunks, yp, y_stride, rows = args
+        fma = _fn(builder, "llvm.fma.v8f32", _V8F, [_V8F] * 3)
         prefetch = _fn(builder, "llvm.prefetch.p0", ir.VoidType(), [ir.PointerType(_I8), _I32, _I32, _I32])
+        facc = [cgutils.alloca_once_value(builder, ir.Constant(_V8F, None)) for _ in range(nt)]
+        accs = [cgutils.alloca_once(builder, _V8I) for _ in range(nt)]
+        xrows = [builder.add(xp, builder.mul(x_stride, ir.Constant(_I64, t))) for t in range(nt)]
+
+        def quad_x(t, col):
+            """token t's four activations from column col, in every lane."""
+            four = builder.load(builder.inttoptr(builder.add(xrows[t], col), _I32.as_pointer()), align=1)
+            return builder.bitcast(_splat(builder, four, _V8I), _V32B)
 
         def chunk(gc):
-            xbase = builder.add(xp, builder.mul(gc, ir.Constant(_I64, cols)))
             wbase = builder.add(wp, builder.mul(gc, ir.Constant(_I64, ROWS * 32)))
-            for line in (0, 64):  # the next blocks' lines, while this one computes
+            col0 = builder.mul(gc, ir.Constant(_I64, cols))
+            for line in range(0, ROWS * 32, 64):  # the next blocks' lines, while this one computes
                 ahead = builder.inttoptr(builder.add(wbase, ir.Constant(_I64, PREFETCH + line)), ir.PointerType(_I8))
                 builder.call(prefetch, [ahead, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
-            for k, acc in enumerate(accs):
-                waddr = builder.add(wbase, ir.Constant(_I64, 32 * k))
-                builder.store(_chunk(builder, bits, builder.load(acc), waddr, xbase), acc)
+            for q in range(ROWS):
+                w = _load(builder, builder.add(wbase, ir.Constant(_I64, 32 * q)), _V32B)
+                col = builder.add(col0, ir.Constant(_I64, QUAD * q))
+                if bits == 4:
+                    lo = builder.and_(w, ir.Constant(_V32B, [15] * 32))
+                    hi = builder.lshr(w, ir.Constant(_V32B, [4] * 32))
+                    col_hi = builder.add(col, ir.Constant(_I64, 32))
+                    for t, acc in enumerate(accs):
+                        builder.store(_dot_pair(builder, builder.load(acc), lo, quad_x(t, col), hi,
+                                                quad_x(t, col_hi)), acc)
+                else:
+                    for t, acc in enumerate(accs):
+                        builder.store(_dot8(builder, builder.load(acc), w, quad_x(t, col)), acc)
 
         with cgutils.for_range(builder, n_groups) as gl:
             g = gl.index
             for acc in accs:
-                builder.store(ir.Constant(_VACC, None), acc)
+                builder.store(ir.Constant(_V8I, None), acc)
             with cgutils.for_range(builder, chunks) as cl:
                 chunk(builder.add(builder.mul(g, chunks), cl.index))
-            # the group's exact integer sum q.x - z * sum(x), then its two scales, in float32
+            # each token's exact integer sums q.x - z * sum(x), then the two scales, in float32
             sbits = _load(builder, builder.add(sp, builder.mul(g, ir.Constant(_I64, 2 * ROWS))), _vec(_I16, ROWS), 2)
-            s4 = builder.fpext(builder.bitcast(sbits, _vec(ir.HalfType(), ROWS)), _V4F)
-            z4 = builder.sext(_load(builder, builder.add(zp, builder.mul(g, ir.Constant(_I64, ROWS))),
-                                    _vec(_I8, ROWS)), v4)
+            s8 = builder.fpext(builder.bitcast(sbits, _vec(ir.HalfType(), ROWS)), _V8F)
+            z8 = builder.zext(_load(builder, builder.add(zp, builder.mul(g, ir.Constant(_I64, ROWS))),
+                                    _vec(_I8, ROWS)), _V8I)
+            if zero_bias:
+                z8 = builder.sub(z8, ir.Constant(_V8I, [zero_bias] * ROWS))
             goff = builder.mul(g, ir.Constant(_I64, 4))
-            fx = builder.load(builder.inttoptr(builder.add(fxp, goff), _F32.as_pointer()))
-            sx = builder.load(builder.inttoptr(builder.add(sxp, goff), _I32.as_pointer()))
-            ints = builder.sub(_row_sums(builder, [builder.load(a) for a in accs]),
-                               builder.mul(z4, _splat(builder, sx, v4)))
-            m4 = builder.fmul(s4, _splat(builder, fx, _V4F))
-            builder.store(builder.call(fma, [builder.sitofp(ints, _V4F), m4, builder.load(facc)]), facc)
-        v = builder.load(facc)
-        outs = [builder.extract_element(v, ir.Constant(_I32, k)) for k in range(ROWS)]
-        return context.make_tuple(builder, signature.return_type, outs)
+            for t in range(nt):
+                toff = builder.add(goff, builder.mul(g_stride, ir.Constant(_I64, t)))
+                fx = builder.load(builder.inttoptr(builder.add(fxp, toff), _F32.as_pointer()))
+                sx = builder.load(builder.inttoptr(builder.add(sxp, toff), _I32.as_pointer()))
+                ints = builder.sub(builder.load(accs[t]), builder.mul(z8, _splat(builder, sx, _V8I)))
+                m8 = builder.fmul(s8, _splat(builder, fx, _V8F))
+                builder.store(builder.call(fma, [builder.sitofp(ints, _V8F), m8, builder.load(facc[t])]), facc[t])
+        store = _fn(builder, "llvm.masked.store.v8f32.p0", ir.VoidType(),
+                    [_V8F, _V8F.as_pointer(), _I32, _vec(_I1, ROWS)])
+        lanes = ir.Constant(_vec(_I64, ROWS), list(range(ROWS)))
+        mask = builder.icmp_signed("<", lanes, _splat(builder, rows, _vec(_I64, ROWS)))  # the rows that exist
+        for t in range(nt):
+            out = builder.inttoptr(builder.add(yp, builder.mul(y_stride, ir.Constant(_I64, t))), _V8F.as_pointer())
+            builder.call(store, [builder.load(facc[t]), out, ir.Constant(_I32, 4), mask])
+        return context.get_dummy_value()
 
     return codegen
 
 
-_SIG = types.UniTuple(types.float32, ROWS)(*([types.int64] * 8))
+_SIG = types.void(*([types.int64] * 13))
 
 
-@intrinsic
-def block4_a8(typingctx, wp, sp, zp, xp, fxp, sxp, n_groups, chunks):
-    """The four rows of one block of a 4-bit weight dotted with one token's int8 activations, as four float32.
-    wp, sp, zp: the block's codes, scales and zeros; xp: int8 activations; fxp, sxp: float32 activation scale,
-    and int32 sum, per group; all addresses (int64)."""
-    return _SIG, _block4_codegen(4)
+def _tile_intrinsic(bits: int, nt: int):
+    def tile(typingctx, wp, sp, zp, xp, x_stride, fxp, sxp, g_stride, n_groups, chunks, yp, y_stride, rows):
+        return _SIG, _tile_codegen(bits, nt)
+
+    tile.__name__ = f"tile_a8_w{bits}_t{nt}"
+    return intrinsic(tile)
 
 
-@intrinsic
-def block4_a8_w8(typingctx, wp, sp, zp, xp, fxp, sxp, n_groups, chunks):
-    """As ``block4_a8`` for 8-bit weights."""
-    return _SIG, _block4_codegen(8)
+tile_w4_many, tile_w4_one = _tile_intrinsic(4, TOKENS), _tile_intrinsic(4, 1)
+tile_w8_many, tile_w8_one = _tile_intrinsic(8, TOKENS), _tile_intrinsic(8, 1)
+tile_a8 = tile_w4_many  # the one the docstring names: (wp, sp, zp: the block's codes, scales, zeros; xp, x_stride:
+# the first token's int8 activations and the bytes between tokens; fxp, sxp, g_stride: its float32 scales and int32
+# sums per group, and the bytes between tokens; n_groups, chunks; yp, y_stride: eight float32 outputs per token, of
+# which the first ``rows`` are stored)
 
 
 @njit(cache=True, inline="always")
-def _block_rows(words, scales, zeros, b, x8, xscale, xsum, group_size, y):
-    """y[:, 4b..4b+3] (the rows that exist) of one block, for every token of x8; int8 codes are 8-bit weights."""
+def _block(words, scales, zeros, b, x8, xscale, xsum, group_size, y):
+    """y[:, 8b..8b+7] (the rows that exist) of one block, every token of x8, TOKENS at a time."""
+    T, out_f = x8.shape[0], y.shape[1]
     n_groups = scales.shape[1] // ROWS
-    out_f = y.shape[1]
+    eight = words.shape[1] == n_groups * group_size * ROWS  # a byte a value: 8-bit weights
+    chunks = group_size // (CHUNK8 if eight else CHUNK4)
     wa = words.ctypes.data + b * words.strides[0]
     sa = scales.ctypes.data + b * scales.strides[0]
     za = zeros.ctypes.data + b * zeros.strides[0]
     r = ROWS * b
-    for t in range(x8.shape[0]):
-        xa = x8.ctypes.data + t * x8.strides[0]
-        fa = xscale.ctypes.data + t * xscale.strides[0]
-        ma = xsum.ctypes.data + t * xsum.strides[0]
-        if words.shape[1] == n_groups * group_size * ROWS:  # a byte a value: 8-bit weights
-            y0, y1, y2, y3 = block4_a8_w8(wa, sa, za, xa, fa, ma, n_groups, group_size // CHUNK8)
+    rows = min(ROWS, out_f - r)
+    ya, ys = y.ctypes.data + r * 4, y.strides[0]
+    xa, fa, ma = x8.ctypes.data, xscale.ctypes.data, xsum.ctypes.data
+    xs, gs = x8.strides[0], xscale.strides[0]
+    t = 0
+    while t < T:
+        if T - t >= TOKENS:
+            if eight:
+                tile_w8_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
+            else:
+                tile_w4_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
+            step = TOKENS
         else:
-            y0, y1, y2, y3 = block4_a8(wa, sa, za, xa, fa, ma, n_groups, group_size // CHUNK4)
-        y[t, r] = y0
-        if r + 1 < out_f:
-            y[t, r + 1] = y1
-        if r + 2 < out_f:
-            y[t, r + 2] = y2
-        if r + 3 < out_f:
-            y[t, r + 3] = y3
+            if eight:
+                tile_w8_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
+            else:
+                tile_w4_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
+            step = 1
+        t += step
+        xa, fa, ma, ya = xa + step * xs, fa + step * gs, ma + step * gs, ya + step * ys
 
 
 @njit(nogil=True, parallel=True, cache=True)
 def gemv_kernel(words, scales, zeros, x8, xscale, xsum, group_size, y):
-    """y (T, out) = x W^T of one weight in this layout; x8 (T, in) int8, xscale (T, G) float32, xsum (T, G) int32."""
+    """y (T, out) = x W^T of one weight in this layout; x8 (T, in) int8, xscale (T, G) float32, xsum (T, G) int32.
+    Any number of tokens: a decode step's GEMV, and prefill's GEMM (a block's weights read once per tile)."""
     for b in prange(words.shape[0]):
-        _block_rows(words, scales, zeros, b, x8, xscale, xsum, group_size, y)
+        _block(words, scales, zeros, b, x8, xscale, xsum, group_size, y)
 
 
 @njit(nogil=True, parallel=True, cache=True)
@@ -361,11 +393,11 @@ def gemv_three_kernel(wa, sa, za, ya, wb, sb, zb, yb, wc, sc, zc, yc, x8, xscale
     na, nb, nc = wa.shape[0], wb.shape[0], wc.shape[0]
     for q in prange(na + nb + nc):
         if q < na:
-            _block_rows(wa, sa, za, q, x8, xscale, xsum, group_size, ya)
+            _block(wa, sa, za, q, x8, xscale, xsum, group_size, ya)
         elif q < na + nb:
-            _block_rows(wb, sb, zb, q - na, x8, xscale, xsum, group_size, yb)
+            _block(wb, sb, zb, q - na, x8, xscale, xsum, group_size, yb)
         else:
-            _block_rows(wc, sc, zc, q - na - nb, x8, xscale, xsum, group_size, yc)
+            _block(wc, sc, zc, q - na - nb, x8, xscale, xsum, group_size, yc)
 
 
 @njit(nogil=True, parallel=True, cache=True, fastmath=True)
@@ -382,18 +414,18 @@ def dequant_kernel(words, scales, zeros, group_size, bits, r0, out):
             s = half_f32(scales[b, ROWS * g + k])
             z = np.float32(zeros[b, ROWS * g + k])
             for c in range(chunks):
-                base = ((g * chunks + c) * ROWS + k) * 32
-                dst = out[j, g * group_size + c * cols : g * group_size + (c + 1) * cols]
-                for i in range(32):
-                    v = np.int32(words[b, base + i])
-                    if bits == 4:
-                        dst[i] = (np.float32(v & 15) - z) * s
-                        dst[32 + i] = (np.float32((v >> 4) & 15) - z) * s
-                    else:
-                        dst[i] = (np.float32(v) - z) * s
+                col0 = g * group_size + c * cols
+                for q in range(ROWS):
+                    base = (((g * chunks + c) * ROWS + q) * ROWS + k) * QUAD
+                    for i in range(QUAD):
+                        v = np.int32(words[b, base + i])
+                        if bits == 4:
+                            out[j, col0 + QUAD * q + i] = (np.float32(v & 15) - z) * s
+                            out[j, col0 + 32 + QUAD * q + i] = (np.float32((v >> 4) & 15) - z) * s
+                        else:
+                            out[j, col0 + QUAD * q + i] = (np.float32(v) - z) * s
 
 
 def dequantize_rows(b: BlockedA8, r0: int, out: np.ndarray) -> None:
     """out (rows, in) float32 = dequantized rows r0.. of b."""
-    words = b.words.view(np.int8) if b.bits == 8 else b.words
-    dequant_kernel(words, b.scales, b.zeros, b.group_size, b.bits, r0, out)
+    dequant_kernel(b.words, b.scales, b.zeros, b.group_size, b.bits, r0, out)

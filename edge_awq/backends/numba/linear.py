@@ -7,9 +7,9 @@ leave the resident set (the repacked copy takes their place, never beside a seco
 the file's bytes are read where they lie.
 
 ``GEMV_ROUTES`` is the one table of which kernel multiplies a decode step's few tokens (at most
-``GEMV_MAX_T``) by which weight; ``PREFILL_ROUTES`` the same for prompts, which dequantize
-``DEQUANT_ROWS`` rows at a time into a float32 buffer and multiply with BLAS. The first route whose
-condition holds runs.
+``GEMV_MAX_T``) by which weight; ``PREFILL_ROUTES`` the same for prompts: with 8-bit activations an
+integer GEMM on the packed layout (``gemv_i8.py``), otherwise ``DEQUANT_ROWS`` rows at a time
+dequantized into a float32 buffer and multiplied with BLAS. The first route whose condition holds runs.
 """
 
 from __future__ import annotations
@@ -123,7 +123,8 @@ def _gemv_inputs(x: np.ndarray, group_size: int):
 
 
 def linears_w4(x: np.ndarray, ws: list[PreparedW4]) -> list[np.ndarray]:
-    """x (T <= GEMV_MAX_T, in) times two or three 4-bit weights of one group size, as one parallel kernel."""
+    """x (T, in) times two or three 4-bit weights of one group size, as one parallel kernel: any T in the
+    8-bit-activation layout (x quantized once), T <= GEMV_MAX_T in the others."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     gs = ws[0].group_size
     ys = [np.empty((x.shape[0], w.out_features), np.float32) for w in ws]
@@ -155,6 +156,12 @@ def linears_w4(x: np.ndarray, ws: list[PreparedW4]) -> list[np.ndarray]:
 def _gemv_a8(x, w, y):
     b = w.a8
     i8.gemv_kernel(b.words, b.scales, b.zeros, *i8.inputs(x, w.group_size), w.group_size, y)
+
+
+def _gemm_a8(x, w):
+    y = np.empty((x.shape[0], w.out_features), np.float32)
+    _gemv_a8(np.ascontiguousarray(x, dtype=np.float32), w, y)
+    return y
 
 
 def _gemv_blocked(x, w, y):
@@ -215,10 +222,10 @@ GEMV_ROUTES = (
     Route("any-float", "any other width (3-bit) or odd group; any CPU", lambda w: True, _gemv_any),
 )
 
-# Prefill (more tokens): DEQUANT_ROWS rows at a time into float32 for BLAS.
+# Prefill (more tokens): an integer GEMM on the packed weights, or DEQUANT_ROWS rows at a time into float32 for BLAS.
 PREFILL_ROUTES = (
-    Route("a8-dequant", "the 8-bit-activation layout", lambda w: w.a8 is not None,
-          lambda x, w: _blocked(x, w.out_features, w.in_features, lambda r0, out: i8.dequantize_rows(w.a8, r0, out))),
+    Route(f"a8-gemm-{ISA}", "the 8-bit-activation layout: tiles of tokens times eight rows, integer dot products",
+          lambda w: w.a8 is not None, _gemm_a8),
     Route("blocked-dequant", "the block layout", lambda w: w.blocked is not None,
           lambda x, w: _blocked(x, w.out_features, w.in_features,
                                 lambda r0, out: blocked.dequantize_rows(w.blocked, r0, out))),
