@@ -1,85 +1,93 @@
-"""What 8-bit activations would cost on the decode path: the README's W4A8 figure.
+"""What 8-bit activations cost in quality, measured on the kernels that run: the README's W4A8 figures.
 
-    python benchmarks/w4a8_quality.py MODEL.eawq --text EVAL [--tokens 4096] [--group-size 64]
+    python benchmarks/w4a8_quality.py MODEL.eawq --text ../shared/data/wikitext2-test.txt \
+        [--tokens 8192] [--json]
 
-The 4-bit GEMV quantizes each token's activations to int16 per group (W4A16); 8-bit activations
-(W4A8, as llama.cpp's Q8 activations) would make it faster on CPUs with one vector multiplier,
-and this measures what they cost in quality. The text is read in windows of 512 tokens, each
-scored teacher-forced one token at a time, the way decoding runs the linears (prefill and
-`edge-awq eval` do not go through the GEMV). Every linear, the head included, sees its input
-rounded per group to 16 bits (32767 levels, what the kernels do) or 8 bits (127 levels,
-symmetric), and multiplies the dequantized weights of the file in float32. Prints the two
-perplexities, their ratio, and how often the two choose the same greedy token.
+The numba backend runs the same file twice, its packed linears taking their inputs as int16
+(W4A16: 32767 levels a group) and as int8 (W4A8: 127 levels a group, integer dot products), and
+scores the text in windows of 512 tokens two ways:
+
+- the decode path: each window teacher-forced one token at a time, as generation runs (the fused
+  one-call decode step, the GEMV kernels, the int8 head);
+- the prefill path: each window in one forward pass, as a prompt runs (with int8 activations the
+  integer GEMM; with int16 dequantized rows and BLAS).
+
+Prints each perplexity, the cost of int8 (its perplexity over int16's, less one) on each path, and how
+often the two pick the same greedy token. ``NumbaBackend``'s default activations are int8 only where
+both costs are under 1 % (README, "Speed").
 """
 
 import argparse
+import json
+import sys
+import time
 
 import numpy as np
 
-from edge_awq.backends.reference import ReferenceBackend
-from edge_awq.formats.load import load_weights, open_source
-from edge_awq.model import Dense, KVCache, forward
-from edge_awq.pack import unpack_linear
+from edge_awq.api import load
+from edge_awq.model import forward
 
 WINDOW = 512
 
 
-class RoundedInputs(ReferenceBackend):
-    """The reference backend with each linear's input rounded per group to +-levels steps."""
-
-    def __init__(self, levels: int, group_size: int):
-        self.levels, self.group_size = levels, group_size
-        self._weights: dict[int, np.ndarray] = {}  # id -> float32 (the model outlives this run)
-
-    def _rounded(self, x: np.ndarray) -> np.ndarray:
-        T, n = x.shape
-        g = x.reshape(T, n // self.group_size, self.group_size)
-        step = np.abs(g).max(axis=2, keepdims=True) / self.levels
-        step[step == 0] = 1
-        return (np.rint(g / step) * step).reshape(T, n).astype(np.float32)
-
-    def linear(self, x, w) -> np.ndarray:
-        W = self._weights.get(id(w))
-        if W is None:
-            W = self._weights[id(w)] = np.asarray(w.weight if isinstance(w, Dense) else unpack_linear(w), np.float32)
-        y = self._rounded(np.asarray(x, np.float32)) @ W.T
-        return y if w.bias is None else y + w.bias
-
-    def linears(self, x, ws) -> list[np.ndarray]:
-        return [self.linear(x, w) for w in ws]
+def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    top = z.max(axis=-1, keepdims=True)
+    lse = top[:, 0] + np.log(np.exp(z - top).sum(axis=-1))
+    return lse - z[np.arange(len(targets)), targets]
 
 
-def decode_scores(w, tokens: np.ndarray, ops) -> tuple[np.ndarray, np.ndarray]:
-    """Negative log-likelihood of each next token and the greedy choice, one token a step."""
+def score(llm, tokens: np.ndarray, path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Negative log-likelihood of each next token and the greedy choice, by windows of WINDOW tokens."""
+    w, ops, cache = llm.weights, llm.ops, llm.cache
     nll, choice = [], []
-    for start in range(0, len(tokens), WINDOW):
+    for start in range(0, len(tokens) - 1, WINDOW):
         seg = tokens[start : start + WINDOW]
-        cache = KVCache.allocate(w.args, len(seg), np.float32)
-        for pos in range(len(seg) - 1):
-            logits = forward(w, seg[pos : pos + 1], pos, cache, ops)[-1].astype(np.float64)
-            top = logits.max()
-            nll.append(top + np.log(np.exp(logits - top).sum()) - logits[seg[pos + 1]])
-            choice.append(int(logits.argmax()))
-    return np.array(nll), np.array(choice)
+        if len(seg) < 2:
+            break
+        if path == "prefill":
+            logits = forward(w, seg[:-1], 0, cache, ops)
+        else:
+            logits = np.stack([forward(w, seg[p : p + 1], p, cache, ops, last_only=True)[-1]
+                               for p in range(len(seg) - 1)])
+        nll.append(_nll(logits, seg[1:]))
+        choice.append(logits.argmax(axis=-1))
+    return np.concatenate(nll), np.concatenate(choice)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model")
     ap.add_argument("--text", required=True)
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    src = open_source(args.model)
-    w = load_weights(src)
-    with open(args.text, encoding="utf-8") as f:
-        tokens = np.array(src.tokenizer().encode(f.read(50 * args.tokens), bos=True)[: args.tokens])
-    a16 = decode_scores(w, tokens, RoundedInputs(32767, args.group_size))
-    a8 = decode_scores(w, tokens, RoundedInputs(127, args.group_size))
-    p16, p8 = np.exp(a16[0].mean()), np.exp(a8[0].mean())
-    print(f"{len(a16[0])} tokens, windows of {WINDOW}, activation groups of {args.group_size}")
-    print(f"perplexity W4A16 {p16:.4f}, W4A8 {p8:.4f} ({100 * (p8 / p16 - 1):+.2f} %); "
-          f"same greedy token {100 * (a16[1] == a8[1]).mean():.1f} % of steps")
+    runs = {}
+    for acts in ("int16", "int8"):
+        llm = load(args.model, backend="numba", ctx=WINDOW, activations=acts)
+        with open(args.text, encoding="utf-8") as f:
+            tokens = np.array(llm.tokenizer.encode(f.read(50 * args.tokens), bos=True)[: args.tokens])
+        for path in ("decode", "prefill"):
+            t0 = time.perf_counter()
+            nll, choice = score(llm, tokens, path)
+            runs[acts, path] = (nll, choice)
+            print(f"{acts} {path}: perplexity {np.exp(nll.mean()):.4f} ({len(nll)} tokens, "
+                  f"{time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+        llm.close()
+    out = {"model": args.model, "text": args.text, "tokens": int(len(runs["int8", "decode"][0])), "window": WINDOW}
+    for path in ("decode", "prefill"):
+        (n16, c16), (n8, c8) = runs["int16", path], runs["int8", path]
+        p16, p8 = float(np.exp(n16.mean())), float(np.exp(n8.mean()))
+        out[path] = {"int16": p16, "int8": p8, "cost_pct": 100 * (p8 / p16 - 1),
+                     "same_greedy_pct": float(100 * (c16 == c8).mean())}
+    if args.json:
+        print(json.dumps(out))
+        return
+    print(f"{out['tokens']} tokens of {args.text}, windows of {WINDOW}")
+    print("| path | W4A16 (int16) | W4A8 (int8) | cost of int8 | same greedy token |\n|---|---|---|---|---|")
+    for path in ("decode", "prefill"):
+        r = out[path]
+        print(f"| {path} | {r['int16']:.4f} | {r['int8']:.4f} | {r['cost_pct']:+.2f} % | {r['same_greedy_pct']:.1f} % |")
 
 
 if __name__ == "__main__":

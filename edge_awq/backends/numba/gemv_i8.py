@@ -269,10 +269,17 @@ def _tile_codegen(bits: int, nt: int):
         accs = [cgutils.alloca_once(builder, _V8I) for _ in range(nt)]
         xrows = [builder.add(xp, builder.mul(x_stride, ir.Constant(_I64, t))) for t in range(nt)]
 
-        def quad_x(t, col):
-            """token t's four activations from column col, in every lane."""
-            four = builder.load(builder.inttoptr(builder.add(xrows[t], col), _I32.as_pointer()), align=1)
-            return builder.bitcast(_splat(builder, four, _V8I), _V32B)
+        def quad_x(t, base, q):
+            """token t's four activations from column base + 4q, in every lane: on x86 a broadcast load; on ARM
+            one 16-byte load for four quads and a lane of it (the indexed form of sdot)."""
+            if X86:
+                addr = builder.add(xrows[t], builder.add(base, ir.Constant(_I64, QUAD * q)))
+                four = builder.load(builder.inttoptr(addr, _I32.as_pointer()), align=1)
+                return builder.bitcast(_splat(builder, four, _V8I), _V32B)
+            addr = builder.add(xrows[t], builder.add(base, ir.Constant(_I64, 16 * (q // 4))))
+            sixteen = _load(builder, addr, _vec(_I32, 4))
+            lane = builder.shuffle_vector(sixteen, sixteen, ir.Constant(_vec(_I32, ROWS), [q % 4] * ROWS))
+            return builder.bitcast(lane, _V32B)
 
         def chunk(gc):
             wbase = builder.add(wp, builder.mul(gc, ir.Constant(_I64, ROWS * 32)))
@@ -280,19 +287,18 @@ def _tile_codegen(bits: int, nt: int):
             for line in range(0, ROWS * 32, 64):  # the next blocks' lines, while this one computes
                 ahead = builder.inttoptr(builder.add(wbase, ir.Constant(_I64, PREFETCH + line)), ir.PointerType(_I8))
                 builder.call(prefetch, [ahead, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+            col_hi = builder.add(col0, ir.Constant(_I64, 32))
             for q in range(ROWS):
                 w = _load(builder, builder.add(wbase, ir.Constant(_I64, 32 * q)), _V32B)
-                col = builder.add(col0, ir.Constant(_I64, QUAD * q))
                 if bits == 4:
                     lo = builder.and_(w, ir.Constant(_V32B, [15] * 32))
                     hi = builder.lshr(w, ir.Constant(_V32B, [4] * 32))
-                    col_hi = builder.add(col, ir.Constant(_I64, 32))
                     for t, acc in enumerate(accs):
-                        builder.store(_dot_pair(builder, builder.load(acc), lo, quad_x(t, col), hi,
-                                                quad_x(t, col_hi)), acc)
+                        builder.store(_dot_pair(builder, builder.load(acc), lo, quad_x(t, col0, q), hi,
+                                                quad_x(t, col_hi, q)), acc)
                 else:
                     for t, acc in enumerate(accs):
-                        builder.store(_dot8(builder, builder.load(acc), w, quad_x(t, col)), acc)
+                        builder.store(_dot8(builder, builder.load(acc), w, quad_x(t, col0, q)), acc)
 
         with cgutils.for_range(builder, n_groups) as gl:
             g = gl.index
