@@ -138,7 +138,7 @@ def test_packed_head_keeps_embedding_rows_and_scores_close(stories_path, tmp_pat
               (("fp16", fp16), (head, packed))}
     rel = np.abs(logits[head] - logits["fp16"]).max() / np.abs(logits["fp16"]).max()
     assert 0 < rel < (0.02 if bits == 8 else 0.2)
-    got = forward(packed, tokens, 0, KVCache.allocate(packed.args, 16, np.float16), NumbaBackend())
+    got = forward(packed, tokens, 0, KVCache.allocate(packed.args, 16, np.float16), NumbaBackend("int16"))
     assert np.abs(got - logits[head]).max() / np.abs(logits[head]).max() <= 1e-3
     assert ppl(outs[head]) < 1.1 * ppl(outs["fp16"])
 

@@ -125,7 +125,7 @@ def test_layout_applies_to_4_bits_in_groups_of_64_and_8_bits_in_groups_of_32():
 
 def test_backend_forgets_a_prepared_weight_when_it_is_dropped():
     """Layers read lazily are prepared as they come; their repacked copies must not outlive them."""
-    ops = NumbaBackend()
+    ops = NumbaBackend("int16")
     w = _packed(8, 128, 64, 3)
     ops.linear(np.ones((1, 128), np.float32), w)
     assert len(ops._prepared_w4) == 1

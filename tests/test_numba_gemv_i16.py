@@ -56,7 +56,7 @@ def test_activation_quantization_error_is_below_2_to_the_minus_15():
 def test_zero_activations_give_only_the_bias():
     w = pack_linear(np.random.default_rng(2).standard_normal((5, 128)).astype(np.float32), 4, 64,
                     bias=np.arange(5, dtype=np.float32))
-    assert np.array_equal(NumbaBackend().linear(np.zeros((1, 128), np.float32), w), np.arange(5, dtype=np.float32)[None])
+    assert np.array_equal(NumbaBackend("int16").linear(np.zeros((1, 128), np.float32), w), np.arange(5, dtype=np.float32)[None])
 
 
 @pytest.mark.parametrize("out_f,in_f,group", [(1, 16, 16), (9, 576, 64), (37, 1024, 1024), (5, 4096, 128)])
@@ -86,7 +86,7 @@ def test_fused_decode_layer_matches_op_by_op(smollm2_weights):
     layers = [replace(lw, **{n: pack_linear(np.asarray(getattr(lw, n).weight, np.float32), 4, 64) for n in LINEARS})
               for lw in w.layers]
     w = replace(w, layers=layers)
-    whole, per_layer, plain = NumbaBackend(), NumbaBackend(), NumbaBackend()
+    whole, per_layer, plain = NumbaBackend("int16"), NumbaBackend("int16"), NumbaBackend("int16")
     per_layer.decode_layers = lambda *a: None
     plain.decode_block = plain.decode_layers = lambda *a: None
     calls = []
@@ -108,7 +108,7 @@ def test_fused_decode_layer_matches_op_by_op(smollm2_weights):
 def test_fused_decode_declines_what_it_does_not_cover(stories_weights):
     """stories260K's float layers: decode_block says None and the ops run."""
     _, w = stories_weights
-    ops = NumbaBackend()
+    ops = NumbaBackend("int16")
     cache = ops.allocate_cache(w.args, 8)
     assert ops.decode_block(w.layers[0], np.zeros((1, w.args.dim), np.float32), 0, cache, 0, w) is None
 
@@ -122,7 +122,7 @@ def test_fused_decode_declines_an_int8_cache_after_serving_an_fp16_one(smollm2_w
     _, w = smollm2_weights
     lw = replace(w.layers[0], **{n: pack_linear(np.asarray(getattr(w.layers[0], n).weight, np.float32), 4, 64)
                                  for n in LINEARS})
-    ops = NumbaBackend()
+    ops = NumbaBackend("int16")
     x = np.random.default_rng(0).standard_normal((1, w.args.dim)).astype(np.float32)
     assert ops.decode_block(lw, x, 0, ops.allocate_cache(w.args, 8), 0, w) is not None
     assert ops.decode_block(lw, x, 0, ops.allocate_cache(w.args, 8, np.int8), 0, w) is None
