@@ -113,18 +113,26 @@ def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
 
 
 class TextStream:
-    """Decodes a growing token list into text pieces that never split a UTF-8 character."""
+    """Decodes a growing token list into text pieces that never split a UTF-8 character.
+
+    Each token decodes a short window rather than the whole answer: the text of the tokens from
+    ``prefix`` on, less that of the tokens from ``prefix`` to ``read`` (the last ones already
+    emitted, kept so that a tokenizer that drops or merges spaces at the start of a decode sees
+    the same context as in the full text). The window moves on once a piece is whole.
+    """
 
     def __init__(self, tokenizer):
-        self.tok, self.ids, self.emitted = tokenizer, [], ""
+        self.tok, self.ids = tokenizer, []
+        self.prefix = self.read = 0  # ids[prefix:read]: already emitted, decoded again for context
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+        before = self.tok.decode(self.ids[self.prefix : self.read])
+        text = self.tok.decode(self.ids[self.prefix :])
+        if text.endswith("\ufffd") or len(text) <= len(before):  # an incomplete character: wait for the next token
             return ""
-        new, self.emitted = text[len(self.emitted):], text
-        return new
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]
 
 
 def _holdback(text: str, stops: tuple[str, ...]) -> int:

@@ -120,6 +120,18 @@ def test_utf8_is_never_split(smollm2_weights):
     assert len(ids) > len(text.split())  # the emoji and CJK span several byte-level tokens
 
 
+@pytest.mark.parametrize("which", ["smollm2", "stories"])
+def test_streamed_text_is_the_decoded_text(which, smollm2_weights, stories_weights):
+    """Pieces decoded a window at a time add up to the whole answer decoded at once, for a byte-level
+    BPE (SmolLM2) and a sentencepiece vocabulary (stories260K: leading spaces), over a long text."""
+    src, _ = smollm2_weights if which == "smollm2" else stories_weights
+    tok = src.tokenizer()
+    text = "Once upon a time,  there was a  little dog.\nIt said: \"Grüße!\" 😀 and then  ran off. " * 20
+    ids = tok.encode(text)
+    stream = TextStream(tok)
+    assert "".join(stream.push(t) for t in ids) == tok.decode(ids)
+
+
 def test_prompt_too_long_is_refused_or_trimmed():
     ids = list(range(100))
     with pytest.raises(InputError, match="prompt of 100 tokens leaves no room"):
