@@ -63,13 +63,19 @@ def _linear_bytes_shape(w) -> tuple[int, tuple[int, int]]:
     return sum(a.nbytes for a in arrays), tuple(w.shape)
 
 
+def _count(working_set: int, nbytes: int) -> int:
+    """Copies of nbytes that make up working_set, at most MAX_COPIES (a tiny weight's row is then the call's
+    overhead more than memory's, and the JSON's working_set_bytes says how much was read)."""
+    return max(1, min(MAX_COPIES, -(-working_set // max(nbytes, 1))))
+
+
 def _copies(lin, working_set: int) -> list:
     """lin and copies of it (its arrays copied: new memory) to make up working_set bytes, so that the
     timed loop reads each from memory rather than from a cache; lin alone where it cannot be copied
     (a device backend's buffers)."""
     nbytes, _ = _linear_bytes_shape(lin)
     try:
-        return [lin] + [copy.deepcopy(lin) for _ in range(-(-working_set // max(nbytes, 1)) - 1)]
+        return [lin] + [copy.deepcopy(lin) for _ in range(_count(working_set, nbytes) - 1)]
     except (TypeError, AttributeError, ValueError):
         return [lin]
 
@@ -104,6 +110,8 @@ def kernel_rates(lw, output, ops, repeat: int, working_set: int) -> list[dict]:
 GEMV_SHAPES = ((4096, 4096), (11008, 4096))  # a 7B model's attention and MLP layers
 COLD_FACTOR = 4  # each kernel row reads a working set of this many times the last-level cache
 ASSUMED_LLC = 32 << 20  # when the system does not say
+MAX_COPIES = 4096
+DECODE_PROMPT = 16  # tokens of prompt before the timed decode
 
 
 def gemv_layers(ops, repeat: int, working_set: int, group_size: int = 128) -> list[dict]:
@@ -117,7 +125,7 @@ def gemv_layers(ops, repeat: int, working_set: int, group_size: int = 128) -> li
         lin = pack_linear(rng.standard_normal((out_f, in_f), dtype=np.float32), 4, group_size)
         ops.linear(np.zeros((1, in_f), np.float32), lin)  # as the backend holds it, to count its bytes
         prepared = ops._prepared(lin) if hasattr(ops, "_prepared") else lin
-        n = -(-working_set // _linear_bytes_shape(prepared)[0])
+        n = _count(working_set, _linear_bytes_shape(prepared)[0])
         lins = [lin] + [copy.deepcopy(lin) for _ in range(n - 1)]  # host copies: each prepared on first use
         row = _cold_rate(f"W4 g{group_size}", lins, ops, repeat)
         row["gb_per_s"] = _linear_bytes_shape(prepared)[0] / row["seconds"] / 1e9
@@ -141,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     from edge_awq.generate import SamplingArgs, generate
     from edge_awq.model import forward
 
-    n_ctx = max(args.prefill) + args.decode
+    n_ctx = max(*args.prefill, DECODE_PROMPT) + args.decode
     llm = load(args.model, backend=args.backend, ctx=n_ctx, memory=args.memory,
                verify="never" if args.no_verify else "cached", activations=args.activations)
     w, ops, tok = llm.weights, llm.ops, llm.tokenizer
@@ -154,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         forward(w, prompt[:8], 0, cache, ops, last_only=True)  # warm-up (compiles, converts)
         t = min(_timed(lambda: forward(w, prompt, 0, cache, ops, last_only=True)) for _ in range(args.repeat))
         res["prefill"][str(n)] = {"tokens_per_s": n / t, "time_to_first_token_s": t}
-    prompt = list(rng.integers(3, w.args.vocab_size, 16))
+    prompt = list(rng.integers(3, w.args.vocab_size, DECODE_PROMPT))
     no_eos = dataclasses.replace(tok, eos_ids=())  # decode the full count
     for _ in generate(w, ops, no_eos, prompt, SamplingArgs(max_new_tokens=2), cache):  # warm-up: compile the decode path
         pass
