@@ -23,8 +23,8 @@ from edge_awq.pack import pack_linear, unpack_linear
 
 from edge_awq.offline.clip import apply_clip, search_clip
 from edge_awq.offline.fake_quant import fake_quantize
-from edge_awq.offline.search import ScaleResult, apply_scales, search_scales
-from edge_awq.offline.torch_ops import RecordingOps
+from edge_awq.offline.search import ScaleResult, apply_scales, linear_error, output_error, search_scales
+from edge_awq.offline.torch_ops import NormMemo, RecordingOps
 
 
 
@@ -67,11 +67,24 @@ def record_inputs(lw: LayerWeights, x, ctx: ModelWeights, ops):
 
 
 def judge_for(group, x_in, x_mid, feats, ctx, ops) -> Callable[[LayerWeights], torch.Tensor]:
+    """The judged sub-block's output for a trial layer. The norm before it does not depend on the trial's
+    linears: computed once (``NormMemo``), the same tensor every trial."""
     if group.inspect == "attention":
-        return lambda t: attention(t, x_in, 0, None, 0, ctx, ops)
+        memo = NormMemo(ops)
+        return lambda t: attention(t, x_in, 0, None, 0, ctx, memo)
     if group.inspect == "mlp":
-        return lambda t: mlp(t, x_mid, ctx, ops)
+        memo = NormMemo(ops)
+        return lambda t: mlp(t, x_mid, ctx, memo)
     return lambda t: torch.cat([ops.linear(feats[n], getattr(t, n)) for n in group.linears], dim=-1)
+
+
+def loss_for(group, lw, x_in, x_mid, feats, ctx, ops, gram: bool = True) -> Callable[[LayerWeights], float]:
+    """A trial's judged error: a group judged on its linears alone from their input's Gram matrix
+    (``linear_error``), unless gram is False; a sub-block by running it (``output_error``)."""
+    if group.inspect is None and gram:
+        return linear_error(group.linears, lw, feats[group.linears[0]])
+    judge = judge_for(group, x_in, x_mid, feats, ctx, ops)
+    return output_error(judge, judge(lw))
 
 
 def rtn_layer(lw: LayerWeights, qa: QuantArgs) -> LayerWeights:
@@ -102,7 +115,7 @@ def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerRepo
     found = []
     for g in (g for g in SCALE_GROUPS if g.when(ctx.args)):
         gs = qa.group_for(feats[g.linears[0]].shape[-1])
-        res = search_scales(g, lw, feats[g.linears[0]], judge_for(g, x_in, x_mid, feats, ctx, ops), qa.bits, gs,
+        res = search_scales(g, lw, feats[g.linears[0]], loss_for(g, lw, x_in, x_mid, feats, ctx, ops), qa.bits, gs,
                             qa.n_grid, qa.duo_scaling)
         rep.scales.append(res)
         found.append((g, torch.tensor(res.scales, dtype=torch.float32, device=x_in.device)))

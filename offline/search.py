@@ -60,28 +60,70 @@ def scaled_trial(lw: LayerWeights, names: tuple[str, ...], s: torch.Tensor, bits
     return dataclasses.replace(lw, **trial)
 
 
+def output_error(judge: Callable[[LayerWeights], torch.Tensor], reference: torch.Tensor) -> Callable[[LayerWeights], float]:
+    """The direct loss: the mean squared difference of the judged sub-block's output from the reference.
+
+    The judged output is a fresh tensor, so the difference and its square are taken in place (the same
+    arithmetic, in the same order, as ``(y - reference).pow(2).mean()``, without two more temporaries).
+    """
+
+    def loss(trial: LayerWeights) -> float:
+        d = judge(trial).sub_(reference)
+        return float(d.mul_(d).mean())
+
+    return loss
+
+
+def gram(x: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """XᵀX in float64 of x (..., in), accumulated over blocks of rows (in, in)."""
+    flat = x.reshape(-1, x.shape[-1])
+    g = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64, device=x.device)
+    for r in range(0, flat.shape[0], rows):
+        xc = flat[r : r + rows].double()
+        g.addmm_(xc.T, xc)
+    return g
+
+
+def linear_error(names: tuple[str, ...], lw: LayerWeights, x_in: torch.Tensor) -> Callable[[LayerWeights], float]:
+    """The loss of a group judged on its linears alone, from one Gram matrix instead of a pass over the tokens.
+
+    The judged output is x·Wᵀ for each linear (biases cancel), so a trial's error is
+    ‖x·Dᵀ‖² / (N·out) = tr(D·XᵀX·Dᵀ) / (N·out) with D = W_trial − W: per candidate a product of
+    (out, in) by (in, in), not (N, in) by (in, out). Computed in float64 (more exact than the float32
+    difference of two products it replaces; tests hold the two to each other and to the same choices).
+    """
+    g = gram(x_in)
+    n_tokens = x_in.numel() // x_in.shape[-1]
+    w = torch.cat([getattr(lw, n).weight for n in names]).double()
+
+    def loss(trial: LayerWeights) -> float:
+        d = torch.cat([getattr(trial, n).weight for n in names]).double().sub_(w)
+        return float((d @ g).mul_(d).sum() / (n_tokens * d.shape[0]))
+
+    return loss
+
+
 def search_scales(
-    group: ScaleGroup, lw: LayerWeights, x_in: torch.Tensor, judge: Callable[[LayerWeights], torch.Tensor],
+    group: ScaleGroup, lw: LayerWeights, x_in: torch.Tensor, loss: Callable[[LayerWeights], float],
     bits: int, group_size: int, n_grid: int = 20, duo: bool = False,
 ) -> ScaleResult:
-    """Grid-search α for one group. x_in (..., in) is the linears' (shared) input; judge(lw) the judged output."""
+    """Grid-search α for one group. x_in (..., in) is the linears' (shared) input; loss(trial layer) its judged
+    output's error (``output_error`` or ``linear_error``)."""
     x_mean = activation_mean(x_in)
     w_mean = weight_mean([getattr(lw, n).weight for n in group.linears], group_size) if duo else None
-    reference = judge(lw)
     best = (math.inf, 0.0, None)
     losses = {}
     for i in range(n_grid):
         ratio = i / n_grid
         s = candidate_scales(x_mean, w_mean, ratio)
-        loss = float((judge(scaled_trial(lw, group.linears, s, bits, group_size)) - reference).pow(2).mean())
-        losses[ratio] = loss
-        if loss < best[0]:
-            best = (loss, ratio, s)
+        trial_loss = loss(scaled_trial(lw, group.linears, s, bits, group_size))
+        losses[ratio] = trial_loss
+        if trial_loss < best[0]:
+            best = (trial_loss, ratio, s)
     if w_mean is None:
         unscaled = losses[0.0]  # α = 0 is s = 1
     else:
-        ones = torch.ones_like(x_mean)
-        unscaled = float((judge(scaled_trial(lw, group.linears, ones, bits, group_size)) - reference).pow(2).mean())
+        unscaled = loss(scaled_trial(lw, group.linears, torch.ones_like(x_mean), bits, group_size))
     return ScaleResult(group.prev, group.linears, best[1], best[0], unscaled, best[2].tolist())
 
 

@@ -74,3 +74,23 @@ class RecordingOps:
 
     def __getattr__(self, op):
         return getattr(self.inner, op)
+
+
+class NormMemo:
+    """Wraps ops and computes each RMSNorm once: a search runs its judged sub-block once per candidate on
+    the same input and norm weight, and only the linears change. Keyed by the identity of the input and
+    the weight (kept alive with the result, so an identity is never reused while remembered)."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, inner.name
+        self._memo: dict[tuple[int, int, float], tuple] = {}
+
+    def rmsnorm(self, x, weight, eps: float):
+        key = (id(x), id(weight), eps)
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._memo[key] = (x, weight, self.inner.rmsnorm(x, weight, eps))
+        return hit[2]
+
+    def __getattr__(self, op):
+        return getattr(self.inner, op)

@@ -1,0 +1,114 @@
+"""The scale search's exact speed-ups: a group judged on its linears alone scored from one Gram matrix,
+the norm before a judged sub-block computed once. Each is held to the direct computation it replaces,
+on real layers of stories260K and SmolLM2: the same losses (within float rounding), the same choices,
+and, end to end, the same file."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tests.conftest import SHAKESPEARE  # noqa: E402
+from edge_awq.formats.load import inv_freq, read_layer  # noqa: E402
+from edge_awq.model import SCALE_GROUPS, ModelWeights, attention, block, mlp  # noqa: E402
+from edge_awq.offline import layerwise  # noqa: E402
+from edge_awq.offline.layerwise import loss_for, record_inputs, to_torch  # noqa: E402
+from edge_awq.offline.search import candidate_scales, gram, linear_error, scaled_trial, search_scales  # noqa: E402
+from edge_awq.offline.torch_ops import NormMemo, TorchOps  # noqa: E402
+
+ops = TorchOps()
+
+
+def layer_inputs(src, layer: int, n_blocks: int, seqlen: int):
+    """Layer `layer` of src and its real input: calibration text through the FP layers before it."""
+    ctx = ModelWeights(src.args, None, (), None, None, torch.from_numpy(inv_freq(src)))
+    tokens = np.asarray(src.tokenizer().encode(SHAKESPEARE.read_text(encoding="utf-8")[:200_000])[: n_blocks * seqlen])
+    with torch.inference_mode():
+        x = torch.from_numpy(np.asarray(src.get("tok_embeddings"), np.float32)[tokens.reshape(n_blocks, seqlen)])
+        for i in range(layer):
+            x = block(to_torch(read_layer(src, i), "cpu"), x, 0, None, 0, ctx, ops)
+    return to_torch(read_layer(src, layer), "cpu"), x, ctx
+
+
+@pytest.fixture(scope="module")
+def real_layers(stories_weights, smollm2_weights):
+    return {"stories260K": layer_inputs(stories_weights[0], 2, 8, 256),
+            "SmolLM2": layer_inputs(smollm2_weights[0], 3, 4, 256)}
+
+
+def test_gram_is_xtx_in_float64():
+    x = torch.randn(3, 1000, 40)
+    flat = x.reshape(-1, 40).double()
+    assert torch.allclose(gram(x, rows=777), flat.T @ flat, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("model,group_size", [("stories260K", 4), ("stories260K", "channel"), ("SmolLM2", 64),
+                                              ("SmolLM2", 128)])
+def test_linear_groups_score_and_choose_as_the_direct_search(real_layers, model, group_size):
+    """Every linear-alone group of a real layer (w2; wo where heads are not grouped), 4 and 3 bits: each
+    candidate's Gram loss within 1e-4 relative of the direct mean squared error, and the same α chosen."""
+    lw, x, ctx = real_layers[model]
+    with torch.inference_mode():
+        feats, x_mid, _ = record_inputs(lw, x, ctx, ops)
+        groups = [g for g in SCALE_GROUPS if g.when(ctx.args) and g.inspect is None]
+        assert groups
+        for g in groups:
+            width = feats[g.linears[0]].shape[-1]
+            gs = width if group_size == "channel" else group_size
+            assert width % gs == 0
+            fast = loss_for(g, lw, x, x_mid, feats, ctx, ops)
+            direct = loss_for(g, lw, x, x_mid, feats, ctx, ops, gram=False)
+            for bits in (4, 3):
+                x_mean = feats[g.linears[0]].abs().reshape(-1, width).mean(0)
+                for ratio in (0.0, 0.35, 0.9):
+                    trial = scaled_trial(lw, g.linears, candidate_scales(x_mean, None, ratio), bits, gs)
+                    assert fast(trial) == pytest.approx(direct(trial), rel=1e-4)
+                a = search_scales(g, lw, feats[g.linears[0]], fast, bits, gs)
+                b = search_scales(g, lw, feats[g.linears[0]], direct, bits, gs)
+                assert (a.ratio, a.scales) == (b.ratio, b.scales)
+                assert a.loss == pytest.approx(b.loss, rel=1e-4)
+
+
+def test_gram_loss_sees_a_changed_weight():
+    """Not a loss that ignores its argument: a weight changed in one entry changes the loss by the exact amount."""
+    from edge_awq.model import Dense, LayerWeights
+
+    x = torch.randn(2, 50, 8)
+    w = torch.randn(5, 8)
+    lw = LayerWeights(*[None] * 7, Dense(w), None)
+    loss = linear_error(("w2",), lw, x)
+    d = torch.zeros(5, 8)
+    d[1, 3] = 0.5
+    want = float((x.reshape(-1, 8).double() @ d.double().T).pow(2).mean())
+    assert loss(dataclasses.replace(lw, w2=Dense(w + d))) == pytest.approx(want, rel=1e-9)
+    assert loss(lw) == 0.0
+
+
+@pytest.mark.parametrize("model", ["stories260K", "SmolLM2"])
+def test_norm_computed_once_gives_the_same_bits(real_layers, model):
+    lw, x, ctx = real_layers[model]
+    with torch.inference_mode():
+        memo = NormMemo(ops)
+        _, x_mid, _ = record_inputs(lw, x, ctx, ops)
+        for trial in (lw, scaled_trial(lw, ("wq", "wk", "wv", "w1", "w3"), torch.full((x.shape[-1],), 1.5), 4, 64)):
+            assert torch.equal(attention(trial, x, 0, None, 0, ctx, memo), attention(trial, x, 0, None, 0, ctx, ops))
+            assert torch.equal(mlp(trial, x_mid, ctx, memo), mlp(trial, x_mid, ctx, ops))
+        assert len(memo._memo) == 2  # one norm of each input, computed once
+
+
+def test_export_file_equals_the_direct_searchs(stories_path, tmp_path, monkeypatch):
+    """End to end: stories260K exported with the fast search and with the direct one (the search before the
+    change): byte-identical files, 4 and 3 bits."""
+    from edge_awq.offline import quantize
+
+    calib = SHAKESPEARE
+    for bits in (4, 3):
+        fast, direct = tmp_path / f"fast{bits}.eawq", tmp_path / f"direct{bits}.eawq"
+        quantize(stories_path, calib, fast, bits=bits, group_size="channel", n_samples=8, seqlen=256)
+        with monkeypatch.context() as m:
+            m.setattr(layerwise, "loss_for", lambda *a, **k: loss_for(*a, **{**k, "gram": False}))
+            m.setattr(layerwise, "NormMemo", lambda inner: inner)
+            quantize(stories_path, calib, direct, bits=bits, group_size="channel", n_samples=8, seqlen=256)
+        assert fast.read_bytes() == direct.read_bytes()
