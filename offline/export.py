@@ -35,6 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per calibration block (default 512)")
     p.add_argument("--duo-scaling", action="store_true", help="scale by activation and weight statistics")
     p.add_argument("--no-clip", action="store_true", help="skip the clip search")
+    p.add_argument("--search-blocks", type=flags.int_range(0, 1 << 20, "--search-blocks"), default=0,
+                   help="an approximation: judge the scale candidates on this many of the calibration blocks, evenly "
+                        "spaced (statistics still use all; default 0: all, the exact search)")
+    p.add_argument("--search-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="an approximation: the judged sub-blocks' matrix products in bfloat16 (default float32: exact)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where torch runs the search")
     p.add_argument("--head", choices=("fp16", "int8", "w4"), default=DEFAULT_HEAD,
                    help=f"output head: float16, or packed at 8 or 4 bits (round to nearest; default {DEFAULT_HEAD})")
@@ -112,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     with Progress() as progress:
         info = quantize(args.source, args.calib, args.output, format=args.format, bits=args.bits,
                         group_size=args.group_size, method=args.method, n_samples=args.n_samples, seqlen=args.seqlen,
-                        duo_scaling=args.duo_scaling, clip=not args.no_clip, device=args.device, head=args.head,
+                        duo_scaling=args.duo_scaling, clip=not args.no_clip, search_blocks=args.search_blocks,
+                        search_dtype=args.search_dtype, device=args.device, head=args.head,
                         tokenizer=args.tokenizer, requantize=args.requantize, progress=progress, note=said)
     print(json.dumps(info) if args.json else info["text"])
     return 0
@@ -120,14 +126,16 @@ def run(args: argparse.Namespace) -> int:
 
 def quantize(source, calib_text, out, *, format: str = "eawq", bits: int = 4, group_size: int | str = 128,
              method: str = "awq", n_samples: int = 128, seqlen: int = 512, duo_scaling: bool = False,
-             clip: bool = True, device: str = "cpu", head: str = DEFAULT_HEAD, tokenizer=None,
+             clip: bool = True, search_blocks: int = 0, search_dtype: str = "float32", device: str = "cpu",
+             head: str = DEFAULT_HEAD, tokenizer=None,
              requantize: bool = False, progress=None, note=None) -> dict:
     """``edge-awq export`` as a function: quantize source with AWQ (or RTN) into out; returns the summary.
 
     source: anything ``edge_awq.load`` opens; calib_text: a UTF-8 text file; out: an .eawq file, or a directory
     for format "awq-gemm" or "compressed-tensors". bits 4 or 3; group_size an int dividing every linear, "auto"
     or "channel"; method "awq" or "rtn"; n_samples blocks of seqlen calibration tokens; head "fp16", "int8"
-    or "w4"; device "cpu" or "cuda" (torch's). An already-quantized source is converted as stored unless
+    or "w4"; search_blocks and search_dtype the search's approximations (``--search-blocks``, ``--search-dtype``;
+    the defaults are exact); device "cpu" or "cuda" (torch's). An already-quantized source is converted as stored unless
     requantize. progress: an object with ``start(n_layers, method)``, ``phase(layer, name)`` and
     ``layer_done(report)`` (``offline.report.Progress`` draws a bar); note(message): what the caller should be
     told. The summary: output, bytes, bits_per_weight, seconds per phase, per-layer losses, and ``text``.
@@ -136,7 +144,8 @@ def quantize(source, calib_text, out, *, format: str = "eawq", bits: int = 4, gr
 
     args = argparse.Namespace(source=source, calib=Path(calib_text), output=Path(out), format=format, bits=bits,
                               group_size=group_size, method=method, n_samples=n_samples, seqlen=seqlen,
-                              duo_scaling=duo_scaling, no_clip=not clip, device=device, head=head, tokenizer=tokenizer)
+                              duo_scaling=duo_scaling, no_clip=not clip, search_blocks=search_blocks,
+                              search_dtype=search_dtype, device=device, head=head, tokenizer=tokenizer)
     _check_args(args)
     note = note or log.info
     t_start = time.perf_counter()
@@ -203,7 +212,7 @@ def _export_eawq(args, src, output: Path, t_start: float, progress) -> dict:
     from edge_awq.offline.report import summary
 
     qa = QuantArgs(args.bits, resolve_group_size(src.args, args.group_size), args.method, args.duo_scaling,
-                   not args.no_clip)
+                   not args.no_clip, search_blocks=args.search_blocks, search_dtype=args.search_dtype)
     tok = src.tokenizer()
     t0 = time.perf_counter()
     blocks, calib = calibration_blocks(args.calib, tok, args.n_samples, args.seqlen)

@@ -24,7 +24,7 @@ from edge_awq.pack import pack_linear, unpack_linear
 from edge_awq.offline.clip import apply_clip, search_clip
 from edge_awq.offline.fake_quant import fake_quantize
 from edge_awq.offline.search import ScaleResult, apply_scales, linear_error, output_error, search_scales
-from edge_awq.offline.torch_ops import NormMemo, RecordingOps
+from edge_awq.offline.torch_ops import CastOps, NormMemo, RecordingOps
 
 
 
@@ -36,12 +36,21 @@ class QuantArgs:
     duo_scaling: bool = False
     clip: bool = True
     n_grid: int = 20
+    # approximations of the scale search (docs/export-speed.md); the defaults are the exact search
+    search_blocks: int = 0  # judge candidates on this many of the calibration blocks, evenly spaced (0: all)
+    search_dtype: str = "float32"  # "bfloat16": the judged sub-blocks run in bfloat16
 
     def group_for(self, in_features: int) -> int:
         return in_features if self.group_size == "channel" else int(self.group_size)
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "zero_point": True}
+        """The metadata's settings; an approximation is named only when one was used (an exact export's file
+        is the same as before the approximations existed)."""
+        d = {**dataclasses.asdict(self), "zero_point": True}
+        for k, exact in (("search_blocks", 0), ("search_dtype", "float32")):
+            if d[k] == exact:
+                del d[k]
+        return d
 
 
 @dataclass
@@ -78,13 +87,24 @@ def judge_for(group, x_in, x_mid, feats, ctx, ops) -> Callable[[LayerWeights], t
     return lambda t: torch.cat([ops.linear(feats[n], getattr(t, n)) for n in group.linears], dim=-1)
 
 
-def loss_for(group, lw, x_in, x_mid, feats, ctx, ops, gram: bool = True) -> Callable[[LayerWeights], float]:
+def loss_for(group, lw, x_in, x_mid, feats, ctx, ops, gram: bool = True,
+             dtype: str = "float32") -> Callable[[LayerWeights], float]:
     """A trial's judged error: a group judged on its linears alone from their input's Gram matrix
-    (``linear_error``), unless gram is False; a sub-block by running it (``output_error``)."""
+    (``linear_error``), unless gram is False; a sub-block by running it (``output_error``), its matrix
+    products in dtype ("bfloat16": ``CastOps``; the reference through the same arithmetic)."""
     if group.inspect is None and gram:
         return linear_error(group.linears, lw, feats[group.linears[0]])
+    if dtype != "float32":
+        ops = CastOps(ops, getattr(torch, dtype))
     judge = judge_for(group, x_in, x_mid, feats, ctx, ops)
     return output_error(judge, judge(lw))
+
+
+def search_subset(x, n_blocks: int):
+    """n_blocks of x's leading (block) axis, evenly spaced; x itself for 0 or at least as many as it has."""
+    if n_blocks <= 0 or n_blocks >= x.shape[0]:
+        return x
+    return x[torch.arange(n_blocks) * x.shape[0] // n_blocks]
 
 
 def rtn_layer(lw: LayerWeights, qa: QuantArgs) -> LayerWeights:
@@ -115,8 +135,10 @@ def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerRepo
     found = []
     for g in (g for g in SCALE_GROUPS if g.when(ctx.args)):
         gs = qa.group_for(feats[g.linears[0]].shape[-1])
-        res = search_scales(g, lw, feats[g.linears[0]], loss_for(g, lw, x_in, x_mid, feats, ctx, ops), qa.bits, gs,
-                            qa.n_grid, qa.duo_scaling)
+        sub = {n: search_subset(f, qa.search_blocks) for n, f in feats.items()}
+        loss = loss_for(g, lw, search_subset(x_in, qa.search_blocks), search_subset(x_mid, qa.search_blocks), sub,
+                        ctx, ops, dtype=qa.search_dtype)
+        res = search_scales(g, lw, feats[g.linears[0]], loss, qa.bits, gs, qa.n_grid, qa.duo_scaling)
         rep.scales.append(res)
         found.append((g, torch.tensor(res.scales, dtype=torch.float32, device=x_in.device)))
     for g, s in found:

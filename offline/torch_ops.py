@@ -94,3 +94,26 @@ class NormMemo:
 
     def __getattr__(self, op):
         return getattr(self.inner, op)
+
+
+class CastOps:
+    """Wraps ops so that the linears' matrix products run in a lower precision (bfloat16, where the CPU
+    has it in hardware): input and weight cast, the product returned in float32. Norms, RoPE, attention,
+    the residual additions and the loss stay float32. The last input's cast is kept: q, k, v (and gate,
+    up) share theirs."""
+
+    def __init__(self, inner, dtype):
+        self.inner, self.name, self.dtype = inner, inner.name, dtype
+        self._last: tuple = (None, None)
+
+    def linear(self, x, w):
+        if self._last[0] is not x:
+            self._last = (x, x.to(self.dtype))
+        bias = None if w.bias is None else w.bias.to(self.dtype)
+        return F.linear(self._last[1], w.weight.to(self.dtype), bias).float()
+
+    def linears(self, x, ws):
+        return [self.linear(x, w) for w in ws]
+
+    def __getattr__(self, op):
+        return getattr(self.inner, op)

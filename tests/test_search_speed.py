@@ -112,3 +112,47 @@ def test_export_file_equals_the_direct_searchs(stories_path, tmp_path, monkeypat
             m.setattr(layerwise, "NormMemo", lambda inner: inner)
             quantize(stories_path, calib, direct, bits=bits, group_size="channel", n_samples=8, seqlen=256)
         assert fast.read_bytes() == direct.read_bytes()
+
+
+def test_search_subset_takes_evenly_spaced_blocks():
+    from edge_awq.offline.layerwise import search_subset
+
+    x = torch.arange(16.0)[:, None, None].expand(16, 3, 2)
+    assert search_subset(x, 4)[:, 0, 0].tolist() == [0.0, 4.0, 8.0, 12.0]
+    assert search_subset(x, 0) is x and search_subset(x, 16) is x and search_subset(x, 99) is x
+
+
+def test_bfloat16_products_stay_close_and_float32(real_layers):
+    """CastOps: the linears' products in bfloat16, returned as float32, within bfloat16's rounding of the float32
+    result; the judged MLP output within 1 % of float32's."""
+    from edge_awq.offline.torch_ops import CastOps
+
+    lw, x, ctx = real_layers["SmolLM2"]
+    cast = CastOps(ops, torch.bfloat16)
+    with torch.inference_mode():
+        got, want = cast.linear(x, lw.w1), ops.linear(x, lw.w1)
+        assert got.dtype == torch.float32 and not torch.equal(got, want)
+        assert float((got - want).norm() / want.norm()) < 1e-2
+        d_got, d_want = mlp(lw, x, ctx, cast) - x, mlp(lw, x, ctx, ops) - x
+        assert float((d_got - d_want).norm() / d_want.norm()) < 1e-2
+
+
+def test_approximations_are_named_and_cost_little(stories_path, tmp_path):
+    """An export with both approximations names them in its metadata (an exact one does not), and its
+    perplexity on TinyStories is within 2 % of the exact search's."""
+    from edge_awq import load
+    from edge_awq.formats.eawq import EawqSource
+    from edge_awq.offline import quantize
+    from tests.conftest import TINYSTORIES
+
+    text = TINYSTORIES.read_text(encoding="utf-8")[:20_000]
+    ppl, q = {}, {}
+    for name, extra in (("exact", {}), ("approx", {"search_blocks": 4, "search_dtype": "bfloat16"})):
+        out = tmp_path / f"{name}.eawq"
+        quantize(stories_path, SHAKESPEARE, out, group_size="channel", n_samples=16, seqlen=256, **extra)
+        with load(out, backend="reference", verify="never") as llm:
+            ppl[name] = llm.perplexity(text, ctx=256).perplexity
+        q[name] = EawqSource(out).quantization
+    assert ppl["approx"] == pytest.approx(ppl["exact"], rel=0.02)
+    assert "search_blocks" not in q["exact"] and "search_dtype" not in q["exact"]
+    assert q["approx"]["search_blocks"] == 4 and q["approx"]["search_dtype"] == "bfloat16"

@@ -67,11 +67,13 @@ def rope_serial(x, cos, sin, interleaved, out):
 
 @njit(cache=True, inline="always", fastmath=True)
 def _exp_shifted(scores, top):
-    """scores <- exp(scores - top) in place; returns their sum (the softmax denominator)."""
+    """scores <- exp(scores - top) in place; returns their sum (the softmax denominator). ``exp_f32``, which
+    vectorizes: numba's np.exp, a libm call per key, was most of a decode step's attention."""
     total = np.float32(0.0)
     for s in range(scores.shape[0]):
-        scores[s] = np.exp(scores[s] - top)
-        total += scores[s]
+        e = exp_f32(scores[s] - top)
+        scores[s] = e
+        total += e
     return total
 
 
