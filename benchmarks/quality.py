@@ -1,7 +1,7 @@
 """The README's quality table: perplexity of FP, RTN and AWQ variants, measured in one run.
 
     python benchmarks/quality.py MODEL --calib TEXT --text EVAL [--max-tokens N] [--group-size G]
-        [--n-samples 128] [--seqlen 512] [--bits 4 3] [--variants rtn awq-scale awq awq-duo]
+        [--n-samples 128] [--seqlen 512] [--bits 4 3] [--variants rtn awq-scale awq awq-duo awq-bf16 ...]
         [--gguf NAME=FILE ...] [--reuse] --out DIR
 
 Each variant is exported with ``edge-awq export`` and scored with ``edge-awq eval``
@@ -24,8 +24,14 @@ VARIANTS = {
     "awq-scale": ["--method", "awq", "--no-clip"],
     "awq": ["--method", "awq"],
     "awq-duo": ["--method", "awq", "--duo-scaling"],
+    # the search's approximations (docs/export-speed.md)
+    "awq-bf16": ["--method", "awq", "--search-dtype", "bfloat16"],
+    "awq-blocks4": ["--method", "awq", "--search-blocks", "4"],
+    "awq-blocks16-bf16": ["--method", "awq", "--search-blocks", "16", "--search-dtype", "bfloat16"],
 }
-LABELS = {"rtn": "RTN", "awq-scale": "AWQ scale only", "awq": "AWQ scale+clip", "awq-duo": "AWQ scale+clip, duo"}
+LABELS = {"rtn": "RTN", "awq-scale": "AWQ scale only", "awq": "AWQ scale+clip", "awq-duo": "AWQ scale+clip, duo",
+          "awq-bf16": "AWQ scale+clip, search in bfloat16", "awq-blocks4": "AWQ scale+clip, judged on 4 blocks",
+          "awq-blocks16-bf16": "AWQ scale+clip, judged on 16 blocks in bfloat16"}
 
 
 def edge_awq(*args) -> dict:
@@ -58,7 +64,7 @@ def main():
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=["rtn", "awq-scale", "awq", "awq-duo"], choices=list(VARIANTS))
     ap.add_argument("--head", default="fp16", help="output head of every export (default fp16: the layers compared)")
     ap.add_argument("--gguf", nargs="+", default=[], metavar="NAME=FILE", help="rows for GGUF files made elsewhere")
     ap.add_argument("--reuse", action="store_true", help="keep the rows already in OUT/quality.json")
