@@ -156,3 +156,23 @@ def test_approximations_are_named_and_cost_little(stories_path, tmp_path):
     assert ppl["approx"] == pytest.approx(ppl["exact"], rel=0.02)
     assert "search_blocks" not in q["exact"] and "search_dtype" not in q["exact"]
     assert q["approx"]["search_blocks"] == 4 and q["approx"]["search_dtype"] == "bfloat16"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
+def test_fast_search_on_cuda_scores_and_chooses_as_the_direct_one(real_layers):
+    """`export --device cuda`: the Gram loss and the norm memo on the GPU, held to the direct search there."""
+    from edge_awq.model import Dense
+
+    lw, x, ctx = real_layers["SmolLM2"]
+    move = lambda v: Dense(v.weight.cuda(), None) if isinstance(v, Dense) else v.cuda()  # noqa: E731
+    lw, x = type(lw)(**{n: move(getattr(lw, n)) for n in lw.__dataclass_fields__}), x.cuda()
+    ctx = dataclasses.replace(ctx, inv_freq=ctx.inv_freq.cuda())
+    with torch.inference_mode():
+        feats, x_mid, _ = record_inputs(lw, x, ctx, ops)
+        for g in (g for g in SCALE_GROUPS if g.when(ctx.args)):
+            fast = loss_for(g, lw, x, x_mid, feats, ctx, ops)
+            direct = loss_for(g, lw, x, x_mid, feats, ctx, ops, gram=False)
+            a = search_scales(g, lw, feats[g.linears[0]], fast, 4, 64)
+            b = search_scales(g, lw, feats[g.linears[0]], direct, 4, 64)
+            assert a.ratio == b.ratio and a.loss == pytest.approx(b.loss, rel=1e-4)
