@@ -133,11 +133,16 @@ def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerRepo
     t = _timed(rep, "stats", t)
     on_phase(rep.index, "scale search")
     found = []
-    for g in (g for g in SCALE_GROUPS if g.when(ctx.args)):
+    groups = [g for g in SCALE_GROUPS if g.when(ctx.args)]
+    # what the candidates are judged on: every block, or (--search-blocks) a subset taken once for all groups
+    judged_in, judged_mid = search_subset(x_in, qa.search_blocks), search_subset(x_mid, qa.search_blocks)
+    judged = {}
+    for g in groups:  # a group's linears share one input: one subset each
+        shared = search_subset(feats[g.linears[0]], qa.search_blocks)
+        judged.update({n: shared for n in g.linears})
+    for g in groups:
         gs = qa.group_for(feats[g.linears[0]].shape[-1])
-        sub = {n: search_subset(f, qa.search_blocks) for n, f in feats.items()}
-        loss = loss_for(g, lw, search_subset(x_in, qa.search_blocks), search_subset(x_mid, qa.search_blocks), sub,
-                        ctx, ops, dtype=qa.search_dtype)
+        loss = loss_for(g, lw, judged_in, judged_mid, judged, ctx, ops, dtype=qa.search_dtype)
         res = search_scales(g, lw, feats[g.linears[0]], loss, qa.bits, gs, qa.n_grid, qa.duo_scaling)
         rep.scales.append(res)
         found.append((g, torch.tensor(res.scales, dtype=torch.float32, device=x_in.device)))
