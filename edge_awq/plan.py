@@ -177,8 +177,6 @@ def weight_lines(a: ModelArgs, bits: int, group_size, head: str, ctx: int, nbyte
         lines[f"output head ({head})"] = head_bytes or emb
     else:
         lines["fp16 embedding = head (tied)"] = emb
-    if bits not in (4, 8):  # the generic kernels keep float32 scales and zero points
-        lines["float32 scales (3-bit kernels)"] = 8 * a.linear_params // _group(a.dim, group_size)
     lines["norms and RoPE tables"] = by_kind.get("other", 0)
     return lines
 

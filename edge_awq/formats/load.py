@@ -58,12 +58,13 @@ def _checked_array(src: Source, key: str, t: np.ndarray, shape: tuple[int, ...],
 def _linear(src: Source, key: str, shape: tuple[int, int], dtype, bits: int | None = None) -> Dense | W4:
     """A Dense weight, or a packed W4 where the source holds ``key.qweight`` (an .eawq file).
 
-    bits: the packed width, by default the file's quantization bits (the head has its own).
+    bits: the packed width, by default the linear's own in a mixed file (``mixed.formats_of``), else the
+    file's quantization bits (the head has its own).
     """
     bias = _checked(src, key + ".bias", shape[:1], np.float32) if src.has(key + ".bias") else None
     if not src.has(key + ".qweight"):
         return Dense(_checked(src, key + ".weight", shape, dtype), bias)
-    bits, (out_f, in_f) = bits or src.quantization["bits"], shape
+    bits, (out_f, in_f) = bits or _file_bits(src, key), shape
     scales = src.get(key + ".scales")
     n_groups = scales.shape[1] if scales.ndim == 2 else 0
     if n_groups == 0 or in_f % n_groups:
@@ -76,6 +77,17 @@ def _linear(src: Source, key: str, shape: tuple[int, int], dtype, bits: int | No
     zeros = _checked_array(src, key + ".zeros", zeros, (out_f, packed_words(n_groups, bits)))
     _checked(src, key + ".scales", (out_f, n_groups), None)
     return W4(qweight, scales, zeros, in_f // n_groups, bits, in_f, bias)
+
+
+def _file_bits(src: Source, key: str) -> int:
+    """The bit width a packed file stores linear key at: its own format in a mixed file, else the file's."""
+    from edge_awq.mixed import formats_of
+
+    formats = getattr(src, "linear_formats", None)
+    if formats is None:  # parsed once per source
+        formats = src.linear_formats = formats_of(src.quantization)
+    own = formats.get(key)
+    return own.bits if own is not None else src.quantization["bits"]
 
 
 def read_layer(src: Source, i: int, dtype=np.float32) -> LayerWeights:

@@ -3,8 +3,9 @@
 A group's dot product is ``scale * sum(q * x) - zs * sum(x)`` with ``zs = zero * scale``. The 4-bit GEMV
 splits x once per call into its even and odd entries, so that a byte's two nibbles meet two contiguous
 vectors and the loop vectorizes (nibble-to-float conversions in LLVM IR, ``intrinsics.py``); 8-bit rows and
-fp16 dense weights read their bytes likewise; other widths (3-bit) read any bit position (``_value``) with
-float32 scales and zero points. Prefill dequantizes blocks of rows into a float32 buffer for BLAS.
+fp16 dense weights read their bytes likewise; other widths (3-bit) read any bit position (``_value``), the
+scales as fp16 bits and the zero points from their packed rows (no float copies: a 3-bit file is held at its
+own size). Prefill dequantizes blocks of rows into a float32 buffer for BLAS.
 """
 
 from __future__ import annotations
@@ -130,11 +131,19 @@ def gemv_w8_kernel(qb, scale_bits, zero_bytes, x, xsum, group_size, y):
             y[t, r1] = acc1
 
 
+@njit(cache=True, inline="always")
+def _any_scale_zs(scale_bits, zeros, r, g, bits):
+    """Scale and zero point times scale of group g of row r, from fp16 bits and b-bit packed zero rows."""
+    s = half_f32(scale_bits[r, g])
+    return s, np.float32(_value(zeros[r], g, bits)) * s
+
+
 @njit(nogil=True, parallel=True, cache=True, fastmath=True)
-def gemv_any_kernel(qweight, scales, zs, x, xsum, group_size, bits, y):
-    """y (T, out) = x W^T for any bit width and group size; x (T, in), xsum (T, G)."""
+def gemv_any_kernel(qweight, scale_bits, zeros, x, xsum, group_size, bits, y):
+    """y (T, out) = x W^T for any bit width and group size; x (T, in), xsum (T, G); scales and zero points
+    read as stored (fp16 bits, packed rows), no float copy."""
     T = x.shape[0]
-    out_f, n_groups = scales.shape
+    out_f, n_groups = scale_bits.shape
     for r in prange(out_f):
         row = qweight[r]
         for t in range(T):
@@ -143,7 +152,8 @@ def gemv_any_kernel(qweight, scales, zs, x, xsum, group_size, bits, y):
                 s = np.float32(0.0)
                 for i in range(g * group_size, (g + 1) * group_size):
                     s += np.float32(_value(row, i, bits)) * x[t, i]
-                acc += scales[r, g] * s - zs[r, g] * xsum[t, g]
+                sc, zs = _any_scale_zs(scale_bits, zeros, r, g, bits)
+                acc += sc * s - zs * xsum[t, g]
             y[t, r] = acc
 
 
@@ -181,14 +191,16 @@ def dequant_w8_kernel(qb, scale_bits, zero_bytes, group_size, r0, out):
 
 
 @njit(nogil=True, parallel=True, cache=True)
-def dequant_rows_kernel(qweight, scales, zs, group_size, bits, r0, out):
+def dequant_rows_kernel(qweight, scale_bits, zeros, group_size, bits, r0, out):
     """out (rows, in) float32 = dequantized rows r0..r0+rows of the weight (any bit width)."""
     rows, in_f = out.shape
     for j in prange(rows):
-        row = qweight[r0 + j]
-        for i in range(in_f):
-            g = i // group_size
-            out[j, i] = np.float32(_value(row, i, bits)) * scales[r0 + j, g] - zs[r0 + j, g]
+        r = r0 + j
+        row = qweight[r]
+        for g in range(in_f // group_size):
+            sc, zs = _any_scale_zs(scale_bits, zeros, r, g, bits)
+            for i in range(g * group_size, (g + 1) * group_size):
+                out[j, i] = np.float32(_value(row, i, bits)) * sc - zs
 
 
 @njit(nogil=True, parallel=True, cache=True, fastmath=True)

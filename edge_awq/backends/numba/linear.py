@@ -28,7 +28,6 @@ from edge_awq.backends.numba.gemv_float import (dequant_rows_kernel, dequant_w4_
                                                 gemv_w4_three_kernel, gemv_w8_kernel)
 from edge_awq.formats.tensorfile import release_array
 from edge_awq.model import W4
-from edge_awq.pack import unpack_bits
 
 DEQUANT_ROWS = 256  # rows dequantized per block for the prefill GEMM
 GEMV_MAX_T = 4  # up to this many tokens, linears run as GEMVs over the packed rows
@@ -44,8 +43,8 @@ class PreparedW4:
     transposed words) is not held twice. Elsewhere 4- and 8-bit weights
     (``byte_path``) are read where they lie: bytes, fp16 scale bits and packed zero
     points are views of the file's arrays, so a memory-mapped model costs no second
-    copy; other widths widen scales and zero points to float32 (``zs = zero * scale``)
-    for the generic kernels.
+    copy; other widths (3-bit) likewise, the generic kernels reading the zero points'
+    packed rows (``zero_rows``).
     """
 
     out_features: int
@@ -53,8 +52,7 @@ class PreparedW4:
     qbytes: np.ndarray | None  # the same memory as (out, 4 * words) uint8
     scale_bits: np.ndarray | None  # (out, G) uint16: the fp16 scales' bits
     zero_bytes: np.ndarray | None  # (out, 4 * zero words) uint8: the packed zero points
-    scales: np.ndarray | None  # (out, G) float32, other widths only
-    zs: np.ndarray | None  # (out, G) float32: zero point times scale, other widths only
+    zero_rows: np.ndarray | None  # (out, zero words) uint32: the same zero points as packed rows
     group_size: int
     bits: int
     in_features: int
@@ -85,19 +83,16 @@ def prepare(w: W4, repack: bool = False, activations: str = "int16") -> Prepared
         a8 = i8.repack(qweight.view(np.uint8), scale_bits, zero_bytes, w.group_size, w.bits)
         for a in (w.qweight, w.scales, w.zeros):
             release_array(a)
-        return PreparedW4(out_f, None, None, None, None, None, None, w.group_size, w.bits, w.in_features, bias,
+        return PreparedW4(out_f, None, None, None, None, None, w.group_size, w.bits, w.in_features, bias,
                           a8=a8)
     if repack and blocked.usable(w.bits, w.group_size):
         packed = blocked.repack(qweight.view(np.uint8), scale_bits, zero_bytes, w.group_size, w.bits)
         for a in (w.qweight, w.scales, w.zeros):
             release_array(a)
-        return PreparedW4(out_f, None, None, None, None, None, None, w.group_size, w.bits, w.in_features, bias, packed)
-    scales = zs = None
-    if not ((w.bits == 4 and w.group_size % 2 == 0) or w.bits == 8):
-        scales = w.scales.astype(np.float32)
-        zs = unpack_bits(w.zeros, w.bits, w.in_features // w.group_size).astype(np.float32) * scales
-    return PreparedW4(out_f, qweight, qweight.view(np.uint8), scale_bits, zero_bytes, scales, zs, w.group_size, w.bits,
-                      w.in_features, bias)
+        return PreparedW4(out_f, None, None, None, None, None, w.group_size, w.bits, w.in_features, bias, packed)
+    zero_rows = np.ascontiguousarray(w.zeros)  # (out, words) uint32: the any-width kernels read them packed
+    return PreparedW4(out_f, qweight, qweight.view(np.uint8), scale_bits, zero_bytes, zero_rows, w.group_size,
+                      w.bits, w.in_features, bias)
 
 
 def _blocked(x: np.ndarray, out_f: int, in_f: int, fill, n_buffers: int = 1) -> np.ndarray:
@@ -191,7 +186,7 @@ def _gemv_w8_float(x, w, y):
 
 
 def _gemv_any(x, w, y):
-    gemv_any_kernel(w.qweight, w.scales, w.zs, x, _group_sums(x, w), w.group_size, w.bits, y)
+    gemv_any_kernel(w.qweight, w.scale_bits, w.zero_rows, x, _group_sums(x, w), w.group_size, w.bits, y)
 
 
 def _fast4(w) -> bool:
@@ -237,7 +232,7 @@ PREFILL_ROUTES = (
               w.qbytes, w.scale_bits, w.zero_bytes, w.group_size, r0, out))),
     Route("any-dequant", "any other width", lambda w: True,
           lambda x, w: _blocked(x, w.out_features, w.in_features, lambda r0, out: dequant_rows_kernel(
-              w.qweight, w.scales, w.zs, w.group_size, w.bits, r0, out))),
+              w.qweight, w.scale_bits, w.zero_rows, w.group_size, w.bits, r0, out))),
 )
 
 

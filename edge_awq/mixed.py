@@ -1,0 +1,87 @@
+"""Mixed precision: a format (bit width and group size) per decoder linear.
+
+An export under a budget (``export --budget`` or ``--fit``) stores each decoder linear at the format the
+allocator chose; the file's quantization metadata names them (``formats``: tensor prefix -> ``"w4g64"``),
+and the loader, the plan and ``inspect`` read them from there. A file without ``formats`` has one format,
+its ``bits`` and ``group_size``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from edge_awq.config import ModelArgs, expected_shapes
+from edge_awq.errors import FormatError
+
+CANDIDATE_BITS = (3, 4, 8)
+CANDIDATE_GROUPS = (128, 64, 32)
+_NAME = re.compile(r"^w([348])g([1-9][0-9]*)$")
+
+
+@dataclass(frozen=True, order=True)
+class LinearFormat:
+    """How one linear is stored: ``bits``-bit codes, one fp16 scale and zero point per ``group_size`` inputs."""
+
+    bits: int
+    group_size: int
+
+    def __str__(self) -> str:
+        return f"w{self.bits}g{self.group_size}"
+
+    @classmethod
+    def parse(cls, text: str) -> LinearFormat:
+        m = _NAME.match(text)
+        if not m:
+            raise ValueError(f"{text!r} is not a linear format (w3g64, w4g128, w8g32 ...)")
+        return cls(int(m.group(1)), int(m.group(2)))
+
+    def nbytes(self, out_f: int, in_f: int) -> int:
+        """Bytes of the linear's file tensors (codes, scales, zero points), the same the runtime holds."""
+        from edge_awq.pack import packed_words
+
+        groups = out_f * (in_f // self.group_size)
+        return 4 * out_f * packed_words(in_f, self.bits) + 2 * groups + 4 * packed_words(groups, self.bits)
+
+
+def candidates(in_f: int, bits=CANDIDATE_BITS, groups=CANDIDATE_GROUPS) -> list[LinearFormat]:
+    """The formats a linear of this input width can take: each width at each group size that divides it
+    (8-bit at the largest only: finer groups buy nothing at 8 bits); one group per row where none divides."""
+    sizes = [g for g in groups if in_f % g == 0] or [in_f]
+    out = [LinearFormat(b, g) for b in bits if b != 8 for g in sizes]
+    if 8 in bits:
+        out.append(LinearFormat(8, sizes[0]))
+    return out
+
+
+def linear_names(a: ModelArgs) -> list[tuple[str, int, int]]:
+    """(prefix, out, in) of every decoder linear, in file order."""
+    from edge_awq.model import LINEARS
+
+    shapes = expected_shapes(a)
+    return [(f"layers.{i}.{n}", *shapes[n]) for i in range(a.n_layers) for n in LINEARS]
+
+
+def formats_of(quant: dict) -> dict[str, LinearFormat]:
+    """A file's per-linear formats from its quantization metadata ({} for a file with one format)."""
+    raw = quant.get("formats") or {}
+    try:
+        return {k: LinearFormat.parse(v) for k, v in raw.items()}
+    except ValueError as e:
+        raise FormatError(f"quantization formats: {e}; export the file again") from None
+
+
+def mix_summary(formats: dict[str, LinearFormat], a: ModelArgs) -> dict[str, float]:
+    """Share of the decoder's weights at each format, largest first: {"w4g64": 0.62, ...}."""
+    weights: dict[str, int] = {}
+    for prefix, out_f, in_f in linear_names(a):
+        f = formats.get(prefix)
+        if f is not None:
+            weights[str(f)] = weights.get(str(f), 0) + out_f * in_f
+    total = sum(weights.values()) or 1
+    return {k: v / total for k, v in sorted(weights.items(), key=lambda kv: -kv[1])}
+
+
+def predominant(formats: dict[str, LinearFormat], a: ModelArgs) -> LinearFormat:
+    """The format that holds the most weights (a mixed file's headline ``bits`` and ``group_size``)."""
+    return LinearFormat.parse(next(iter(mix_summary(formats, a))))
