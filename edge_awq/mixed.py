@@ -85,3 +85,16 @@ def mix_summary(formats: dict[str, LinearFormat], a: ModelArgs) -> dict[str, flo
 def predominant(formats: dict[str, LinearFormat], a: ModelArgs) -> LinearFormat:
     """The format that holds the most weights (a mixed file's headline ``bits`` and ``group_size``)."""
     return LinearFormat.parse(next(iter(mix_summary(formats, a))))
+
+
+def describe(quant: dict, a: ModelArgs) -> str:
+    """'mixed w4g64 48%, w3g64 30%, ...' for a mixed file's quantization metadata; '' for one format."""
+    formats = formats_of(quant)
+    if not formats:
+        return ""
+    return "mixed " + ", ".join(f"{k} {v:.0%}" for k, v in mix_summary(formats, a).items())
+
+
+def head_group(a: ModelArgs) -> int:
+    """A mixed file's group for the packed head: the largest candidate group dividing the width, else the row."""
+    return next((g for g in CANDIDATE_GROUPS if a.dim % g == 0), a.dim)

@@ -94,6 +94,7 @@ class Plan:
     advice: list
     decode_bound_tokens_per_s: float | None
     weights_bytes: int  # what the file holds: packed layers, fp16 embedding and head
+    mix: str = ""  # a mixed-precision file's formats ("mixed w4g64 48%, ..."), shown instead of bits and group
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -188,8 +189,9 @@ def file_weight_bytes(a: ModelArgs, bits: int, group_size, head: str) -> int:
 
 def make_plan(a: ModelArgs, model: str, device: Device, ctx: int, batch: int = 1, kv_dtype: str = "fp16",
               prefill_chunk: int = 512, bits: int = 4, group_size: int = 128, head: str = "fp16",
-              nbytes: dict[str, int] | None = None) -> Plan:
-    """The memory plan; nbytes: the model's own tensors (name -> bytes held), else those of an export."""
+              nbytes: dict[str, int] | None = None, mix: str = "") -> Plan:
+    """The memory plan; nbytes: the model's own tensors (name -> bytes held), else those of an export;
+    mix: a mixed file's formats in words (``mixed.describe``)."""
     if ctx < 1 or batch < 1 or prefill_chunk < 1:
         raise InputError("--ctx, --batch and --prefill-chunk must be at least 1")
     if ctx > a.max_seq_len:
@@ -233,7 +235,24 @@ def make_plan(a: ModelArgs, model: str, device: Device, ctx: int, batch: int = 1
     bound = device.bandwidth / per_token_read if device.bandwidth else None
     weights = sum(nbytes.values()) if nbytes is not None else file_weight_bytes(a, bits, group_size, head)
     return Plan(model, device.name, device.source, ctx, batch, kv_dtype, prefill_chunk, bits, group_size, head,
-                lines, total, usable, total <= usable, int(max_ctx), advice, bound, weights)
+                lines, total, usable, total <= usable, int(max_ctx), advice, bound, weights, mix)
+
+
+def linear_budget(a: ModelArgs, device: Device, ctx: int, kv_dtype: str = "fp16", head: str = "fp16",
+                  group_size=128) -> int:
+    """Bytes left for the decoder linears' packed tensors when everything else the plan counts at this context
+    (embedding, head, norms, KV cache, workspace, runtime) is held on device: the largest mixed-precision
+    file that still fits (``export --fit``). Negative when even without the linears it does not fit."""
+    from edge_awq.formats.eawq import LINEAR_STORAGE
+
+    rest = {k: v for k, v in spec_bytes(a, 4, group_size, head).items() if not LINEAR_STORAGE.match(k)}
+    p = make_plan(a, "the model", device, ctx, kv_dtype=kv_dtype, group_size=group_size, head=head, nbytes=rest)
+    return p.usable - p.total
+
+
+def device_or_memory(text: str) -> Device:
+    """A device profile by name, or a memory size ('355MiB', '16GB')."""
+    return DEVICES[text] if text in DEVICES else device_for(None, text)
 
 
 def size(n: int) -> str:
@@ -243,8 +262,8 @@ def size(n: int) -> str:
 
 def table(p: Plan) -> str:
     width = max(len(k) for k in p.lines) + 2
-    out = [f"{p.model} on {p.device}: W{p.bits} group {p.group_size}, head {p.head}, context {p.ctx:,}, "
-           f"batch {p.batch}"]
+    out = [f"{p.model} on {p.device}: {p.mix or f'W{p.bits} group {p.group_size}'}, head {p.head}, "
+           f"context {p.ctx:,}, batch {p.batch}"]
     for k, v in p.lines.items():
         out.append(f"  {k:<{width}} {size(v)}")
     out.append(f"  {'total':<{width}} {size(p.total)}")
@@ -322,8 +341,10 @@ def check_fits(src, model: str, ctx: int, memory: str | None, kv_dtype: str = "f
         device = device_for(None, memory)
     ctx = min(ctx, a.max_seq_len)
     if "bits" in quant:
+        from edge_awq.mixed import describe
+
         p = make_plan(a, model, device, ctx, kv_dtype=kv_dtype, bits=quant["bits"], group_size=quant["group_size"],
-                      head=quant.get("head", "fp16"), nbytes=nbytes)
+                      head=quant.get("head", "fp16"), nbytes=nbytes, mix=describe(quant, a))
     else:
         p = _fp_plan(a, model, device, ctx)
     if not p.fits:

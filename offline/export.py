@@ -40,6 +40,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "spaced (statistics still use all; default 0: all, the exact search)")
     p.add_argument("--search-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="an approximation: the judged sub-blocks' matrix products in bfloat16 (default float32: exact)")
+    p.add_argument("--budget", type=flags.bits_per_weight, default=None, metavar="BITS_PER_WEIGHT",
+                   help="mixed precision: choose a format per linear (3, 4 or 8 bits, groups 128/64/32) for the least "
+                        "measured error within this many bits per decoder weight (codes, scales and zero points)")
+    p.add_argument("--fit", default=None, metavar="DEVICE_OR_MEMORY",
+                   help="mixed precision sized by the plan: the largest file that still fits this device profile or "
+                        "memory (e.g. orin-nano-8gb, 355MiB) at --ctx with --kv-dtype")
+    p.add_argument("--ctx", type=flags.context, default=2048, help="context the --fit plan holds (default 2048)")
+    p.add_argument("--kv-dtype", choices=("fp16", "int8"), default="fp16", help="KV cache the --fit plan holds")
+    p.add_argument("--sensitivity", type=Path, default=None, metavar="FILE",
+                   help="keep the measured sensitivity table in FILE, or read it from there if it was measured with "
+                        "the same source and settings (exports at other budgets then skip that pass)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where torch runs the search")
     p.add_argument("--head", choices=("fp16", "int8", "w4"), default=DEFAULT_HEAD,
                    help=f"output head: float16, or packed at 8 or 4 bits (round to nearest; default {DEFAULT_HEAD})")
@@ -53,6 +64,15 @@ def _check_args(args) -> None:
     from edge_awq.formats.interop import target_of
 
     target_of(args.format, args.output)  # the output's name, and that it does not exist yet
+    if args.budget is not None and args.fit is not None:
+        raise InputError("--budget and --fit both size the file: give one")
+    if (args.budget is not None or args.fit is not None) and args.format != "eawq":
+        raise InputError(f"--format {args.format} holds one format for every linear: mixed precision (--budget, "
+                         "--fit) is written as .eawq")
+    if args.fit is not None:
+        from edge_awq.plan import device_or_memory
+
+        device_or_memory(args.fit)  # a known profile or a size, before any work
     if args.device == "cuda":
         import torch
 
@@ -119,7 +139,9 @@ def run(args: argparse.Namespace) -> int:
                         group_size=args.group_size, method=args.method, n_samples=args.n_samples, seqlen=args.seqlen,
                         duo_scaling=args.duo_scaling, clip=not args.no_clip, search_blocks=args.search_blocks,
                         search_dtype=args.search_dtype, device=args.device, head=args.head,
-                        tokenizer=args.tokenizer, requantize=args.requantize, progress=progress, note=said)
+                        tokenizer=args.tokenizer, requantize=args.requantize, budget=args.budget, fit=args.fit,
+                        ctx=args.ctx, kv_dtype=args.kv_dtype, sensitivity=args.sensitivity, progress=progress,
+                        note=said)
     print(json.dumps(info) if args.json else info["text"])
     return 0
 
@@ -127,8 +149,9 @@ def run(args: argparse.Namespace) -> int:
 def quantize(source, calib_text, out, *, format: str = "eawq", bits: int = 4, group_size: int | str = 128,
              method: str = "awq", n_samples: int = 128, seqlen: int = 512, duo_scaling: bool = False,
              clip: bool = True, search_blocks: int = 0, search_dtype: str = "float32", device: str = "cpu",
-             head: str = DEFAULT_HEAD, tokenizer=None,
-             requantize: bool = False, progress=None, note=None) -> dict:
+             head: str = DEFAULT_HEAD, tokenizer=None, requantize: bool = False, budget: float | None = None,
+             fit: str | None = None, ctx: int = 2048, kv_dtype: str = "fp16", sensitivity=None,
+             progress=None, note=None) -> dict:
     """``edge-awq export`` as a function: quantize source with AWQ (or RTN) into out; returns the summary.
 
     source: anything ``edge_awq.load`` opens; calib_text: a UTF-8 text file; out: an .eawq file, or a directory
@@ -136,7 +159,8 @@ def quantize(source, calib_text, out, *, format: str = "eawq", bits: int = 4, gr
     or "channel"; method "awq" or "rtn"; n_samples blocks of seqlen calibration tokens; head "fp16", "int8"
     or "w4"; search_blocks and search_dtype the search's approximations (``--search-blocks``, ``--search-dtype``;
     the defaults are exact); device "cpu" or "cuda" (torch's). An already-quantized source is converted as stored unless
-    requantize. progress: an object with ``start(n_layers, method)``, ``phase(layer, name)`` and
+    requantize. Mixed precision (.eawq only): budget in bits per decoder weight, or fit a device profile or memory
+    size (with ctx and kv_dtype, as ``edge-awq plan`` counts them); sensitivity a file keeping the measured table. progress: an object with ``start(n_layers, method)``, ``phase(layer, name)`` and
     ``layer_done(report)`` (``offline.report.Progress`` draws a bar); note(message): what the caller should be
     told. The summary: output, bytes, bits_per_weight, seconds per phase, per-layer losses, and ``text``.
     """
@@ -145,7 +169,9 @@ def quantize(source, calib_text, out, *, format: str = "eawq", bits: int = 4, gr
     args = argparse.Namespace(source=source, calib=Path(calib_text), output=Path(out), format=format, bits=bits,
                               group_size=group_size, method=method, n_samples=n_samples, seqlen=seqlen,
                               duo_scaling=duo_scaling, no_clip=not clip, search_blocks=search_blocks,
-                              search_dtype=search_dtype, device=device, head=head, tokenizer=tokenizer)
+                              search_dtype=search_dtype, device=device, head=head, tokenizer=tokenizer, budget=budget,
+                              fit=fit, ctx=ctx, kv_dtype=kv_dtype,
+                              sensitivity=None if sensitivity is None else Path(sensitivity))
     _check_args(args)
     note = note or log.info
     t_start = time.perf_counter()
@@ -206,19 +232,24 @@ def _export_eawq(args, src, output: Path, t_start: float, progress) -> dict:
 
     from edge_awq.offline.calibrate import calibration_blocks
     from edge_awq.config import resolve_group_size
+    from edge_awq.mixed import head_group
 
     from edge_awq.offline.layerwise import QuantArgs, quantize_model
     from edge_awq.offline.torch_ops import TorchOps
     from edge_awq.offline.report import summary
 
-    qa = QuantArgs(args.bits, resolve_group_size(src.args, args.group_size), args.method, args.duo_scaling,
-                   not args.no_clip, search_blocks=args.search_blocks, search_dtype=args.search_dtype)
+    mixed = args.budget is not None or args.fit is not None
+    qa = QuantArgs(args.bits, head_group(src.args) if mixed else resolve_group_size(src.args, args.group_size), args.method,
+                   args.duo_scaling, not args.no_clip, search_blocks=args.search_blocks, search_dtype=args.search_dtype)
     tok = src.tokenizer()
     t0 = time.perf_counter()
     blocks, calib = calibration_blocks(args.calib, tok, args.n_samples, args.seqlen)
     t_calib = time.perf_counter() - t0
+    allocation = None
+    if mixed:
+        qa, allocation = _allocate(args, src, blocks, calib, qa, progress)
     tok_bytes, tok_fields = tok.serialize()
-    specs = tensor_specs(src.args, qa.bits, qa.group_for, len(tok_bytes), args.head)
+    specs = tensor_specs(src.args, qa.bits, qa.group_for, len(tok_bytes), args.head, linear=_linear_specs(qa))
     a = src.args
     reserve = (1 << 16) + 2 * len(json.dumps(tok_fields))  # room for the metadata in the header
     if progress is not None:
@@ -241,5 +272,77 @@ def _export_eawq(args, src, output: Path, t_start: float, progress) -> dict:
                 writer.add(name, t)
         elif not a.tied_embeddings:
             writer.add("output", np.asarray(head, dtype=np.float16))
-        writer.close(_metadata(src, qa, calib, tok_fields, args.head))
-    return summary(output, a, qa, reports, t_calib, time.perf_counter() - t_start)
+        meta = _metadata(src, qa, calib, tok_fields, args.head)
+        if allocation is not None:
+            meta["quantization"]["allocation"] = {k: v for k, v in allocation.items() if k != "seconds"}
+        writer.close(meta)
+    return summary(output, a, qa, reports, t_calib, time.perf_counter() - t_start, allocation)
+
+
+def _linear_specs(qa):
+    """tensor_specs' linear(prefix, out, in, bias) for a mixed file (None for one format)."""
+    from edge_awq.formats.eawq import linear_specs
+
+    if not qa.formats:
+        return None
+    return lambda prefix, out_f, in_f, bias: linear_specs(prefix, out_f, in_f, qa.formats[prefix].bits,
+                                                          qa.formats[prefix].group_size, bias)
+
+
+def _allocate(args, src, blocks, calib: dict, qa, progress):
+    """The formats under the budget (--budget, or --fit's from the plan), from the sensitivity table measured
+    now or kept in --sensitivity. Returns the QuantArgs that carry them and what the metadata records."""
+    import dataclasses
+
+    from edge_awq.errors import InputError
+    from edge_awq.mixed import candidates, linear_names, mix_summary, predominant
+    from edge_awq.plan import device_or_memory, linear_budget, size
+
+    from edge_awq.offline.allocate import Impossible, allocate
+    from edge_awq.offline.sensitivity import Sensitivity, measure, settings_of
+    from edge_awq.offline.torch_ops import TorchOps
+
+    a = src.args
+    if args.budget is not None:
+        budget = int(args.budget * a.linear_params / 8)
+        asked = {"budget_bits_per_weight": args.budget}
+    else:
+        device = device_or_memory(args.fit)
+        budget = linear_budget(a, device, args.ctx, args.kv_dtype, args.head, qa.group_size)
+        asked = {"fit": args.fit, "ctx": args.ctx, "kv_dtype": args.kv_dtype}
+        if budget <= 0:
+            raise InputError(f"--fit {args.fit}: at --ctx {args.ctx} even the embedding, KV cache and runtime take "
+                             f"{size(-budget).strip()} more than it holds, before any weights: a smaller --ctx, "
+                             "--kv-dtype int8, or a larger device")
+    settings = settings_of(src, calib, qa)
+    table = Sensitivity.load(args.sensitivity, settings) if args.sensitivity is not None else None
+    measured = table is None
+    if table is None:
+        if progress is not None:
+            progress.start(a.n_layers, "sensitivity")
+        table = measure(src, blocks, qa, settings, TorchOps(args.device), args.device,
+                        *((progress.phase, progress.advance) if progress is not None else ()))
+        if args.sensitivity is not None:
+            table.save(args.sensitivity)
+    t0 = time.perf_counter()
+    names = linear_names(a)
+    options = [candidates(in_f) for _, _, in_f in names]
+    costs = [[f.nbytes(out_f, in_f) for f in fs] for (_, out_f, in_f), fs in zip(names, options)]
+    errors = [[table.errors[prefix][str(f)] for f in fs] for (prefix, _, _), fs in zip(names, options)]
+    try:
+        picked = allocate(costs, errors, budget)
+    except Impossible as e:
+        what = f"--budget {args.budget}" if args.budget is not None else f"--fit {args.fit} at --ctx {args.ctx}"
+        raise InputError(f"{what}: the decoder's linears need at least {8 * e.need / a.linear_params:.3f} bits per "
+                         f"weight ({size(e.need).strip()}), the budget allows {8 * max(budget, 0) / a.linear_params:.3f}"
+                         f" ({size(max(budget, 0)).strip()}): a larger budget or device, or a shorter context"
+                         ) from None
+    formats = {prefix: fs[j] for (prefix, _, _), fs, j in zip(names, options, picked)}
+    used = sum(c[j] for c, j in zip(costs, picked))
+    top = predominant(formats, a)
+    seconds = {"sensitivity": table.seconds if measured else 0.0, "allocate": time.perf_counter() - t0}
+    allocation = {**asked, "budget_bytes": budget, "bytes": used, "bits_per_weight": 8 * used / a.linear_params,
+                  "predicted_error": float(sum(e[j] for e, j in zip(errors, picked))),
+                  "mix": {k: round(v, 4) for k, v in mix_summary(formats, a).items()},
+                  "sensitivity": "measured" if measured else str(args.sensitivity), "seconds": seconds}
+    return dataclasses.replace(qa, formats=formats, bits=top.bits), allocation

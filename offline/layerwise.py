@@ -18,6 +18,7 @@ import torch
 
 from edge_awq.formats.eawq import linear_arrays
 from edge_awq.formats.load import inv_freq, read_layer
+from edge_awq.mixed import LinearFormat
 from edge_awq.model import LINEARS, NO_CLIP, SCALE_GROUPS, Dense, LayerWeights, ModelWeights, attention, block, mlp
 from edge_awq.pack import pack_linear, unpack_linear
 
@@ -39,17 +40,27 @@ class QuantArgs:
     # approximations of the scale search (docs/export-speed.md); the defaults are the exact search
     search_blocks: int = 0  # judge candidates on this many of the calibration blocks, evenly spaced (0: all)
     search_dtype: str = "float32"  # "bfloat16": the judged sub-blocks run in bfloat16
+    # mixed precision: "layers.{i}.{name}" -> LinearFormat for every decoder linear (None: all at bits, group_size)
+    formats: dict | None = None
 
     def group_for(self, in_features: int) -> int:
         return in_features if self.group_size == "channel" else int(self.group_size)
+
+    def layer_formats(self, index: int, lw: LayerWeights) -> dict[str, LinearFormat]:
+        """Each linear of layer index by name -> its format."""
+        if self.formats:
+            return {n: self.formats[f"layers.{index}.{n}"] for n in LINEARS}
+        return {n: LinearFormat(self.bits, self.group_for(getattr(lw, n).weight.shape[1])) for n in LINEARS}
 
     def to_dict(self) -> dict:
         """The metadata's settings; an approximation is named only when one was used (an exact export's file
         is the same as before the approximations existed)."""
         d = {**dataclasses.asdict(self), "zero_point": True}
-        for k, exact in (("search_blocks", 0), ("search_dtype", "float32")):
+        for k, exact in (("search_blocks", 0), ("search_dtype", "float32"), ("formats", None)):
             if d[k] == exact:
                 del d[k]
+        if self.formats:
+            d["formats"] = {k: str(v) for k, v in self.formats.items()}
         return d
 
 
@@ -92,8 +103,9 @@ def loss_for(group, lw, x_in, x_mid, feats, ctx, ops, gram: bool = True,
     """A trial's judged error: a group judged on its linears alone from their input's Gram matrix
     (``linear_error``), unless gram is False; a sub-block by running it (``output_error``), its matrix
     products in dtype ("bfloat16": ``CastOps``; the reference through the same arithmetic)."""
-    if group.inspect is None and gram:
-        return linear_error(group.linears, lw, feats[group.linears[0]])
+    x = feats[group.linears[0]]
+    if group.inspect is None and gram and x.numel() // x.shape[-1] >= x.shape[-1]:
+        return linear_error(group.linears, lw, x)  # (the Gram matrix pays where tokens outnumber inputs)
     if dtype != "float32":
         ops = CastOps(ops, getattr(torch, dtype))
     judge = judge_for(group, x_in, x_mid, feats, ctx, ops)
@@ -107,9 +119,9 @@ def search_subset(x, n_blocks: int):
     return x[torch.arange(n_blocks) * x.shape[0] // n_blocks]
 
 
-def rtn_layer(lw: LayerWeights, qa: QuantArgs) -> LayerWeights:
-    q = {n: Dense(fake_quantize(getattr(lw, n).weight, qa.bits, qa.group_for(getattr(lw, n).weight.shape[1])),
-                  getattr(lw, n).bias) for n in LINEARS}
+def rtn_layer(lw: LayerWeights, fmts: dict[str, LinearFormat]) -> LayerWeights:
+    q = {n: Dense(fake_quantize(getattr(lw, n).weight, fmts[n].bits, fmts[n].group_size), getattr(lw, n).bias)
+         for n in LINEARS}
     return dataclasses.replace(lw, **q)
 
 
@@ -129,6 +141,7 @@ def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerRepo
     Returns the new lw and the FP layer output (kept for the loss report).
     """
     on_phase(rep.index, "stats")
+    fmts = qa.layer_formats(rep.index, lw)
     feats, x_mid, fp_out = record_inputs(lw, x_in, ctx, ops)
     t = _timed(rep, "stats", t)
     on_phase(rep.index, "scale search")
@@ -141,9 +154,10 @@ def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerRepo
         shared = search_subset(feats[g.linears[0]], qa.search_blocks)
         judged.update({n: shared for n in g.linears})
     for g in groups:
-        gs = qa.group_for(feats[g.linears[0]].shape[-1])
+        f = fmts[g.linears[0]]
         loss = loss_for(g, lw, judged_in, judged_mid, judged, ctx, ops, dtype=qa.search_dtype)
-        res = search_scales(g, lw, feats[g.linears[0]], loss, qa.bits, gs, qa.n_grid, qa.duo_scaling)
+        res = search_scales(g, lw, feats[g.linears[0]], loss, f.bits, f.group_size, qa.n_grid, qa.duo_scaling,
+                            fmts if qa.formats else None)
         rep.scales.append(res)
         found.append((g, torch.tensor(res.scales, dtype=torch.float32, device=x_in.device)))
     for g, s in found:
@@ -154,10 +168,9 @@ def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerRepo
     if qa.clip:
         on_phase(rep.index, "clip search")
         for n in (n for n in LINEARS if n not in NO_CLIP):
-            d = getattr(lw, n)
-            gs = qa.group_for(d.weight.shape[1])
-            limits = search_clip(d.weight, feats[n], qa.bits, gs, qa.n_grid)
-            lw = dataclasses.replace(lw, **{n: Dense(apply_clip(d.weight, limits, gs), d.bias)})
+            d, f = getattr(lw, n), fmts[n]
+            limits = search_clip(d.weight, feats[n], f.bits, f.group_size, qa.n_grid)
+            lw = dataclasses.replace(lw, **{n: Dense(apply_clip(d.weight, limits, f.group_size), d.bias)})
         _timed(rep, "clip search", t)
     return lw, fp_out
 
@@ -170,10 +183,11 @@ def quantize_layer(lw_fp: LayerWeights, x_in, index: int, ctx, qa: QuantArgs, op
     on_phase(index, "quantize")
     t = time.perf_counter()
     packed, dequant = {}, {}
+    fmts = qa.layer_formats(index, lw)
     for n in LINEARS:
         d = getattr(lw, n)
         bias = None if d.bias is None else d.bias.cpu().numpy()
-        packed[n] = pack_linear(d.weight.cpu().numpy(), qa.bits, qa.group_for(d.weight.shape[1]), bias)
+        packed[n] = pack_linear(d.weight.cpu().numpy(), fmts[n].bits, fmts[n].group_size, bias)
         dequant[n] = Dense(torch.from_numpy(unpack_linear(packed[n])).to(x_in.device), d.bias)
     t = _timed(rep, "quantize", t)
     lw_q = dataclasses.replace(lw, **dequant)
@@ -183,7 +197,7 @@ def quantize_layer(lw_fp: LayerWeights, x_in, index: int, ctx, qa: QuantArgs, op
     x_out = block(lw_q, x_in, 0, None, 0, ctx, ops)
     rep.loss = float((x_out - fp_out).pow(2).mean())
     rep.loss_rtn = rep.loss if qa.method == "rtn" else float(
-        (block(rtn_layer(lw_fp, qa), x_in, 0, None, 0, ctx, ops) - fp_out).pow(2).mean())
+        (block(rtn_layer(lw_fp, fmts), x_in, 0, None, 0, ctx, ops) - fp_out).pow(2).mean())
     _timed(rep, "propagate", t)
     norms = {n: lw.attn_norm if n == "attn_norm" else lw.ffn_norm for n in ("attn_norm", "ffn_norm")}
     return packed, {n: v.cpu().numpy() for n, v in norms.items()}, x_out, rep

@@ -18,6 +18,8 @@ class Progress:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
 
+        if self._bar is not None:  # a pass before this one (the sensitivity pass) leaves its bar
+            self._bar.__exit__(None, None, None)
         self._bar = Bar(TextColumn(f"{method} layers"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[phase]}  {task.fields[last]}"), console=Console(stderr=True),
                         transient=True)
@@ -33,13 +35,17 @@ class Progress:
     def phase(self, index: int, name: str) -> None:
         self._bar.update(self._task, phase=f"layer {index}: {name}")
 
+    def advance(self, index: int) -> None:
+        self._bar.update(self._task, advance=1, last=f"layer {index} measured")
+
     def layer_done(self, rep) -> None:
         self._bar.update(self._task, advance=1, last=f"layer {rep.index}: loss {rep.loss:.3g} (rtn {rep.loss_rtn:.3g})")
 
 
-def summary(path: Path, a, qa, reports, t_calib: float, t_total: float) -> dict:
-    """A dict of the export's figures, with a human-readable ``text``."""
-    phases = {"calibrate": t_calib}
+def summary(path: Path, a, qa, reports, t_calib: float, t_total: float, allocation: dict | None = None) -> dict:
+    """A dict of the export's figures, with a human-readable ``text``; allocation: a mixed-precision
+    export's choice (``export._allocate``)."""
+    phases = {"calibrate": t_calib, **(allocation or {}).get("seconds", {})}
     for r in reports:
         for k, v in r.seconds.items():
             phases[k] = phases.get(k, 0.0) + v
@@ -47,8 +53,17 @@ def summary(path: Path, a, qa, reports, t_calib: float, t_total: float) -> dict:
     n_params = a.n_params
     gs_note = "per channel" if qa.group_size == "channel" else f"group {qa.group_size}"
     bpw = stored_bits_per_weight({k: t.end - t.begin for k, t in SafetensorsFile(path).tensors.items()}, a)
-    lines = [f"wrote {path} ({size / 1e6:,.1f} MB): {qa.method.upper()} W{qa.bits} {gs_note}, "
+    what = f"W{qa.bits} {gs_note}" if not qa.formats else "mixed " + ", ".join(
+        f"{k} {v:.0%}" for k, v in allocation["mix"].items())
+    lines = [f"wrote {path} ({size / 1e6:,.1f} MB): {qa.method.upper()} {what}, "
              f"{bpw:.3f} bits per quantized weight, {8 * size / n_params:.2f} bits per parameter overall"]
+    if allocation is not None:
+        asked = (f"--budget {allocation['budget_bits_per_weight']:g} bits per weight"
+                 if "budget_bits_per_weight" in allocation else
+                 f"--fit {allocation['fit']} at --ctx {allocation['ctx']} (KV {allocation['kv_dtype']})")
+        lines.append(f"allocation: {asked}: {allocation['budget_bytes']:,} bytes for the linears, "
+                     f"{allocation['bytes']:,} used; summed relative error {allocation['predicted_error']:.4g} "
+                     f"(sensitivity {allocation['sensitivity']})")
     lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()) + f"; total {t_total:.1f}s")
     lines.append("layer  output MSE   RTN MSE    ratio   " + ("α per scale group" if qa.method == "awq" else ""))
     for r in reports:
@@ -58,6 +73,7 @@ def summary(path: Path, a, qa, reports, t_calib: float, t_total: float) -> dict:
     return {
         "output": str(path), "bytes": size, "bits_per_weight": bpw, "bits_per_parameter": 8 * size / n_params,
         "seconds": {**phases, "total": t_total}, "method": qa.method, "bits": qa.bits, "group_size": qa.group_size,
+        "allocation": allocation,
         "layers": [{"index": r.index, "loss": r.loss, "loss_rtn": r.loss_rtn,
                     "alphas": {s.prev: s.ratio for s in r.scales}} for r in reports],
         "text": "\n".join(lines),

@@ -36,12 +36,19 @@ def activation_mean(x: torch.Tensor) -> torch.Tensor:
     return x.abs().reshape(-1, x.shape[-1]).float().mean(0)
 
 
-def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
-    """Duo scaling's weight statistic: |w| relative to its group's max, averaged over rows -> (in,)."""
-    w = torch.cat(weights, dim=0)  # (sum out, in)
-    g = w.abs().reshape(-1, group_size)
-    rel = (g / (g.amax(dim=1, keepdim=True) + 1e-6)).reshape(w.shape)
-    return rel.mean(0)
+def weight_mean(weights: list[torch.Tensor], group_size: int | list[int]) -> torch.Tensor:
+    """Duo scaling's weight statistic: |w| relative to its group's max, averaged over rows -> (in,).
+    group_size: one for all weights, or each weight's own (a mixed-precision layer)."""
+    sizes = group_size if isinstance(group_size, list) else [group_size] * len(weights)
+    if len(set(sizes)) == 1:
+        w = torch.cat(weights, dim=0)  # (sum out, in)
+        g = w.abs().reshape(-1, sizes[0])
+        return (g / (g.amax(dim=1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)
+    rel = []
+    for w, gs in zip(weights, sizes):
+        g = w.abs().reshape(-1, gs)
+        rel.append((g / (g.amax(dim=1, keepdim=True) + 1e-6)).reshape(w.shape))
+    return torch.cat(rel).mean(0)
 
 
 def candidate_scales(x_mean, w_mean, ratio: float) -> torch.Tensor:
@@ -51,12 +58,15 @@ def candidate_scales(x_mean, w_mean, ratio: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
-def scaled_trial(lw: LayerWeights, names: tuple[str, ...], s: torch.Tensor, bits: int, group_size: int) -> LayerWeights:
-    """lw with each named linear's weight replaced by Q(W·s)/s."""
+def scaled_trial(lw: LayerWeights, names: tuple[str, ...], s: torch.Tensor, bits: int, group_size: int,
+                 formats: dict | None = None) -> LayerWeights:
+    """lw with each named linear's weight replaced by Q(W·s)/s; formats: name -> its own ``LinearFormat``
+    (a mixed-precision layer), else every one at bits and group_size."""
     trial = {}
     for n in names:
         d = getattr(lw, n)
-        trial[n] = Dense(fake_quantize(d.weight * s, bits, group_size) / s, d.bias)
+        b, gs = (formats[n].bits, formats[n].group_size) if formats else (bits, group_size)
+        trial[n] = Dense(fake_quantize(d.weight * s, b, gs) / s, d.bias)
     return dataclasses.replace(lw, **trial)
 
 
@@ -105,25 +115,26 @@ def linear_error(names: tuple[str, ...], lw: LayerWeights, x_in: torch.Tensor) -
 
 def search_scales(
     group: ScaleGroup, lw: LayerWeights, x_in: torch.Tensor, loss: Callable[[LayerWeights], float],
-    bits: int, group_size: int, n_grid: int = 20, duo: bool = False,
+    bits: int, group_size: int, n_grid: int = 20, duo: bool = False, formats: dict | None = None,
 ) -> ScaleResult:
     """Grid-search α for one group. x_in (..., in) is the linears' (shared) input; loss(trial layer) its judged
-    output's error (``output_error`` or ``linear_error``)."""
+    output's error (``output_error`` or ``linear_error``); formats: each linear's own (``scaled_trial``)."""
     x_mean = activation_mean(x_in)
-    w_mean = weight_mean([getattr(lw, n).weight for n in group.linears], group_size) if duo else None
+    sizes = [formats[n].group_size for n in group.linears] if formats else group_size
+    w_mean = weight_mean([getattr(lw, n).weight for n in group.linears], sizes) if duo else None
     best = (math.inf, 0.0, None)
     losses = {}
     for i in range(n_grid):
         ratio = i / n_grid
         s = candidate_scales(x_mean, w_mean, ratio)
-        trial_loss = loss(scaled_trial(lw, group.linears, s, bits, group_size))
+        trial_loss = loss(scaled_trial(lw, group.linears, s, bits, group_size, formats))
         losses[ratio] = trial_loss
         if trial_loss < best[0]:
             best = (trial_loss, ratio, s)
     if w_mean is None:
         unscaled = losses[0.0]  # α = 0 is s = 1
     else:
-        unscaled = loss(scaled_trial(lw, group.linears, torch.ones_like(x_mean), bits, group_size))
+        unscaled = loss(scaled_trial(lw, group.linears, torch.ones_like(x_mean), bits, group_size, formats))
     return ScaleResult(group.prev, group.linears, best[1], best[0], unscaled, best[2].tolist())
 
 

@@ -65,6 +65,7 @@ top_p = float_range(0.0, 1.0, lo_open=True, what="top-p")
 top_k = int_range(0, 1 << 24, "top-k (0: off)")
 repetition_penalty = float_range(0.0, 100.0, lo_open=True, what="the repetition penalty (1: off)")
 seconds = float_range(0.0, 86400.0, what="a time in seconds")
+bits_per_weight = float_range(0.0, 32.0, lo_open=True, what="--budget (bits per decoder weight)")
 
 
 def group_size(text: str) -> int | str:

@@ -49,15 +49,36 @@ def _model_lines(a, q: dict, bpw: float | None) -> list[str]:
     lines = [f"model: {a.arch}, {a.n_layers} layers, dim {a.dim}, FFN {a.hidden_dim}, heads {a.n_heads}/{a.n_kv_heads} "
              f"(q/kv), vocab {a.vocab_size}, context {a.max_seq_len}"]
     if q:
+        from edge_awq.mixed import describe
+
         gs = q.get("group_size")
         extras = [f"{k.replace('_', ' ')} {q[k]}" for k in ("duo_scaling", "clip") if k in q]
-        lines.append(f"quantization: {q.get('method')} W{q.get('bits')} "
-                     f"{'per channel' if gs == 'channel' else f'group {gs}'}, "
+        what = describe(q, a) or f"W{q.get('bits')} {'per channel' if gs == 'channel' else f'group {gs}'}"
+        lines.append(f"quantization: {q.get('method')} {what}, "
                      f"{'zero point' if q.get('zero_point', True) else 'symmetric'}"
                      + "".join(f", {e}" for e in extras) + f"; head {q.get('head', 'fp16')}")
+        alloc = q.get("allocation")
+        if alloc:
+            asked = (f"--budget {alloc.get('budget_bits_per_weight')} bits per weight" if "budget_bits_per_weight"
+                     in alloc else f"--fit {alloc.get('fit')} at --ctx {alloc.get('ctx')} (KV {alloc.get('kv_dtype')})")
+            lines.append(f"allocation: {asked}: {alloc.get('bytes'):,} of {alloc.get('budget_bytes'):,} bytes for the "
+                         "linears, each linear's format chosen from measured sensitivities")
+            lines += _format_table(q, a)
     if bpw is not None:
         lines.append(f"stored: {bpw:.3f} bits per decoder weight (codes, scales and zero points, from the bytes)")
     return lines
+
+
+def _format_table(q: dict, a) -> list[str]:
+    """A mixed file's formats, a row per layer."""
+    from edge_awq.mixed import formats_of
+    from edge_awq.model import LINEARS
+
+    formats = formats_of(q)
+    rows = ["layer " + "".join(f"{n:>8s}" for n in LINEARS)]
+    for i in range(a.n_layers):
+        rows.append(f"{i:5d} " + "".join(f"{str(formats.get(f'layers.{i}.{n}', '')):>8s}" for n in LINEARS))
+    return rows
 
 
 def _directory(path: Path) -> tuple[dict, list[str]]:

@@ -88,6 +88,20 @@ def check_output(path: Path, directory: bool) -> None:
                          "choose another output path")
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write a small text file atomically: a temporary beside it, fsynced, renamed over it."""
+    tmp = temporary(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from None
+
+
 def write_error(path: Path, e: OSError) -> InputError:
     """The one line for a write that failed (a full disk, a file too large, an I/O error)."""
     return InputError(f"cannot write {path}: {e.strerror or e}; nothing was written (free space, or choose another "

@@ -224,7 +224,7 @@ class EawqSource:
         return integrity.bad_tensors(self)
 
 
-_LINEAR_STORAGE = re.compile(  # a decoder linear's stored parts, by canonical or Hugging Face name
+LINEAR_STORAGE = re.compile(  # a decoder linear's stored parts, by canonical or Hugging Face name
     r"^(model\.)?layers\.\d+\.((self_attn|mlp)\.)?(wq|wk|wv|wo|w1|w2|w3|[qkvo]_proj|gate_proj|up_proj|down_proj)\."
     r"(qweight|scales|zeros|qzeros|weight|weight_packed|weight_scale|weight_zero_point)$")
 
@@ -233,7 +233,7 @@ def stored_bits_per_weight(nbytes: dict[str, int], a: ModelArgs) -> float:
     """Bits per decoder weight counted from the bytes stored: every decoder linear's packed codes, scales and
     zero points (padding included), or its float weight, over the decoder's matrix weights.
     nbytes: tensor name -> bytes as stored (an .eawq file's or a Hugging Face directory's names)."""
-    stored = sum(v for k, v in nbytes.items() if _LINEAR_STORAGE.match(k))
+    stored = sum(v for k, v in nbytes.items() if LINEAR_STORAGE.match(k))
     return 8 * stored / a.linear_params
 
 

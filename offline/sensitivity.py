@@ -1,0 +1,144 @@
+"""How much each decoder linear's judged error grows at each candidate format (the allocator's input).
+
+A streaming pass over the layers, as the export's: per layer the FP inputs of every linear are recorded;
+per scale group and candidate format the group's AWQ scale is searched at that format (judged on the
+group's linears alone: cheap, and the sub-block judges come next), each linear's clipping is searched at
+it, and then each linear alone is quantized that way (the others kept FP) and judged as the AWQ search
+judges its group: the attention output for q/k/v, the MLP output for gate/up, the linear's own output for
+o and down. All of these outputs are added to the residual stream, so an error is measured in its units;
+divided by the mean square of the layer's input (the residual stream's power there, which RMSNorm divides
+out downstream) it becomes a relative error comparable across depth. The next layer's input is the FP
+output: sensitivities do not depend on the allocation that will use them.
+
+The table is independent of the budget: ``export --sensitivity FILE`` keeps it, and exports at other
+budgets read it back instead of measuring again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_awq.errors import InputError
+from edge_awq.formats.load import inv_freq, read_layer
+from edge_awq.mixed import LinearFormat, candidates
+from edge_awq.model import LINEARS, NO_CLIP, SCALE_GROUPS, Dense, ModelWeights, ScaleGroup
+
+from edge_awq.offline.clip import apply_clip, search_clip
+from edge_awq.offline.fake_quant import fake_quantize
+from edge_awq.offline.layerwise import judge_for, loss_for, record_inputs, to_torch
+from edge_awq.offline.search import output_error, search_scales
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+
+
+@dataclass
+class Sensitivity:
+    """errors[prefix][format]: the relative judged error of linear prefix quantized alone at format."""
+
+    errors: dict[str, dict[str, float]]
+    settings: dict  # what the table depends on: source fingerprint, calibration, method settings
+    seconds: float = 0.0
+
+    def save(self, path: Path) -> None:
+        from edge_awq.formats.atomic import write_text
+
+        write_text(path, json.dumps({"version": VERSION, **dataclasses.asdict(self)}, indent=0))
+
+    @classmethod
+    def load(cls, path: Path, settings: dict) -> Sensitivity | None:
+        """The table kept at path if it was measured with these settings; None if there is none (or another's)."""
+        if not path.exists():
+            return None
+        try:
+            raw = json.loads(path.read_text())
+            table = cls(raw["errors"], raw["settings"], raw.get("seconds", 0.0))
+            if raw.get("version") != VERSION:
+                raise ValueError("another version")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"--sensitivity {path}: not a sensitivity table ({e}); remove it or name another file"
+                             ) from None
+        if table.settings != settings:
+            diff = sorted(k for k in set(settings) | set(table.settings) if settings.get(k) != table.settings.get(k))
+            raise InputError(f"--sensitivity {path}: measured with other settings ({', '.join(diff)} differ); "
+                             "remove it or name another file")
+        return table
+
+
+def settings_of(src, calib: dict, qa) -> dict:
+    """What a sensitivity table depends on (a kept table is reused only when all of it matches)."""
+    return {"source": src.fingerprint(), "calibration": calib.get("sha256"), "n_samples": calib.get("n_samples"),
+            "seqlen": calib.get("seqlen"), "method": qa.method, "duo_scaling": qa.duo_scaling, "clip": qa.clip,
+            "n_grid": qa.n_grid, "formats": hashlib.sha256(json.dumps(sorted(
+                {str(f) for f in _all_candidates(src.args)})).encode()).hexdigest()[:16]}
+
+
+def _all_candidates(a) -> list[LinearFormat]:
+    from edge_awq.config import expected_shapes
+
+    return [f for n in LINEARS for f in candidates(expected_shapes(a)[n][1])]
+
+
+def _groups(a) -> list[ScaleGroup]:
+    """The layer's scale groups, and each linear no group scales as a group of its own without a scale."""
+    groups = [g for g in SCALE_GROUPS if g.when(a)]
+    scaled = {n for g in groups for n in g.linears}
+    return groups + [ScaleGroup(prev="", linears=(n,)) for n in LINEARS if n not in scaled]
+
+
+def layer_errors(lw, x_in, ctx, qa, ops) -> tuple[dict[str, dict[str, float]], torch.Tensor]:
+    """Relative judged errors of one layer's linears at each candidate format, and the layer's FP output."""
+    feats, x_mid, fp_out = record_inputs(lw, x_in, ctx, ops)
+    signal = float(x_in.pow(2).mean())
+    out: dict[str, dict[str, float]] = {n: {} for n in LINEARS}
+    for g in _groups(ctx.args):
+        x = feats[g.linears[0]]
+        judge = judge_for(g, x_in, x_mid, feats, ctx, ops)
+        error = output_error(judge, judge(lw))
+        alone = dataclasses.replace(g, inspect=None)  # the scale searched on the linears' own outputs
+        for f in candidates(x.shape[-1]):
+            s = torch.ones(x.shape[-1], dtype=torch.float32, device=x.device)
+            if qa.method == "awq" and g.prev:
+                loss = loss_for(alone, lw, x_in, x_mid, feats, ctx, ops)
+                res = search_scales(g, lw, x, loss, f.bits, f.group_size, qa.n_grid, qa.duo_scaling)
+                s = torch.tensor(res.scales, dtype=torch.float32, device=x.device)
+            for n in g.linears:
+                d = getattr(lw, n)
+                w = d.weight * s
+                if qa.method == "awq" and qa.clip and n not in NO_CLIP:
+                    w = apply_clip(w, search_clip(w, x / s, f.bits, f.group_size, qa.n_grid), f.group_size)
+                trial = dataclasses.replace(lw, **{n: Dense(fake_quantize(w, f.bits, f.group_size) / s, d.bias)})
+                out[n][str(f)] = error(trial) / signal
+    return out, fp_out
+
+
+def measure(src, blocks: np.ndarray, qa, settings: dict, ops, device: str = "cpu", on_phase=None,
+            on_layer=None) -> Sensitivity:
+    """The sensitivity table of every decoder linear of src on the calibration blocks; on_phase(i, name) as a
+    layer starts, on_layer(i) when it is done."""
+    a = src.args
+    t0 = time.perf_counter()
+    ctx = ModelWeights(a, None, (), None, None, torch.from_numpy(inv_freq(src)).to(device))
+    x = torch.from_numpy(np.asarray(src.get("tok_embeddings")[blocks], dtype=np.float32)).to(device)
+    errors = {}
+    for i in range(a.n_layers):
+        if on_phase is not None:
+            on_phase(i, "sensitivity")
+        with torch.inference_mode():
+            layer, x = layer_errors(to_torch(read_layer(src, i), device), x, ctx, qa, ops)
+        errors.update({f"layers.{i}.{n}": v for n, v in layer.items()})
+        src.release()
+        log.info("sensitivity: layer %d done", i)
+        if on_layer is not None:
+            on_layer(i)
+    return Sensitivity(errors, settings, time.perf_counter() - t0)
