@@ -1,16 +1,21 @@
 """The README's quality table: perplexity of FP, RTN and AWQ variants, measured in one run.
 
-    python benchmarks/quality.py MODEL --calib TEXT --text EVAL [--max-tokens N] [--group-size G]
-        [--n-samples 128] [--seqlen 512] [--bits 4 3] [--variants rtn awq-scale awq awq-duo awq-bf16 ...]
-        [--gguf NAME=FILE ...] [--reuse] --out DIR
+    python benchmarks/quality.py MODEL --calib TEXT --text EVAL [--also-text EVAL2] [--max-tokens N]
+        [--group-size G] [--n-samples 128] [--seqlen 512] [--bits 4 3]
+        [--variants rtn awq-scale awq awq-duo awq-bf16 ... budget:4.5 fit:355MiB ...]
+        [--duo-scaling] [--gguf NAME=FILE ...] [--reuse] --out DIR
 
 Each variant is exported with ``edge-awq export`` and scored with ``edge-awq eval``
 (same protocol as the FP model). ``--gguf`` adds rows for GGUF files quantized by
 other tools (llama.cpp's ``llama-quantize``), scored by the same ``edge-awq eval``;
 their bits per weight count the decoder layers' linear weights only, as ours do.
 ``--reuse`` keeps the rows already in DIR/quality.json (a long run, resumed).
+Mixed-precision variants: ``budget:BITS`` (``export --budget BITS``) and ``fit:MEMORY``
+(``export --fit MEMORY --ctx 2048``, with the default int8 head that the plan counts); they run once,
+not per ``--bits``, and share one sensitivity table (``export --sensitivity``) in DIR. ``--also-text``
+scores every row on a second text (one that chose nothing: the ranking should hold there too).
 Writes DIR/quality.json and prints a Markdown table whose "gap / RTN" column is
-(ppl - FP) / (ppl_RTN - FP) at the same bit width (4-bit RTN for GGUF rows).
+(ppl - FP) / (ppl_RTN - FP) at the same bit width (4-bit RTN for GGUF and mixed rows).
 """
 
 import argparse
@@ -32,6 +37,22 @@ VARIANTS = {
 LABELS = {"rtn": "RTN", "awq-scale": "AWQ scale only", "awq": "AWQ scale+clip", "awq-duo": "AWQ scale+clip, duo",
           "awq-bf16": "AWQ scale+clip, search in bfloat16", "awq-blocks4": "AWQ scale+clip, judged on 4 blocks",
           "awq-blocks16-bf16": "AWQ scale+clip, judged on 16 blocks in bfloat16"}
+
+
+def mixed_flags(variant: str) -> list[str] | None:
+    """export flags of a mixed-precision variant (budget:4.5, fit:355MiB), None for the others."""
+    kind, _, value = variant.partition(":")
+    if kind == "budget":
+        return ["--budget", value]
+    if kind == "fit":
+        return ["--fit", value, "--ctx", "2048", "--head", "int8"]
+    return None
+
+
+def variant(text: str) -> str:
+    if text in VARIANTS or mixed_flags(text) is not None:
+        return text
+    raise argparse.ArgumentTypeError(f"{text}: one of {', '.join(VARIANTS)}, budget:BITS or fit:MEMORY")
 
 
 def edge_awq(*args) -> dict:
@@ -64,7 +85,9 @@ def main():
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
-    ap.add_argument("--variants", nargs="+", default=["rtn", "awq-scale", "awq", "awq-duo"], choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=["rtn", "awq-scale", "awq", "awq-duo"], type=variant)
+    ap.add_argument("--also-text", default=None, help="a second text every row is scored on")
+    ap.add_argument("--duo-scaling", action="store_true", help="the mixed-precision variants with duo scaling")
     ap.add_argument("--head", default="fp16", help="output head of every export (default fp16: the layers compared)")
     ap.add_argument("--gguf", nargs="+", default=[], metavar="NAME=FILE", help="rows for GGUF files made elsewhere")
     ap.add_argument("--reuse", action="store_true", help="keep the rows already in OUT/quality.json")
@@ -75,39 +98,72 @@ def main():
     saved = a.out / "quality.json"
     rows = json.loads(saved.read_text()) if a.reuse and saved.exists() else []
     have = {(r["variant"], r["bits"]) for r in rows}
+
+    def scored(path) -> dict:
+        row = edge_awq("eval", path, "--text", a.text, *limit)
+        if a.also_text:
+            row["perplexity_also"] = edge_awq("eval", path, "--text", a.also_text, *limit)["perplexity"]
+        return row
+
     if ("FP", 16) not in have:
-        rows.insert(0, {"variant": "FP", "bits": 16, **edge_awq("eval", a.model, "--text", a.text, *limit)})
+        rows.insert(0, {"variant": "FP", "bits": 16, **scored(a.model)})
     for spec in a.gguf:
         name, path = spec.split("=", 1)
         if (name, 4) not in have:
             bpw, kinds = gguf_layer_bits(path)
-            rows.append({"variant": name, "bits": 4, **edge_awq("eval", path, "--text", a.text, *limit),
-                         "bits_per_weight": bpw, "export_seconds": None, "group_size": kinds})
+            rows.append({"variant": name, "bits": 4, **scored(path), "bits_per_weight": bpw, "export_seconds": None,
+                         "group_size": kinds})
             saved.write_text(json.dumps(rows, indent=1))
+    table = a.out / ("sensitivity-duo.json" if a.duo_scaling else "sensitivity.json")
+    for v in (v for v in a.variants if mixed_flags(v) is not None):
+        if (v, 0) in have:
+            continue
+        out = a.out / f"{v.replace(':', '-')}.eawq"
+        exp = edge_awq("export", a.model, "--calib", a.calib, "-o", out, "--n-samples", a.n_samples, "--seqlen",
+                       a.seqlen, "--head", a.head, *mixed_flags(v), "--sensitivity", table,
+                       *(["--duo-scaling"] if a.duo_scaling else []))
+        rows.append({"variant": v, "bits": 0, **scored(out), "bits_per_weight": exp["bits_per_weight"],
+                     "export_seconds": exp["seconds"]["total"], "group_size": "mixed",
+                     "sensitivity_seconds": exp["seconds"].get("sensitivity"),
+                     "mix": exp["allocation"]["mix"]})
+        saved.write_text(json.dumps(rows, indent=1))
     for bits in a.bits:
         for v in a.variants:
-            if (v, bits) in have:
+            if (v, bits) in have or mixed_flags(v) is not None:
                 continue
             out = a.out / f"{v}-w{bits}.eawq"
             exp = edge_awq("export", a.model, "--calib", a.calib, "-o", out, "--bits", bits, "--group-size",
                            a.group_size, "--n-samples", a.n_samples, "--seqlen", a.seqlen, "--head", a.head,
                            *VARIANTS[v])
-            ev = edge_awq("eval", out, "--text", a.text, *limit)
+            ev = scored(out)
             rows.append({"variant": v, "bits": bits, **ev, "bits_per_weight": exp["bits_per_weight"],
                          "export_seconds": exp["seconds"]["total"], "group_size": exp["group_size"]})
             saved.write_text(json.dumps(rows, indent=1))
     order = {v: i for i, v in enumerate(["FP", *VARIANTS])}
-    rows.sort(key=lambda r: (-r["bits"] if r["variant"] in order else -4, order.get(r["variant"], 99)))
+    rows.sort(key=lambda r: (r["variant"] != "FP", r["bits_per_weight"] or 0, order.get(r["variant"], 99)))
     fp = rows[0]["perplexity"]
-    print("| method | bits | group | bits/weight | perplexity | gap / RTN | export time (2 cores) |\n|---|---|---|---|---|---|---|")
-    print(f"| FP (source) | 16 | | | {fp:.2f} | | |")
+    also = a.also_text is not None and all("perplexity_also" in r for r in rows)
+    extra = f" {Path(a.also_text).name} |" if also else ""
+    print(f"| method | bits | group | bits/weight | perplexity | gap / RTN |{extra} export time (2 cores) |\n"
+          f"|---|---|---|---|---|---|{'---|' if also else ''}---|")
+    fp_also = f" {rows[0]['perplexity_also']:.2f} |" if also else ""
+    print(f"| FP (source) | 16 | | | {fp:.2f} | |{fp_also} |")
     for r in rows[1:]:
-        rtn = next((x["perplexity"] for x in rows if x["variant"] == "rtn" and x["bits"] == r["bits"]), None)
+        bits = r["bits"] or 4
+        rtn = next((x["perplexity"] for x in rows if x["variant"] == "rtn" and x["bits"] == bits), None)
         ratio = f"{(r['perplexity'] - fp) / (rtn - fp):.2f}" if rtn and rtn != fp else ""
-        label = LABELS.get(r["variant"], f"llama.cpp {r['variant']}")
+        label = mixed_label(r) if mixed_flags(r["variant"]) else LABELS.get(r["variant"], f"llama.cpp {r['variant']}")
         took = "" if r["export_seconds"] is None else f"{r['export_seconds'] / 60:.1f} min"
-        print(f"| {label} | {r['bits']} | {r['group_size']} | {r['bits_per_weight']:.3f} | "
-              f"{r['perplexity']:.2f} | {ratio} | {took} |")
+        shown = f" {r['perplexity_also']:.2f} |" if also else ""
+        print(f"| {label} | {r['bits'] or 'mixed'} | {r['group_size']} | {r['bits_per_weight']:.3f} | "
+              f"{r['perplexity']:.2f} | {ratio} |{shown} {took} |")
+
+
+def mixed_label(r: dict) -> str:
+    kind, _, value = r["variant"].partition(":")
+    what = f"--budget {value}" if kind == "budget" else f"--fit {value} --ctx 2048 (int8 head)"
+    top = ", ".join(f"{k} {v:.0%}" for k, v in list(r.get("mix", {}).items())[:3])
+    return f"AWQ mixed, {what}: {top}"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,196 @@
+"""Mixed precision: the allocator on hand-made tables, and mixed files exported, planned and run."""
+
+import itertools
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edge_awq.offline.allocate import Impossible, allocate
+from tests.conftest import TINYSTORIES, assert_one_line_error, edge_awq, export
+
+
+# --- the allocator ---
+
+def _brute_force(costs, errors, budget):
+    """The least summed error within budget, over every combination (None when none fits)."""
+    best = None
+    for pick in itertools.product(*(range(len(c)) for c in costs)):
+        if sum(c[j] for c, j in zip(costs, pick)) <= budget:
+            e = sum(err[j] for err, j in zip(errors, pick))
+            best = e if best is None or e < best else best
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_allocation_is_optimal_and_within_budget(seed):
+    rng = np.random.default_rng(seed)
+    n, m = int(rng.integers(1, 6)), int(rng.integers(1, 5))
+    costs = [[int(x) for x in rng.integers(10, 100, m)] for _ in range(n)]
+    errors = [[float(x) for x in rng.random(m)] for _ in range(n)]
+    budget = int(rng.integers(10 * n, 100 * n))
+    best = _brute_force(costs, errors, budget)
+    if best is None:
+        with pytest.raises(Impossible):
+            allocate(costs, errors, budget)
+        return
+    pick = allocate(costs, errors, budget)
+    assert sum(c[j] for c, j in zip(costs, pick)) <= budget
+    assert sum(e[j] for e, j in zip(errors, pick)) == pytest.approx(best, abs=1e-12)
+
+
+def test_large_budgets_are_met_exactly_or_under():
+    """Costs of real sizes: the program works in rounded steps, the result holds in exact bytes."""
+    rng = np.random.default_rng(1)
+    costs = [[int(x) for x in rng.integers(100_000, 9_000_000, 7)] for _ in range(300)]
+    errors = [sorted((float(x) for x in rng.random(7)), reverse=True) for _ in range(300)]
+    for budget in (sum(min(c) for c in costs), sum(int(np.median(c)) for c in costs) + 12_345, sum(max(c) for c in costs)):
+        pick = allocate(costs, errors, budget)
+        used = sum(c[j] for c, j in zip(costs, pick))
+        assert used <= budget
+        if budget == sum(min(c) for c in costs):
+            assert pick == [int(np.argmin(c)) for c in costs]  # exactly the budget: the only fit
+        if budget == sum(max(c) for c in costs):
+            assert pick == [int(np.argmin(e)) for e in errors]  # room for everything: the least error each
+
+
+def test_ties_go_to_the_cheaper_format():
+    costs = [[40, 10, 25], [30, 30, 5]]
+    errors = [[0.5, 0.5, 0.5], [1.0, 0.25, 0.25]]
+    assert allocate(costs, errors, 1000) == [1, 2]  # every choice fits: equal errors, the cheapest taken
+
+
+def test_impossible_budget_raises():
+    with pytest.raises(Impossible) as e:
+        allocate([[10, 20], [5, 7]], [[1, 0], [1, 0]], 14)
+    assert e.value.need == 15 and e.value.budget == 14
+
+
+# --- mixed files end to end (stories260K) ---
+
+@pytest.fixture(scope="module")
+def mixed_stories(stories_path, tmp_path_factory):
+    pytest.importorskip("torch")
+    d = tmp_path_factory.mktemp("mixed")
+    out, table = d / "b45.eawq", d / "sens.json"
+    r = export(stories_path, out, "--budget", "4.5", "--n-samples", 8, "--seqlen", 128, "--sensitivity", table,
+               "--json")
+    assert r.returncode == 0, r.stderr
+    return out, table, json.loads(r.stdout)
+
+
+def test_mixed_file_meets_its_budget_and_names_its_formats(mixed_stories, stories_path):
+    from edge_awq.formats.eawq import EawqSource
+    from edge_awq.mixed import LinearFormat, formats_of, linear_names
+    from edge_awq.pack import packed_words
+
+    out, _, info = mixed_stories
+    src = EawqSource(out)
+    a = src.args
+    formats = formats_of(src.quantization)
+    assert set(formats) == {p for p, _, _ in linear_names(a)}
+    assert len(set(formats.values())) > 1  # a budget between the formats mixes them
+    assert info["bits_per_weight"] <= 4.5 and info["allocation"]["bytes"] <= info["allocation"]["budget_bytes"]
+    assert info["bits_per_weight"] == pytest.approx(8 * info["allocation"]["bytes"] / a.linear_params)
+    for prefix, out_f, in_f in linear_names(a):
+        f = formats[prefix]
+        assert isinstance(f, LinearFormat) and in_f % f.group_size == 0
+        assert src.get(prefix + ".qweight").shape == (out_f, packed_words(in_f, f.bits))
+        assert src.get(prefix + ".scales").shape == (out_f, in_f // f.group_size)
+    r = edge_awq("inspect", out)
+    assert r.returncode == 0 and "allocation: --budget 4.5" in r.stdout and "mixed w" in r.stdout
+
+
+def test_plan_reads_a_mixed_file_exactly(mixed_stories):
+    from edge_awq.formats.eawq import EawqSource
+
+    out, _, _ = mixed_stories
+    src = EawqSource(out)
+    layers = sum(n for k, n in src.tensor_bytes().items() if k.startswith("layers."))
+    r = edge_awq("plan", out, "--memory", "1GiB", "--ctx", 256, "--json")
+    p = json.loads(r.stdout)
+    assert p["lines"]["packed decoder weights"] == layers and p["mix"].startswith("mixed ")
+
+
+def test_mixed_file_same_greedy_tokens_on_numpy_and_numba(mixed_stories):
+    import edge_awq
+
+    out, _, _ = mixed_stories
+    tokens = {}
+    for backend, activations in (("reference", "auto"), ("numba", "int16")):  # int8 activations flip near-ties
+        with edge_awq.load(out, backend=backend, ctx=256, activations=activations) as llm:
+            tokens[backend] = [t for piece in llm.generate("Once upon a time", max_new_tokens=24, temperature=0)
+                               for t in piece.token_ids]
+    assert len(tokens["numba"]) == 24 and tokens["numba"] == tokens["reference"]
+
+
+def test_sensitivity_table_is_reused_and_guarded(mixed_stories, stories_path, tmp_path):
+    _, table, first = mixed_stories
+    r = export(stories_path, tmp_path / "b4.eawq", "--budget", "4", "--n-samples", 8, "--seqlen", 128,
+               "--sensitivity", table, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["allocation"]["sensitivity"] == str(table) and info["seconds"]["sensitivity"] == 0.0
+    assert info["bits_per_weight"] <= 4.0 < first["bits_per_weight"]
+    r = export(stories_path, tmp_path / "other.eawq", "--budget", "4", "--n-samples", 4, "--seqlen", 128,
+               "--sensitivity", table)
+    assert_one_line_error(r, "measured with other settings")
+    assert not (tmp_path / "other.eawq").exists()
+
+
+def test_impossible_budget_is_one_line(stories_path, tmp_path):
+    r = export(stories_path, tmp_path / "x.eawq", "--budget", "2", "--n-samples", 2, "--seqlen", 64)
+    assert_one_line_error(r, "--budget 2")
+    assert "bits per weight" in r.stderr and not (tmp_path / "x.eawq").exists()
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--budget", "4", "--fit", "1GiB"], "--budget and --fit"),
+    (["--budget", "4", "--format", "awq-gemm"], "mixed precision"),
+    (["--fit", "64KiB", "--ctx", "256"], "before any weights"),
+    (["--fit", "no-such-device"], "--memory"),
+])
+def test_mixed_flags_refused_in_one_line(stories_path, tmp_path, flags, words):
+    out = tmp_path / ("x" if "awq-gemm" in flags else "x.eawq")
+    r = export(stories_path, out, "--n-samples", 2, "--seqlen", 64, *flags)
+    assert_one_line_error(r, words)
+    assert not out.exists()
+
+
+# --- --fit on SmolLM2: the plan's budget, held by the runtime ---
+
+PEAK = """
+import sys
+from edge_awq.cli import main
+sys.argv = ["edge-awq", *sys.argv[1:]]
+try:
+    sys.exit(main())
+finally:
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+    sys.stderr.write(f"PEAK {int(hwm.split()[1]) * 1024}\\n")
+"""
+
+
+@pytest.mark.long
+def test_fit_file_fits_its_plan_and_runs_within_it(smollm2, tmp_path):
+    pytest.importorskip("torch")
+    out, ctx = tmp_path / "fit.eawq", 1024
+    r = export(smollm2, out, "--fit", "300MiB", "--ctx", ctx, "--method", "rtn", "--n-samples", 1, "--seqlen", 64,
+               "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["bits_per_weight"] < 4.3125  # below today's W4 g64: some linears at 3 bits
+    r = edge_awq("plan", out, "--memory", "300MiB", "--ctx", ctx, "--json")
+    plan = json.loads(r.stdout)
+    assert r.returncode == 0 and plan["fits"], r.stdout
+    assert plan["usable"] - plan["total"] < 0.02 * plan["usable"]  # the largest file that fits: little left over
+    prompt = " ".join(TINYSTORIES.read_text().split()[: ctx // 6])
+    peaks = []
+    for _ in range(2):  # the first run compiles what numba's cache lacks (LLVM's memory is transient)
+        p = subprocess.run([sys.executable, "-c", PEAK, "chat", str(out), "--prompt", prompt, "--backend", "numba",
+                            "--ctx", str(ctx), "--max-new-tokens", "16", "--memory", "300MiB"],
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        peaks.append(int([x for x in p.stderr.splitlines() if x.startswith("PEAK ")][0].split()[1]))
+    assert abs(peaks[-1] - plan["total"]) <= 0.10 * plan["total"], (peaks[-1], plan["total"])
