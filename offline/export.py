@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibration blocks (default 128)")
     p.add_argument("--seqlen", type=flags.int_range(2, 1 << 20, "--seqlen"), default=512,
                    help="tokens per calibration block (default 512)")
+    p.add_argument("--calib-sampling", choices=("even", "documents"), default="even",
+                   help="calibration blocks evenly spaced over the text (default), or as AutoAWQ takes them: documents "
+                        "(split at blank lines) shuffled with a fixed seed, those within --seqlen concatenated")
     p.add_argument("--duo-scaling", action="store_true", help="scale by activation and weight statistics")
     p.add_argument("--no-clip", action="store_true", help="skip the clip search")
     p.add_argument("--search-blocks", type=flags.int_range(0, 1 << 20, "--search-blocks"), default=0,
@@ -137,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     with Progress() as progress:
         info = quantize(args.source, args.calib, args.output, format=args.format, bits=args.bits,
                         group_size=args.group_size, method=args.method, n_samples=args.n_samples, seqlen=args.seqlen,
+                        calib_sampling=args.calib_sampling,
                         duo_scaling=args.duo_scaling, clip=not args.no_clip, search_blocks=args.search_blocks,
                         search_dtype=args.search_dtype, device=args.device, head=args.head,
                         tokenizer=args.tokenizer, requantize=args.requantize, budget=args.budget, fit=args.fit,
@@ -147,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def quantize(source, calib_text, out, *, format: str = "eawq", bits: int = 4, group_size: int | str = 128,
-             method: str = "awq", n_samples: int = 128, seqlen: int = 512, duo_scaling: bool = False,
+             method: str = "awq", n_samples: int = 128, seqlen: int = 512, calib_sampling: str = "even",
+             duo_scaling: bool = False,
              clip: bool = True, search_blocks: int = 0, search_dtype: str = "float32", device: str = "cpu",
              head: str = DEFAULT_HEAD, tokenizer=None, requantize: bool = False, budget: float | None = None,
              fit: str | None = None, ctx: int = 2048, kv_dtype: str = "fp16", sensitivity=None,
@@ -156,7 +161,8 @@ def quantize(source, calib_text, out, *, format: str = "eawq", bits: int = 4, gr
 
     source: anything ``edge_awq.load`` opens; calib_text: a UTF-8 text file; out: an .eawq file, or a directory
     for format "awq-gemm" or "compressed-tensors". bits 4 or 3; group_size an int dividing every linear, "auto"
-    or "channel"; method "awq" or "rtn"; n_samples blocks of seqlen calibration tokens; head "fp16", "int8"
+    or "channel"; method "awq" or "rtn"; n_samples blocks of seqlen calibration tokens, sampled "even" or as
+    "documents" (``calibrate.py``); head "fp16", "int8"
     or "w4"; search_blocks and search_dtype the search's approximations (``--search-blocks``, ``--search-dtype``;
     the defaults are exact); device "cpu" or "cuda" (torch's). An already-quantized source is converted as stored unless
     requantize. Mixed precision (.eawq only): budget in bits per decoder weight, or fit a device profile or memory
@@ -168,6 +174,7 @@ def quantize(source, calib_text, out, *, format: str = "eawq", bits: int = 4, gr
 
     args = argparse.Namespace(source=source, calib=Path(calib_text), output=Path(out), format=format, bits=bits,
                               group_size=group_size, method=method, n_samples=n_samples, seqlen=seqlen,
+                              calib_sampling=calib_sampling,
                               duo_scaling=duo_scaling, no_clip=not clip, search_blocks=search_blocks,
                               search_dtype=search_dtype, device=device, head=head, tokenizer=tokenizer, budget=budget,
                               fit=fit, ctx=ctx, kv_dtype=kv_dtype,
@@ -243,7 +250,7 @@ def _export_eawq(args, src, output: Path, t_start: float, progress) -> dict:
                    args.duo_scaling, not args.no_clip, search_blocks=args.search_blocks, search_dtype=args.search_dtype)
     tok = src.tokenizer()
     t0 = time.perf_counter()
-    blocks, calib = calibration_blocks(args.calib, tok, args.n_samples, args.seqlen)
+    blocks, calib = calibration_blocks(args.calib, tok, args.n_samples, args.seqlen, args.calib_sampling)
     t_calib = time.perf_counter() - t0
     allocation = None
     if mixed:
@@ -299,7 +306,7 @@ def _allocate(args, src, blocks, calib: dict, qa, progress):
     from edge_awq.plan import device_or_memory, linear_budget, size
 
     from edge_awq.offline.allocate import Impossible, allocate
-    from edge_awq.offline.sensitivity import Sensitivity, measure, settings_of
+    from edge_awq.offline.sensitivity import WEIGHTING, Sensitivity, measure, settings_of
     from edge_awq.offline.torch_ops import TorchOps
 
     a = src.args
@@ -328,7 +335,7 @@ def _allocate(args, src, blocks, calib: dict, qa, progress):
     names = linear_names(a)
     options = [candidates(in_f) for _, _, in_f in names]
     costs = [[f.nbytes(out_f, in_f) for f in fs] for (_, out_f, in_f), fs in zip(names, options)]
-    errors = [[table.errors[prefix][str(f)] for f in fs] for (prefix, _, _), fs in zip(names, options)]
+    errors = [[table.weighted(prefix, str(f)) for f in fs] for (prefix, _, _), fs in zip(names, options)]
     try:
         picked = allocate(costs, errors, budget)
     except Impossible as e:
@@ -342,7 +349,7 @@ def _allocate(args, src, blocks, calib: dict, qa, progress):
     top = predominant(formats, a)
     seconds = {"sensitivity": table.seconds if measured else 0.0, "allocate": time.perf_counter() - t0}
     allocation = {**asked, "budget_bytes": budget, "bytes": used, "bits_per_weight": 8 * used / a.linear_params,
-                  "predicted_error": float(sum(e[j] for e, j in zip(errors, picked))),
+                  "predicted_error": float(sum(e[j] for e, j in zip(errors, picked))), "weighting": WEIGHTING,
                   "mix": {k: round(v, 4) for k, v in mix_summary(formats, a).items()},
                   "sensitivity": "measured" if measured else str(args.sensitivity), "seconds": seconds}
     return dataclasses.replace(qa, formats=formats, bits=top.bits), allocation

@@ -99,13 +99,13 @@ def judge_for(group, x_in, x_mid, feats, ctx, ops) -> Callable[[LayerWeights], t
 
 
 def loss_for(group, lw, x_in, x_mid, feats, ctx, ops, gram: bool = True,
-             dtype: str = "float32") -> Callable[[LayerWeights], float]:
+             dtype: str = "float32", gram_dtype=torch.float64) -> Callable[[LayerWeights], float]:
     """A trial's judged error: a group judged on its linears alone from their input's Gram matrix
     (``linear_error``), unless gram is False; a sub-block by running it (``output_error``), its matrix
     products in dtype ("bfloat16": ``CastOps``; the reference through the same arithmetic)."""
     x = feats[group.linears[0]]
     if group.inspect is None and gram and x.numel() // x.shape[-1] >= x.shape[-1]:
-        return linear_error(group.linears, lw, x)  # (the Gram matrix pays where tokens outnumber inputs)
+        return linear_error(group.linears, lw, x, gram_dtype)  # (the Gram matrix pays where tokens outnumber inputs)
     if dtype != "float32":
         ops = CastOps(ops, getattr(torch, dtype))
     judge = judge_for(group, x_in, x_mid, feats, ctx, ops)

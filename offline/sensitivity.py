@@ -2,7 +2,7 @@
 
 A streaming pass over the layers, as the export's: per layer the FP inputs of every linear are recorded;
 per scale group and candidate format the group's AWQ scale is searched at that format (judged on the
-group's linears alone: cheap, and the sub-block judges come next), each linear's clipping is searched at
+group's linears alone, from their Gram matrix in float32: cheap, and the sub-block judges come next), each linear's clipping is searched at
 it, and then each linear alone is quantized that way (the others kept FP) and judged as the AWQ search
 judges its group: the attention output for q/k/v, the MLP output for gate/up, the linear's own output for
 o and down. All of these outputs are added to the residual stream, so an error is measured in its units;
@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,16 +40,30 @@ from edge_awq.offline.search import output_error, search_scales
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
+WEIGHTINGS = ("relative", "residual")
+# how errors are summed: "relative" divides each by its layer's residual power (the default, measured in the
+# README's "Mixed precision"); "residual" takes them in residual units as judged
+WEIGHTING = os.environ.get("EDGE_AWQ_SENSITIVITY_WEIGHTING", "relative")
 
 
 @dataclass
 class Sensitivity:
-    """errors[prefix][format]: the relative judged error of linear prefix quantized alone at format."""
+    """errors[prefix][format]: the judged error (residual units) of linear prefix quantized alone at format;
+    signal[layer]: the mean square of that layer's input."""
 
     errors: dict[str, dict[str, float]]
+    signal: list[float]
     settings: dict  # what the table depends on: source fingerprint, calibration, method settings
     seconds: float = 0.0
+
+    def weighted(self, prefix: str, fmt: str, weighting: str = "") -> float:
+        """The error the allocator sums: relative to the layer's signal, or in residual units."""
+        weighting = weighting or WEIGHTING
+        if weighting not in WEIGHTINGS:
+            raise InputError(f"EDGE_AWQ_SENSITIVITY_WEIGHTING={weighting}: one of {', '.join(WEIGHTINGS)}")
+        e = self.errors[prefix][fmt]
+        return e / self.signal[int(prefix.split(".")[1])] if weighting == "relative" else e
 
     def save(self, path: Path) -> None:
         from edge_awq.formats.atomic import write_text
@@ -62,7 +77,7 @@ class Sensitivity:
             return None
         try:
             raw = json.loads(path.read_text())
-            table = cls(raw["errors"], raw["settings"], raw.get("seconds", 0.0))
+            table = cls(raw["errors"], raw["signal"], raw["settings"], raw.get("seconds", 0.0))
             if raw.get("version") != VERSION:
                 raise ValueError("another version")
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -77,10 +92,11 @@ class Sensitivity:
 
 def settings_of(src, calib: dict, qa) -> dict:
     """What a sensitivity table depends on (a kept table is reused only when all of it matches)."""
-    return {"source": src.fingerprint(), "calibration": calib.get("sha256"), "n_samples": calib.get("n_samples"),
-            "seqlen": calib.get("seqlen"), "method": qa.method, "duo_scaling": qa.duo_scaling, "clip": qa.clip,
-            "n_grid": qa.n_grid, "formats": hashlib.sha256(json.dumps(sorted(
-                {str(f) for f in _all_candidates(src.args)})).encode()).hexdigest()[:16]}
+    out = {"source": src.fingerprint(), "calibration": calib.get("sha256"), "n_samples": calib.get("n_samples"),
+           "seqlen": calib.get("seqlen"), "method": qa.method, "duo_scaling": qa.duo_scaling, "clip": qa.clip,
+           "n_grid": qa.n_grid, "formats": hashlib.sha256(json.dumps(sorted(
+               {str(f) for f in _all_candidates(src.args)})).encode()).hexdigest()[:16]}
+    return {**out, "sampling": calib["sampling"]} if "sampling" in calib else out
 
 
 def _all_candidates(a) -> list[LinearFormat]:
@@ -96,8 +112,9 @@ def _groups(a) -> list[ScaleGroup]:
     return groups + [ScaleGroup(prev="", linears=(n,)) for n in LINEARS if n not in scaled]
 
 
-def layer_errors(lw, x_in, ctx, qa, ops) -> tuple[dict[str, dict[str, float]], torch.Tensor]:
-    """Relative judged errors of one layer's linears at each candidate format, and the layer's FP output."""
+def layer_errors(lw, x_in, ctx, qa, ops) -> tuple[dict[str, dict[str, float]], float, torch.Tensor]:
+    """Judged errors of one layer's linears at each candidate format, the layer input's mean square, and the
+    layer's FP output."""
     feats, x_mid, fp_out = record_inputs(lw, x_in, ctx, ops)
     signal = float(x_in.pow(2).mean())
     out: dict[str, dict[str, float]] = {n: {} for n in LINEARS}
@@ -105,11 +122,12 @@ def layer_errors(lw, x_in, ctx, qa, ops) -> tuple[dict[str, dict[str, float]], t
         x = feats[g.linears[0]]
         judge = judge_for(g, x_in, x_mid, feats, ctx, ops)
         error = output_error(judge, judge(lw))
-        alone = dataclasses.replace(g, inspect=None)  # the scale searched on the linears' own outputs
+        if qa.method == "awq" and g.prev:  # the scale searched on the linears' own outputs, in float32
+            loss = loss_for(dataclasses.replace(g, inspect=None), lw, x_in, x_mid, feats, ctx, ops,
+                            gram_dtype=torch.float32)
         for f in candidates(x.shape[-1]):
             s = torch.ones(x.shape[-1], dtype=torch.float32, device=x.device)
             if qa.method == "awq" and g.prev:
-                loss = loss_for(alone, lw, x_in, x_mid, feats, ctx, ops)
                 res = search_scales(g, lw, x, loss, f.bits, f.group_size, qa.n_grid, qa.duo_scaling)
                 s = torch.tensor(res.scales, dtype=torch.float32, device=x.device)
             for n in g.linears:
@@ -118,8 +136,8 @@ def layer_errors(lw, x_in, ctx, qa, ops) -> tuple[dict[str, dict[str, float]], t
                 if qa.method == "awq" and qa.clip and n not in NO_CLIP:
                     w = apply_clip(w, search_clip(w, x / s, f.bits, f.group_size, qa.n_grid), f.group_size)
                 trial = dataclasses.replace(lw, **{n: Dense(fake_quantize(w, f.bits, f.group_size) / s, d.bias)})
-                out[n][str(f)] = error(trial) / signal
-    return out, fp_out
+                out[n][str(f)] = error(trial)
+    return out, signal, fp_out
 
 
 def measure(src, blocks: np.ndarray, qa, settings: dict, ops, device: str = "cpu", on_phase=None,
@@ -130,15 +148,16 @@ def measure(src, blocks: np.ndarray, qa, settings: dict, ops, device: str = "cpu
     t0 = time.perf_counter()
     ctx = ModelWeights(a, None, (), None, None, torch.from_numpy(inv_freq(src)).to(device))
     x = torch.from_numpy(np.asarray(src.get("tok_embeddings")[blocks], dtype=np.float32)).to(device)
-    errors = {}
+    errors, signal = {}, []
     for i in range(a.n_layers):
         if on_phase is not None:
             on_phase(i, "sensitivity")
         with torch.inference_mode():
-            layer, x = layer_errors(to_torch(read_layer(src, i), device), x, ctx, qa, ops)
+            layer, power, x = layer_errors(to_torch(read_layer(src, i), device), x, ctx, qa, ops)
         errors.update({f"layers.{i}.{n}": v for n, v in layer.items()})
+        signal.append(power)
         src.release()
         log.info("sensitivity: layer %d done", i)
         if on_layer is not None:
             on_layer(i)
-    return Sensitivity(errors, settings, time.perf_counter() - t0)
+    return Sensitivity(errors, signal, settings, time.perf_counter() - t0)

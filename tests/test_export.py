@@ -163,3 +163,21 @@ def test_export_peak_memory_does_not_grow_with_depth(smollm2, tmp_path):
         assert r.returncode == 0 and peak, r.stderr
         peaks.append(int(peak[0].split()[1]))
     assert peaks[1] < 1.10 * peaks[0], peaks
+
+
+def test_calibration_documents_as_the_references_take_them(stories_path):
+    """--calib-sampling documents: shuffled (fixed seed) documents of at most a block, concatenated and cut."""
+    import numpy as np
+
+    from edge_awq.offline.calibrate import calibration_blocks
+
+    tok = open_source(stories_path).tokenizer()
+    even, s_even = calibration_blocks(SHAKESPEARE, tok, 8, 64)
+    docs, s_docs = calibration_blocks(SHAKESPEARE, tok, 8, 64, "documents")
+    again, _ = calibration_blocks(SHAKESPEARE, tok, 8, 64, "documents")
+    assert docs.shape == even.shape == (8, 64) and np.array_equal(docs, again)  # the seed is fixed
+    assert not np.array_equal(docs, even) and s_docs["sampling"] == "documents" and "sampling" not in s_even
+    pieces = [np.asarray(tok.encode(d.strip())) for d in SHAKESPEARE.read_text().split("\n\n") if d.strip()]
+    stream = docs.reshape(-1)
+    first = next(p for p in pieces if 0 < len(p) <= 64 and np.array_equal(stream[: len(p)], p))
+    assert len(first) <= 64  # the blocks begin with a whole document of at most a block
