@@ -40,8 +40,10 @@ LABELS = {"rtn": "RTN", "awq-scale": "AWQ scale only", "awq": "AWQ scale+clip", 
 
 
 def mixed_flags(variant: str) -> list[str] | None:
-    """export flags of a mixed-precision variant (budget:4.5, fit:355MiB), None for the others."""
+    """export flags of a mixed-precision variant (budget:4.5, fit:355MiB, and with a weighting of the
+    sensitivities other than the default: budget:4.5:residual), None for the others."""
     kind, _, value = variant.partition(":")
+    value = value.partition(":")[0]
     if kind == "budget":
         return ["--budget", value]
     if kind == "fit":
@@ -55,8 +57,17 @@ def variant(text: str) -> str:
     raise argparse.ArgumentTypeError(f"{text}: one of {', '.join(VARIANTS)}, budget:BITS or fit:MEMORY")
 
 
-def edge_awq(*args) -> dict:
-    r = subprocess.run([sys.executable, "-m", "edge_awq", *map(str, args), "--json"], capture_output=True, text=True)
+def weighting_env(variant: str) -> dict:
+    """The environment of a mixed variant's export: its weighting of the sensitivities, if it names one."""
+    import os
+
+    weighting = variant.split(":")[2] if variant.count(":") == 2 else None
+    return {**os.environ, **({"EDGE_AWQ_SENSITIVITY_WEIGHTING": weighting} if weighting else {})}
+
+
+def edge_awq(*args, env=None) -> dict:
+    r = subprocess.run([sys.executable, "-m", "edge_awq", *map(str, args), "--json"], capture_output=True, text=True,
+                       env=env)
     if r.returncode != 0:
         sys.exit(f"edge-awq {args[0]} failed: {r.stderr.strip()}")
     return json.loads(r.stdout)
@@ -87,6 +98,8 @@ def main():
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--variants", nargs="+", default=["rtn", "awq-scale", "awq", "awq-duo"], type=variant)
     ap.add_argument("--also-text", default=None, help="a second text every row is scored on")
+    ap.add_argument("--eval-flags", default="", metavar="FLAGS",
+                    help="passed to every edge-awq eval, as one string (--eval-flags='--backend numba')")
     ap.add_argument("--duo-scaling", action="store_true", help="the mixed-precision variants with duo scaling")
     ap.add_argument("--head", default="fp16", help="output head of every export (default fp16: the layers compared)")
     ap.add_argument("--gguf", nargs="+", default=[], metavar="NAME=FILE", help="rows for GGUF files made elsewhere")
@@ -95,14 +108,15 @@ def main():
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     limit = ["--max-tokens", a.max_tokens] if a.max_tokens else []
+    a.eval_flags = a.eval_flags.split()
     saved = a.out / "quality.json"
     rows = json.loads(saved.read_text()) if a.reuse and saved.exists() else []
     have = {(r["variant"], r["bits"]) for r in rows}
 
     def scored(path) -> dict:
-        row = edge_awq("eval", path, "--text", a.text, *limit)
+        row = edge_awq("eval", path, "--text", a.text, *limit, *a.eval_flags)
         if a.also_text:
-            row["perplexity_also"] = edge_awq("eval", path, "--text", a.also_text, *limit)["perplexity"]
+            row["perplexity_also"] = edge_awq("eval", path, "--text", a.also_text, *limit, *a.eval_flags)["perplexity"]
         return row
 
     if ("FP", 16) not in have:
@@ -121,7 +135,7 @@ def main():
         out = a.out / f"{v.replace(':', '-')}.eawq"
         exp = edge_awq("export", a.model, "--calib", a.calib, "-o", out, "--n-samples", a.n_samples, "--seqlen",
                        a.seqlen, "--head", a.head, *mixed_flags(v), "--sensitivity", table,
-                       *(["--duo-scaling"] if a.duo_scaling else []))
+                       *(["--duo-scaling"] if a.duo_scaling else []), env=weighting_env(v))
         rows.append({"variant": v, "bits": 0, **scored(out), "bits_per_weight": exp["bits_per_weight"],
                      "export_seconds": exp["seconds"]["total"], "group_size": "mixed",
                      "sensitivity_seconds": exp["seconds"].get("sensitivity"),
@@ -161,7 +175,9 @@ def main():
 
 def mixed_label(r: dict) -> str:
     kind, _, value = r["variant"].partition(":")
+    value, _, weighting = value.partition(":")
     what = f"--budget {value}" if kind == "budget" else f"--fit {value} --ctx 2048 (int8 head)"
+    what += f", {weighting} weighting" if weighting else ""
     top = ", ".join(f"{k} {v:.0%}" for k, v in list(r.get("mix", {}).items())[:3])
     return f"AWQ mixed, {what}: {top}"
 

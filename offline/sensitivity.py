@@ -2,7 +2,8 @@
 
 A streaming pass over the layers, as the export's: per layer the FP inputs of every linear are recorded;
 per scale group and candidate format the group's AWQ scale is searched at that format (judged on the
-group's linears alone, from their Gram matrix in float32: cheap, and the sub-block judges come next), each linear's clipping is searched at
+group's linears alone, from their Gram matrix in float32, on at most ``SEARCH_ROWS`` of their output rows:
+cheap, and the sub-block judges come next), each linear's clipping is searched at
 it, and then each linear alone is quantized that way (the others kept FP) and judged as the AWQ search
 judges its group: the attention output for q/k/v, the MLP output for gate/up, the linear's own output for
 o and down. All of these outputs are added to the residual stream, so an error is measured in its units;
@@ -41,6 +42,7 @@ from edge_awq.offline.search import output_error, search_scales
 log = logging.getLogger(__name__)
 
 VERSION = 2
+SEARCH_ROWS = 4096  # a group's scale search here judges at most this many of its output rows, evenly spaced
 WEIGHTINGS = ("relative", "residual")
 # how errors are summed: "relative" divides each by its layer's residual power (the default, measured in the
 # README's "Mixed precision"); "residual" takes them in residual units as judged
@@ -112,6 +114,17 @@ def _groups(a) -> list[ScaleGroup]:
     return groups + [ScaleGroup(prev="", linears=(n,)) for n in LINEARS if n not in scaled]
 
 
+def _rows(lw, names: tuple[str, ...], limit: int = SEARCH_ROWS):
+    """lw with the named linears cut to every k-th output row, at most limit rows in all (lw itself if fewer)."""
+    rows = sum(getattr(lw, n).weight.shape[0] for n in names)
+    if rows <= limit:
+        return lw
+    k = -(-rows // limit)
+    cut = {n: Dense(getattr(lw, n).weight[::k], None if getattr(lw, n).bias is None else getattr(lw, n).bias[::k])
+           for n in names}
+    return dataclasses.replace(lw, **cut)
+
+
 def layer_errors(lw, x_in, ctx, qa, ops) -> tuple[dict[str, dict[str, float]], float, torch.Tensor]:
     """Judged errors of one layer's linears at each candidate format, the layer input's mean square, and the
     layer's FP output."""
@@ -123,12 +136,13 @@ def layer_errors(lw, x_in, ctx, qa, ops) -> tuple[dict[str, dict[str, float]], f
         judge = judge_for(g, x_in, x_mid, feats, ctx, ops)
         error = output_error(judge, judge(lw))
         if qa.method == "awq" and g.prev:  # the scale searched on the linears' own outputs, in float32
-            loss = loss_for(dataclasses.replace(g, inspect=None), lw, x_in, x_mid, feats, ctx, ops,
+            searched = _rows(lw, g.linears)
+            loss = loss_for(dataclasses.replace(g, inspect=None), searched, x_in, x_mid, feats, ctx, ops,
                             gram_dtype=torch.float32)
         for f in candidates(x.shape[-1]):
             s = torch.ones(x.shape[-1], dtype=torch.float32, device=x.device)
             if qa.method == "awq" and g.prev:
-                res = search_scales(g, lw, x, loss, f.bits, f.group_size, qa.n_grid, qa.duo_scaling)
+                res = search_scales(g, searched, x, loss, f.bits, f.group_size, qa.n_grid, qa.duo_scaling)
                 s = torch.tensor(res.scales, dtype=torch.float32, device=x.device)
             for n in g.linears:
                 d = getattr(lw, n)

@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from edge_awq.formats.load import inv_freq, read_layer  # noqa: E402
-from edge_awq.model import SCALE_GROUPS, Dense, LayerWeights, ModelWeights, block  # noqa: E402
+from edge_awq.model import LINEARS, SCALE_GROUPS, Dense, LayerWeights, ModelWeights, block  # noqa: E402
 from edge_awq.offline.clip import apply_clip, group_errors, sample_tokens, search_clip  # noqa: E402
 from edge_awq.offline.fake_quant import fake_quantize  # noqa: E402
 from edge_awq.config import resolve_group_size  # noqa: E402
@@ -124,3 +124,25 @@ def test_group_size_resolution(smollm2_weights, stories_weights):
     assert resolve_group_size(stories.args, "auto") == 4 and resolve_group_size(stories.args, "channel") == "channel"
     with pytest.raises(ConfigError, match="input width 172 of layer w2"):
         resolve_group_size(stories.args, "64")
+
+
+@pytest.mark.parametrize("duo", [False, True])
+def test_formats_naming_one_format_quantize_as_that_format(stories_layer, duo):
+    """A mixed-precision layer whose formats are all one is the single-format layer, bit for bit; and each
+    linear of a truly mixed layer is packed at its own width and group."""
+    import dataclasses
+
+    from edge_awq.mixed import LinearFormat
+
+    lw, x, ctx = stories_layer
+    qa = QuantArgs(4, "channel", duo_scaling=duo)
+    same = {f"layers.1.{n}": LinearFormat(4, getattr(lw, n).weight.shape[1]) for n in LINEARS}
+    a, _, _, rep_a = quantize_layer(lw, x, 1, ctx, qa, ops)
+    b, _, _, rep_b = quantize_layer(lw, x, 1, ctx, dataclasses.replace(qa, formats=same), ops)
+    for n in LINEARS:
+        assert np.array_equal(a[n].qweight, b[n].qweight) and np.array_equal(a[n].scales, b[n].scales)
+    assert rep_a.loss == rep_b.loss
+    mixed = {**same, "layers.1.wk": LinearFormat(8, 64), "layers.1.w1": LinearFormat(3, 32)}
+    c, _, _, _ = quantize_layer(lw, x, 1, ctx, dataclasses.replace(qa, formats=mixed), ops)
+    assert (c["wk"].bits, c["wk"].group_size, c["w1"].bits, c["w1"].group_size) == (8, 64, 3, 32)
+    assert (c["wq"].bits, c["wq"].group_size) == (4, 64)
