@@ -6,10 +6,13 @@ group's linears alone, from their Gram matrix in float32, on at most ``SEARCH_RO
 cheap, and the sub-block judges come next), each linear's clipping is searched at
 it, and then each linear alone is quantized that way (the others kept FP) and judged as the AWQ search
 judges its group: the attention output for q/k/v, the MLP output for gate/up, the linear's own output for
-o and down. All of these outputs are added to the residual stream, so an error is measured in its units;
-divided by the mean square of the layer's input (the residual stream's power there, which RMSNorm divides
-out downstream) it becomes a relative error comparable across depth. The next layer's input is the FP
-output: sensitivities do not depend on the allocation that will use them.
+o and down. All of these outputs are added to the residual stream, so an error is measured in its units,
+over the channels that are not massive activations (a channel whose power is ``MASSIVE`` times the median
+channel's: RMSNorm divides every channel by a norm such a channel dominates, so an error in the others
+counts against their own signal, and one in the massive channel against its huge value — nothing);
+divided by the mean square of the layer's input over the same channels it becomes a relative error
+comparable across depth. The next layer's input is the FP output: sensitivities do not depend on the
+allocation that will use them.
 
 The table is independent of the budget: ``export --sensitivity FILE`` keeps it, and exports at other
 budgets read it back instead of measuring again.
@@ -37,11 +40,12 @@ from edge_awq.model import LINEARS, NO_CLIP, SCALE_GROUPS, Dense, ModelWeights, 
 from edge_awq.offline.clip import apply_clip, search_clip
 from edge_awq.offline.fake_quant import fake_quantize
 from edge_awq.offline.layerwise import judge_for, loss_for, record_inputs, to_torch
-from edge_awq.offline.search import output_error, search_scales
+from edge_awq.offline.search import search_scales
 
 log = logging.getLogger(__name__)
 
-VERSION = 2
+VERSION = 3
+MASSIVE = 100.0  # a channel whose power exceeds this many times the median channel's is a massive activation
 SEARCH_ROWS = 4096  # a group's scale search here judges at most this many of its output rows, evenly spaced
 WEIGHTINGS = ("relative", "residual")
 # how errors are summed: "relative" divides each by its layer's residual power (the default, measured in the
@@ -125,16 +129,28 @@ def _rows(lw, names: tuple[str, ...], limit: int = SEARCH_ROWS):
     return dataclasses.replace(lw, **cut)
 
 
+def _masked_error(judge, reference, keep):
+    """A trial's mean squared error of the judged output over the residual channels kept (massive ones out)."""
+
+    def error(trial) -> float:
+        d = judge(trial).sub_(reference)[..., keep]
+        return float(d.mul_(d).mean())
+
+    return error
+
+
 def layer_errors(lw, x_in, ctx, qa, ops) -> tuple[dict[str, dict[str, float]], float, torch.Tensor]:
     """Judged errors of one layer's linears at each candidate format, the layer input's mean square, and the
     layer's FP output."""
     feats, x_mid, fp_out = record_inputs(lw, x_in, ctx, ops)
-    signal = float(x_in.pow(2).mean())
+    power = x_in.pow(2).reshape(-1, x_in.shape[-1]).mean(0)  # per residual channel
+    keep = power <= MASSIVE * power.median()
+    signal = float(power[keep].mean())
     out: dict[str, dict[str, float]] = {n: {} for n in LINEARS}
     for g in _groups(ctx.args):
         x = feats[g.linears[0]]
         judge = judge_for(g, x_in, x_mid, feats, ctx, ops)
-        error = output_error(judge, judge(lw))
+        error = _masked_error(judge, judge(lw), keep)
         if qa.method == "awq" and g.prev:  # the scale searched on the linears' own outputs, in float32
             searched = _rows(lw, g.linears)
             loss = loss_for(dataclasses.replace(g, inspect=None), searched, x_in, x_mid, feats, ctx, ops,
