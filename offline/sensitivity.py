@@ -129,6 +129,12 @@ def _rows(lw, names: tuple[str, ...], limit: int = SEARCH_ROWS):
     return dataclasses.replace(lw, **cut)
 
 
+def ordinary_channels(x: torch.Tensor) -> torch.Tensor:
+    """The residual channels of x (..., dim) that are not massive activations: (dim,) bool."""
+    power = x.pow(2).reshape(-1, x.shape[-1]).mean(0)
+    return power <= MASSIVE * power.median()
+
+
 def _masked_error(judge, reference, keep):
     """A trial's mean squared error of the judged output over the residual channels kept (massive ones out)."""
 
@@ -143,9 +149,8 @@ def layer_errors(lw, x_in, ctx, qa, ops) -> tuple[dict[str, dict[str, float]], f
     """Judged errors of one layer's linears at each candidate format, the layer input's mean square, and the
     layer's FP output."""
     feats, x_mid, fp_out = record_inputs(lw, x_in, ctx, ops)
-    power = x_in.pow(2).reshape(-1, x_in.shape[-1]).mean(0)  # per residual channel
-    keep = power <= MASSIVE * power.median()
-    signal = float(power[keep].mean())
+    keep = ordinary_channels(x_in)
+    signal = float(x_in[..., keep].pow(2).mean())
     out: dict[str, dict[str, float]] = {n: {} for n in LINEARS}
     for g in _groups(ctx.args):
         x = feats[g.linears[0]]

@@ -194,3 +194,43 @@ def test_fit_file_fits_its_plan_and_runs_within_it(smollm2, tmp_path):
         assert p.returncode == 0, p.stderr
         peaks.append(int([x for x in p.stderr.splitlines() if x.startswith("PEAK ")][0].split()[1]))
     assert abs(peaks[-1] - plan["total"]) <= 0.10 * plan["total"], (peaks[-1], plan["total"])
+
+
+# --- the sensitivity table ---
+
+def test_massive_channels_are_set_apart():
+    import torch
+
+    from edge_awq.offline.sensitivity import ordinary_channels
+
+    x = torch.randn(4, 32, 64, generator=torch.Generator().manual_seed(0))
+    assert bool(ordinary_channels(x).all())
+    x[..., 5] *= 300.0  # one channel carrying most of the stream's power, as SmolLM2's from layer 12 on
+    keep = ordinary_channels(x)
+    assert not bool(keep[5]) and int(keep.sum()) == 63
+
+
+def test_layer_errors_fall_with_bits(stories_path):
+    """On a real layer: every linear's judged error falls from 3 to 4 to 8 bits at one group size (a finer
+    group is not always better: each format has its own scale search)."""
+    import torch
+
+    from edge_awq.formats.load import inv_freq, open_source, read_layer
+    from edge_awq.model import ModelWeights
+    from edge_awq.offline.layerwise import QuantArgs, to_torch
+    from edge_awq.offline.sensitivity import layer_errors
+    from edge_awq.offline.torch_ops import TorchOps
+
+    src = open_source(stories_path)
+    ctx = ModelWeights(src.args, None, (), None, None, torch.from_numpy(inv_freq(src)))
+    tokens = np.arange(4 * 64).reshape(4, 64) % src.args.vocab_size
+    x = torch.from_numpy(np.asarray(src.get("tok_embeddings")[tokens], dtype=np.float32))
+    with torch.inference_mode():
+        errors, signal, out = layer_errors(to_torch(read_layer(src, 0), "cpu"), x, ctx, QuantArgs(), TorchOps("cpu"))
+    assert signal > 0 and out.shape == x.shape
+    for n, e in errors.items():
+        if n == "w2":  # input width 172: one group a row
+            assert e["w8g172"] < e["w4g172"] < e["w3g172"], e
+            continue
+        assert e["w8g64"] < e["w4g64"] < e["w3g64"] and e["w4g32"] < e["w3g32"], (n, e)
+        assert set(e) == {"w3g64", "w3g32", "w4g64", "w4g32", "w8g64"}  # 128 does not divide 64
