@@ -177,11 +177,11 @@ finally:
 def test_fit_file_fits_its_plan_and_runs_within_it(smollm2, tmp_path):
     pytest.importorskip("torch")
     out, ctx = tmp_path / "fit.eawq", 1024
-    r = export(smollm2, out, "--fit", "300MiB", "--ctx", ctx, "--method", "rtn", "--n-samples", 1, "--seqlen", 64,
+    r = export(smollm2, out, "--fit", "330MiB", "--ctx", ctx, "--method", "rtn", "--n-samples", 1, "--seqlen", 64,
                "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["bits_per_weight"] < 4.3125  # below today's W4 g64: some linears at 3 bits
-    r = edge_awq("plan", out, "--memory", "300MiB", "--ctx", ctx, "--json")
+    r = edge_awq("plan", out, "--memory", "330MiB", "--ctx", ctx, "--json")
     plan = json.loads(r.stdout)
     assert r.returncode == 0 and plan["fits"], r.stdout
     assert plan["usable"] - plan["total"] < 0.02 * plan["usable"]  # the largest file that fits: little left over
@@ -189,7 +189,7 @@ def test_fit_file_fits_its_plan_and_runs_within_it(smollm2, tmp_path):
     peaks = []
     for _ in range(2):  # the first run compiles what numba's cache lacks (LLVM's memory is transient)
         p = subprocess.run([sys.executable, "-c", PEAK, "chat", str(out), "--prompt", prompt, "--backend", "numba",
-                            "--ctx", str(ctx), "--max-new-tokens", "16", "--memory", "300MiB"],
+                            "--ctx", str(ctx), "--max-new-tokens", "16", "--memory", "330MiB"],
                            capture_output=True, text=True)
         assert p.returncode == 0, p.stderr
         peaks.append(int([x for x in p.stderr.splitlines() if x.startswith("PEAK ")][0].split()[1]))
