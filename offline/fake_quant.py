@@ -5,11 +5,26 @@ from __future__ import annotations
 import torch
 
 
+CHUNK = 1 << 22  # values rounded at a time: the temporaries of a 70B-wide linear stay tens of MB, not GBs
+
+
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """w_hat of w (..., in) grouped along the last axis: the same arithmetic as ``pack.quantize``.
 
-    Scales are rounded to float16 before use, as they are stored.
+    Scales are rounded to float16 before use, as they are stored. A large w is done CHUNK values at a time
+    (whole groups: the same values), into one output.
     """
+    if w.numel() > CHUNK:
+        flat = w.reshape(-1, group_size)
+        out = torch.empty(flat.shape, dtype=torch.float32, device=w.device)
+        rows = max(1, CHUNK // group_size)
+        for r in range(0, flat.shape[0], rows):
+            out[r : r + rows] = _fake_quantize(flat[r : r + rows], bits, group_size)
+        return out.reshape(w.shape)
+    return _fake_quantize(w, bits, group_size)
+
+
+def _fake_quantize(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     shape = w.shape
     max_int = 2**bits - 1
     g = w.reshape(-1, group_size).float()  # (rows * G, gs)

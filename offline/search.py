@@ -66,7 +66,7 @@ def scaled_trial(lw: LayerWeights, names: tuple[str, ...], s: torch.Tensor, bits
     for n in names:
         d = getattr(lw, n)
         b, gs = (formats[n].bits, formats[n].group_size) if formats else (bits, group_size)
-        trial[n] = Dense(fake_quantize(d.weight * s, b, gs) / s, d.bias)
+        trial[n] = Dense(fake_quantize(d.weight * s, b, gs).div_(s), d.bias)  # a fresh tensor: divided in place
     return dataclasses.replace(lw, **trial)
 
 

@@ -170,7 +170,8 @@ def layer_errors(lw, x_in, ctx, qa, ops) -> tuple[dict[str, dict[str, float]], f
                 w = d.weight * s
                 if qa.method == "awq" and qa.clip and n not in NO_CLIP:
                     w = apply_clip(w, search_clip(w, x / s, f.bits, f.group_size, qa.n_grid), f.group_size)
-                trial = dataclasses.replace(lw, **{n: Dense(fake_quantize(w, f.bits, f.group_size) / s, d.bias)})
+                w = fake_quantize(w, f.bits, f.group_size).div_(s)  # fresh: divided in place
+                trial = dataclasses.replace(lw, **{n: Dense(w, d.bias)})
                 out[n][str(f)] = error(trial)
     return out, signal, fp_out
 

@@ -146,3 +146,12 @@ def test_formats_naming_one_format_quantize_as_that_format(stories_layer, duo):
     c, _, _, _ = quantize_layer(lw, x, 1, ctx, dataclasses.replace(qa, formats=mixed), ops)
     assert (c["wk"].bits, c["wk"].group_size, c["w1"].bits, c["w1"].group_size) == (8, 64, 3, 32)
     assert (c["wq"].bits, c["wq"].group_size) == (4, 64)
+
+
+def test_fake_quantize_in_chunks_is_the_same():
+    """A linear larger than fake_quant.CHUNK is rounded a chunk of rows at a time: the same values."""
+    from edge_awq.offline import fake_quant
+
+    w = torch.randn(fake_quant.CHUNK // 512 + 3, 1024, generator=torch.Generator().manual_seed(0))
+    for bits, gs in ((4, 64), (3, 128), (8, 1024)):
+        assert torch.equal(fake_quant.fake_quantize(w, bits, gs), fake_quant._fake_quantize(w, bits, gs))
