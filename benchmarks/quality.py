@@ -154,7 +154,7 @@ def main():
                          "export_seconds": exp["seconds"]["total"], "group_size": exp["group_size"]})
             saved.write_text(json.dumps(rows, indent=1))
     order = {v: i for i, v in enumerate(["FP", *VARIANTS])}
-    rows.sort(key=lambda r: (r["variant"] != "FP", r["bits_per_weight"] or 0, order.get(r["variant"], 99)))
+    rows.sort(key=lambda r: (r["variant"] != "FP", r.get("bits_per_weight") or 0, order.get(r["variant"], 99)))
     fp = rows[0]["perplexity"]
     also = a.also_text is not None and all("perplexity_also" in r for r in rows)
     extra = f" {Path(a.also_text).name} |" if also else ""

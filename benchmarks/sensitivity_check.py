@@ -18,12 +18,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def predicted(path: Path, table) -> tuple[float, float] | None:
-    """(summed weighted error, bits per weight) of the file at path under table; None if the table lacks a format."""
+    """(summed weighted error, bits per weight) of the file at path under table; None if the table lacks a format
+    or was measured for another method."""
     from edge_awq.formats.eawq import EawqSource, stored_bits_per_weight
     from edge_awq.mixed import LinearFormat, formats_of, linear_names
 
     src = EawqSource(path)
     q, a = src.quantization, src.args
+    if q.get("method") != table.settings.get("method"):
+        return None  # a table measured for AWQ says nothing of a round-to-nearest file
     own = formats_of(q)
     total = 0.0
     for prefix, _, in_f in linear_names(a):
