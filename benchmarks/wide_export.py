@@ -14,7 +14,6 @@ row per run: the width, the peak, the time per phase.
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,17 +22,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-PEAK = """
-import sys
-from edge_awq.cli import main
-sys.argv = ["edge-awq", *sys.argv[1:]]
-try:
-    sys.exit(main())
-finally:
-    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-    sys.stderr.write(f"PEAK {int(hwm.split()[1]) * 1024}\\n")
-"""
 
 
 def write_random_model(preset: str, layers: int, tokenizer_from: str, out: Path, seed: int = 0) -> Path:
@@ -78,6 +66,8 @@ def write_random_model(preset: str, layers: int, tokenizer_from: str, out: Path,
 
 
 def main():
+    from export_memory import peak_of
+
     from edge_awq.formats.load import open_source
 
     ap = argparse.ArgumentParser()
@@ -100,11 +90,8 @@ def main():
         size = sum(f.stat().st_size for f in model.iterdir())
         args = ["export", str(model), "--calib", a.calib, "-o", str(tmp / "out.eawq"), "--n-samples", a.n_samples,
                 "--seqlen", a.seqlen, "--json", *(["--budget", a.budget] if a.budget else [])]
-        r = subprocess.run([sys.executable, "-c", PEAK, *args], capture_output=True, text=True)
-        peak = [line for line in r.stderr.splitlines() if line.startswith("PEAK ")]
-        if r.returncode != 0 or not peak:
-            sys.exit(f"edge-awq export failed: {r.stderr[-800:]}")
-        info = json.loads(r.stdout)
+        peak, stdout = peak_of(args)  # the exporter's own VmHWM (export_memory.py)
+        info = json.loads(stdout)
         src = open_source(model)
         sa = src.args
         phases = ", ".join(f"{k} {v:.0f} s" for k, v in info["seconds"].items())
@@ -112,7 +99,7 @@ def main():
               "|---|---|---|---|---|---|---|---|")
         mode = f"AWQ, --budget {a.budget} (sensitivity pass on)" if a.budget else "AWQ"
         print(f"| {sa.dim} | {sa.hidden_dim} | {sa.n_heads}/{sa.n_kv_heads} | {sa.n_layers} | {size / 1e9:.2f} GB | "
-              f"{mode} | {int(peak[0].split()[1]) / 2**30:.2f} GiB | {phases} |")
+              f"{mode} | {peak / 2**30:.2f} GiB | {phases} |")
     finally:
         shutil.rmtree(tmp)
 

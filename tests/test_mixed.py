@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edge_awq.offline.allocate import Impossible, allocate
-from tests.conftest import TINYSTORIES, assert_one_line_error, edge_awq, export
+from tests.conftest import PEAK, TINYSTORIES, assert_one_line_error, edge_awq, export
 
 
 # --- the allocator ---
@@ -161,16 +161,6 @@ def test_mixed_flags_refused_in_one_line(stories_path, tmp_path, flags, words):
 
 # --- --fit on SmolLM2: the plan's budget, held by the runtime ---
 
-PEAK = """
-import sys
-from edge_awq.cli import main
-sys.argv = ["edge-awq", *sys.argv[1:]]
-try:
-    sys.exit(main())
-finally:
-    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-    sys.stderr.write(f"PEAK {int(hwm.split()[1]) * 1024}\\n")
-"""
 
 
 @pytest.mark.long
