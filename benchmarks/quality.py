@@ -29,12 +29,14 @@ VARIANTS = {
     "awq-scale": ["--method", "awq", "--no-clip"],
     "awq": ["--method", "awq"],
     "awq-duo": ["--method", "awq", "--duo-scaling"],
+    "awq-documents": ["--method", "awq", "--calib-sampling", "documents"],
     # the search's approximations (docs/export-speed.md)
     "awq-bf16": ["--method", "awq", "--search-dtype", "bfloat16"],
     "awq-blocks4": ["--method", "awq", "--search-blocks", "4"],
     "awq-blocks16-bf16": ["--method", "awq", "--search-blocks", "16", "--search-dtype", "bfloat16"],
 }
 LABELS = {"rtn": "RTN", "awq-scale": "AWQ scale only", "awq": "AWQ scale+clip", "awq-duo": "AWQ scale+clip, duo",
+          "awq-documents": "AWQ scale+clip, calibration documents",
           "awq-bf16": "AWQ scale+clip, search in bfloat16", "awq-blocks4": "AWQ scale+clip, judged on 4 blocks",
           "awq-blocks16-bf16": "AWQ scale+clip, judged on 16 blocks in bfloat16"}
 
@@ -139,7 +141,7 @@ def main():
         rows.append({"variant": v, "bits": 0, **scored(out), "bits_per_weight": exp["bits_per_weight"],
                      "export_seconds": exp["seconds"]["total"], "group_size": "mixed",
                      "sensitivity_seconds": exp["seconds"].get("sensitivity"),
-                     "mix": exp["allocation"]["mix"]})
+                     "mix": exp["allocation"]["mix"], "duo_scaling": a.duo_scaling})
         saved.write_text(json.dumps(rows, indent=1))
     for bits in a.bits:
         for v in a.variants:
@@ -178,6 +180,7 @@ def mixed_label(r: dict) -> str:
     value, _, weighting = value.partition(":")
     what = f"--budget {value}" if kind == "budget" else f"--fit {value} --ctx 2048 (int8 head)"
     what += f", {weighting} weighting" if weighting else ""
+    what += ", duo scaling" if r.get("duo_scaling") else ""
     top = ", ".join(f"{k} {v:.0%}" for k, v in list(r.get("mix", {}).items())[:3])
     return f"AWQ mixed, {what}: {top}"
 

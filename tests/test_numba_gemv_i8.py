@@ -60,10 +60,12 @@ def test_integer_part_is_exact():
 @needs_int8
 @pytest.mark.parametrize("bits,out_f,in_f,group", [(4, 1, 64, 64), (4, 5, 384, 192), (4, 7, 128, 64),
                                                    (4, 33, 576, 64), (4, 13, 1536, 128), (4, 6, 4096, 128),
+                                                   (4, 9, 576, 32), (4, 1, 32, 32), (4, 11, 288, 96),
                                                    (8, 9, 576, 64), (8, 3, 64, 32), (8, 5, 1024, 1024)])
 @pytest.mark.parametrize("T", [1, 2, 4, 5, 9])
 def test_gemv_matches_the_reference(bits, out_f, in_f, group, T):
-    """Rows not a multiple of the block of eight, a single row, one to sixteen chunks a group, 4 and 8 bits;
+    """Rows not a multiple of the block of eight, a single row, one to sixteen chunks a group, 4 and 8 bits,
+    4-bit groups of an odd multiple of 32 (32-column chunks);
     token counts below, at and past a tile."""
     w = _packed(out_f, in_f, group, out_f + in_f + T, bits, bias=True)
     p = prepare(w, repack=True, activations="int8")
@@ -75,7 +77,8 @@ def test_gemv_matches_the_reference(bits, out_f, in_f, group, T):
 
 
 @needs_int8
-@pytest.mark.parametrize("bits,out_f,in_f,group", [(4, 300, 576, 64), (4, 172, 1536, 128), (8, 49, 576, 64)])
+@pytest.mark.parametrize("bits,out_f,in_f,group", [(4, 300, 576, 64), (4, 172, 1536, 128), (8, 49, 576, 64),
+                                                   (4, 172, 576, 32), (4, 9, 576, 96)])
 @pytest.mark.parametrize("T", [1, 33, 513])
 def test_prefill_gemm_matches_the_reference(bits, out_f, in_f, group, T):
     """More tokens than a GEMV takes (a prompt of 1, 33 and 513 tokens: tiles and a tail), the integer GEMM on
@@ -91,7 +94,7 @@ def test_prefill_gemm_matches_the_reference(bits, out_f, in_f, group, T):
 
 
 @needs_int8
-@pytest.mark.parametrize("bits,group", [(4, 64), (4, 128), (8, 32), (8, 64)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (8, 32), (8, 64)])
 def test_layout_holds_the_file_values(bits, group):
     """The repacked layout, dequantized, is the file's values (every row, block boundaries, the tail)."""
     w = _packed(21, 256, group, bits, bits)
@@ -148,7 +151,8 @@ def test_routes_name_what_runs():
     nb = NumbaBackend("int8")
     assert nb.route_of(_packed(8, 128, 64, 0), 1) == f"a8-{ISA}"
     assert nb.route_of(_packed(8, 128, 64, 0), 40) == f"a8-gemm-{ISA}"
-    assert nb.route_of(_packed(8, 96, 32, 0), 1) != f"a8-{ISA}"  # 4-bit groups of 32: not this layout
+    assert nb.route_of(_packed(8, 96, 32, 0), 1) == f"a8-{ISA}"  # 4-bit groups of 32: chunks of 32
+    assert nb.route_of(_packed(8, 96, 16, 0), 1) != f"a8-{ISA}"  # groups of 16: not this layout
     assert NumbaBackend("int16").route_of(_packed(8, 128, 64, 0), 1) != f"a8-{ISA}"
 
 
@@ -161,7 +165,7 @@ from edge_awq.backends.reference import linear_int8
 from edge_awq.pack import pack_linear
 rng = np.random.default_rng(0)
 errs = []
-for bits, gs, out_f, in_f, T in [(4, 64, 33, 576, 1), (4, 128, 7, 4096, 3), (8, 64, 9, 576, 2)]:
+for bits, gs, out_f, in_f, T in [(4, 64, 33, 576, 1), (4, 128, 7, 4096, 3), (8, 64, 9, 576, 2), (4, 32, 9, 576, 5)]:
     w = pack_linear(rng.standard_normal((out_f, in_f)).astype(np.float32), bits, gs)
     x = rng.standard_normal((T, in_f)).astype(np.float32)
     nb = NumbaBackend("int8")

@@ -13,7 +13,8 @@ lane — no sums across lanes, and the activations' four bytes broadcast to all 
 
 - 4-bit, groups of a multiple of 64: per 64-column chunk eight such vectors; in vector q, row k's four
   bytes hold columns 4q..4q+3 of the chunk in their low nibbles and columns 32+4q..32+4q+3 in their high
-  ones (``w & 15`` and ``w >> 4`` meet the activations of those columns);
+  ones (``w & 15`` and ``w >> 4`` meet the activations of those columns); groups of an odd multiple of
+  32 (32, 96, ...) the same in 32-column chunks of four vectors, the high nibbles columns 16+4q..16+4q+3;
 - 8-bit (the int8 head), groups of a multiple of 32: per 32-column chunk eight vectors of the codes;
 - ``scales`` (blocks, G * 8) fp16 bits and ``zeros`` (blocks, G * 8) uint8: eight rows side by side.
 
@@ -41,7 +42,7 @@ from edge_awq.backends.numba.isa import ISA, X86
 
 ROWS = 8  # rows a block; one int32 lane each
 QUAD = 4  # consecutive codes of a row that meet one lane
-CHUNK4, CHUNK8 = 64, 32  # columns a chunk: eight 32-byte vectors
+CHUNK4, CHUNK8 = 64, 32  # columns a chunk: eight 32-byte vectors (4-bit groups of an odd multiple of 32: chunks of 32)
 TOKENS = 8 if ISA == "avx512vnni" else 4  # tokens a tile: an int32 and a float32 accumulator each (32 or 16 registers)
 PREFETCH = 2048  # bytes ahead of the weights being read that each chunk asks the cache for (measured: 1-4 KiB)
 VNNI = ISA in ("avx512vnni", "avxvnni")
@@ -66,8 +67,17 @@ def usable(bits: int, group_size: int) -> bool:
     if ISA == "none":
         return False
     if bits == 4:
-        return group_size % CHUNK4 == 0
+        return group_size % (CHUNK4 // 2) == 0
     return bits == 8 and group_size % CHUNK8 == 0 and group_size <= 1 << 15
+
+
+@njit(cache=True, inline="always")
+def chunk_columns(bits, group_size):
+    """Columns a chunk of the layout holds: 32 for 8-bit, 64 for 4-bit but 32 where the group is an odd
+    multiple of 32."""
+    if bits == 8:
+        return CHUNK8
+    return CHUNK4 if group_size % CHUNK4 == 0 else CHUNK4 // 2
 
 
 @njit(cache=True, inline="always")
@@ -82,8 +92,8 @@ def _code(qb, r, col, bits):
 @njit(nogil=True, parallel=True, cache=True)
 def _repack_kernel(qb, scale_bits, zero_bytes, group_size, bits, words, scales, zeros):
     out_f, n_groups = scale_bits.shape
-    cols = CHUNK4 if bits == 4 else CHUNK8
-    chunks = group_size // cols
+    cols = chunk_columns(bits, group_size)
+    chunks, vecs, half = group_size // cols, cols * bits // QUAD // 8, cols // 2
     for b in prange(words.shape[0]):
         for k in range(ROWS):
             r = ROWS * b + k
@@ -94,12 +104,12 @@ def _repack_kernel(qb, scale_bits, zero_bytes, group_size, bits, words, scales, 
                 zeros[b, ROWS * g + k] = _code(zero_bytes, r, g, bits)
                 for c in range(chunks):
                     col0 = g * group_size + c * cols
-                    for q in range(ROWS):
-                        base = (((g * chunks + c) * ROWS + q) * ROWS + k) * QUAD
+                    for q in range(vecs):
+                        base = (((g * chunks + c) * vecs + q) * ROWS + k) * QUAD
                         for j in range(QUAD):
                             col = col0 + QUAD * q + j
                             if bits == 4:
-                                words[b, base + j] = _code(qb, r, col, 4) | (_code(qb, r, col + 32, 4) << 4)
+                                words[b, base + j] = _code(qb, r, col, 4) | (_code(qb, r, col + half, 4) << 4)
                             else:
                                 words[b, base + j] = _code(qb, r, col, 8)
 
@@ -256,9 +266,9 @@ def _dot8(builder, acc, w, x):
     return _dot(builder, acc, signed, x)
 
 
-def _tile_codegen(bits: int, nt: int):
-    """Eight rows of one block times nt tokens (see ``tile_a8``)."""
-    cols = CHUNK4 if bits == 4 else CHUNK8
+def _tile_codegen(bits: int, nt: int, cols: int):
+    """Eight rows of one block times nt tokens (see ``tile_a8``), in chunks of cols columns."""
+    vecs = cols * bits // QUAD // 8  # 32-byte vectors a chunk
     zero_bias = 128 if bits == 8 and not VNNI else 0  # the signed forms read code - 128
 
     def codegen(context, builder, signature, args):
@@ -282,13 +292,13 @@ def _tile_codegen(bits: int, nt: int):
             return builder.bitcast(lane, _V32B)
 
         def chunk(gc):
-            wbase = builder.add(wp, builder.mul(gc, ir.Constant(_I64, ROWS * 32)))
+            wbase = builder.add(wp, builder.mul(gc, ir.Constant(_I64, vecs * 32)))
             col0 = builder.mul(gc, ir.Constant(_I64, cols))
-            for line in range(0, ROWS * 32, 64):  # the next blocks' lines, while this one computes
+            for line in range(0, vecs * 32, 64):  # the next blocks' lines, while this one computes
                 ahead = builder.inttoptr(builder.add(wbase, ir.Constant(_I64, PREFETCH + line)), ir.PointerType(_I8))
                 builder.call(prefetch, [ahead, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
-            col_hi = builder.add(col0, ir.Constant(_I64, 32))
-            for q in range(ROWS):
+            col_hi = builder.add(col0, ir.Constant(_I64, cols // 2))
+            for q in range(vecs):
                 w = _load(builder, builder.add(wbase, ir.Constant(_I64, 32 * q)), _V32B)
                 if bits == 4:
                     lo = builder.and_(w, ir.Constant(_V32B, [15] * 32))
@@ -336,16 +346,17 @@ def _tile_codegen(bits: int, nt: int):
 _SIG = types.void(*([types.int64] * 13))
 
 
-def _tile_intrinsic(bits: int, nt: int):
+def _tile_intrinsic(bits: int, nt: int, cols: int):
     def tile(typingctx, wp, sp, zp, xp, x_stride, fxp, sxp, g_stride, n_groups, chunks, yp, y_stride, rows):
-        return _SIG, _tile_codegen(bits, nt)
+        return _SIG, _tile_codegen(bits, nt, cols)
 
-    tile.__name__ = f"tile_a8_w{bits}_t{nt}"
+    tile.__name__ = f"tile_a8_w{bits}_c{cols}_t{nt}"
     return intrinsic(tile)
 
 
-tile_w4_many, tile_w4_one = _tile_intrinsic(4, TOKENS), _tile_intrinsic(4, 1)
-tile_w8_many, tile_w8_one = _tile_intrinsic(8, TOKENS), _tile_intrinsic(8, 1)
+tile_w4_many, tile_w4_one = _tile_intrinsic(4, TOKENS, CHUNK4), _tile_intrinsic(4, 1, CHUNK4)
+tile_w4h_many, tile_w4h_one = _tile_intrinsic(4, TOKENS, CHUNK4 // 2), _tile_intrinsic(4, 1, CHUNK4 // 2)
+tile_w8_many, tile_w8_one = _tile_intrinsic(8, TOKENS, CHUNK8), _tile_intrinsic(8, 1, CHUNK8)
 tile_a8 = tile_w4_many  # the one the docstring names: (wp, sp, zp: the block's codes, scales, zeros; xp, x_stride:
 # the first token's int8 activations and the bytes between tokens; fxp, sxp, g_stride: its float32 scales and int32
 # sums per group, and the bytes between tokens; n_groups, chunks; yp, y_stride: eight float32 outputs per token, of
@@ -358,7 +369,8 @@ def _block(words, scales, zeros, b, x8, xscale, xsum, group_size, y):
     T, out_f = x8.shape[0], y.shape[1]
     n_groups = scales.shape[1] // ROWS
     eight = words.shape[1] == n_groups * group_size * ROWS  # a byte a value: 8-bit weights
-    chunks = group_size // (CHUNK8 if eight else CHUNK4)
+    cols = chunk_columns(8 if eight else 4, group_size)
+    chunks, halves = group_size // cols, cols != CHUNK4 and not eight
     wa = words.ctypes.data + b * words.strides[0]
     sa = scales.ctypes.data + b * scales.strides[0]
     za = zeros.ctypes.data + b * zeros.strides[0]
@@ -372,12 +384,16 @@ def _block(words, scales, zeros, b, x8, xscale, xsum, group_size, y):
         if T - t >= TOKENS:
             if eight:
                 tile_w8_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
+            elif halves:
+                tile_w4h_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
             else:
                 tile_w4_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
             step = TOKENS
         else:
             if eight:
                 tile_w8_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
+            elif halves:
+                tile_w4h_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
             else:
                 tile_w4_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
             step = 1
@@ -411,8 +427,8 @@ def dequant_kernel(words, scales, zeros, group_size, bits, r0, out):
     """out (rows, in) float32 = dequantized rows r0.. of a weight in this layout, natural column order."""
     rows = out.shape[0]
     n_groups = scales.shape[1] // ROWS
-    cols = CHUNK4 if bits == 4 else CHUNK8
-    chunks = group_size // cols
+    cols = chunk_columns(bits, group_size)
+    chunks, vecs, half = group_size // cols, cols * bits // QUAD // 8, cols // 2
     for j in prange(rows):
         r = r0 + j
         b, k = r // ROWS, r % ROWS
@@ -421,13 +437,13 @@ def dequant_kernel(words, scales, zeros, group_size, bits, r0, out):
             z = np.float32(zeros[b, ROWS * g + k])
             for c in range(chunks):
                 col0 = g * group_size + c * cols
-                for q in range(ROWS):
-                    base = (((g * chunks + c) * ROWS + q) * ROWS + k) * QUAD
+                for q in range(vecs):
+                    base = (((g * chunks + c) * vecs + q) * ROWS + k) * QUAD
                     for i in range(QUAD):
                         v = np.int32(words[b, base + i])
                         if bits == 4:
                             out[j, col0 + QUAD * q + i] = (np.float32(v & 15) - z) * s
-                            out[j, col0 + 32 + QUAD * q + i] = (np.float32((v >> 4) & 15) - z) * s
+                            out[j, col0 + half + QUAD * q + i] = (np.float32((v >> 4) & 15) - z) * s
                         else:
                             out[j, col0 + QUAD * q + i] = (np.float32(v) - z) * s
 
