@@ -146,6 +146,51 @@ def test_grouped_linears_and_the_fused_layer_match_op_by_op(smollm2_weights):
     assert _rel(outs[0], outs[1]) <= 1e-5
 
 
+MIXED_LAYER = {"wq": (4, 32), "wk": (8, 64), "wv": (4, 64), "wo": (4, 96), "w1": (8, 32), "w3": (4, 192),
+               "w2": (4, 128)}
+
+
+@needs_int8
+@pytest.mark.parametrize("formats", [MIXED_LAYER, {**MIXED_LAYER, "wk": (4, 32), "wv": (4, 32)},
+                                     {**MIXED_LAYER, "w1": (4, 192)}])
+def test_fused_decode_runs_a_mixed_layer(smollm2_weights, formats):
+    """A layer of a mixed-precision file (4- and 8-bit linears, each in its own group size; q/k/v and gate/up
+    sharing a group size or not) as one compiled call, and the whole model's step, against op by op."""
+    from edge_awq.model import KVCache, block
+    import dataclasses
+
+    _, w = smollm2_weights
+    layers = [dataclasses.replace(lw, **{n: pack_linear(np.asarray(getattr(lw, n).weight, np.float32), *formats[n])
+                                         for n in formats}) for lw in w.layers[4:6]]
+    small = dataclasses.replace(w, layers=layers, args=dataclasses.replace(w.args, n_layers=2))
+    fused, plain = NumbaBackend("int8"), NumbaBackend("int8")
+    plain.decode_block = plain.decode_layers = lambda *a: None  # op by op
+    x = np.random.default_rng(6).standard_normal((1, 576)).astype(np.float32)
+    outs = []
+    for ops in (fused, plain):
+        cache = KVCache.allocate(small.args, 8, np.float16)
+        for pos in range(3):
+            y = ops.decode_layers(small, x, pos, cache)
+            if y is None:
+                y = x
+                for i, lw in enumerate(small.layers):
+                    y = block(lw, y, pos, cache, i, small, ops)
+        outs.append(y)
+    assert fused._step_args(small) is not None  # the whole step ran as one call
+    assert _rel(outs[0], outs[1]) <= 1e-5
+
+
+@needs_int8
+def test_a_three_bit_linear_runs_its_layer_op_by_op(smollm2_weights):
+    import dataclasses
+
+    _, w = smollm2_weights
+    lw = w.layers[2]
+    packed = dataclasses.replace(lw, **{n: pack_linear(np.asarray(getattr(lw, n).weight, np.float32),
+                                                       3 if n == "wv" else 4, 64) for n in MIXED_LAYER})
+    assert NumbaBackend("int8")._decode_args(packed, w) is None
+
+
 @needs_int8
 def test_routes_name_what_runs():
     nb = NumbaBackend("int8")

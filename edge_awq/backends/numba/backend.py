@@ -94,10 +94,11 @@ class NumbaBackend(HostMemory):
         x = _f32(x)
         if len(ws) in (2, 3) and all(isinstance(w, (W4, PreparedW4)) for w in ws):
             ps = [self._prepared(w) for w in ws]
-            same = all(p.bits == 4 and p.group_size == ps[0].group_size for p in ps)
-            if same and all(p.a8 is not None for p in ps):  # any number of tokens
+            same = all(p.group_size == ps[0].group_size for p in ps)
+            if same and all(p.a8 is not None for p in ps):  # 4- or 8-bit, any number of tokens
                 return linears_w4(x, ps)
-            if same and x.shape[0] <= GEMV_MAX_T and all(p.byte_path and p.a8 is None for p in ps):
+            if (same and x.shape[0] <= GEMV_MAX_T
+                    and all(p.bits == 4 and p.byte_path and p.a8 is None for p in ps)):
                 return linears_w4(x, ps)
         return [self.linear(x, w) for w in ws]
 
@@ -150,10 +151,10 @@ class NumbaBackend(HostMemory):
             return None
         from edge_awq.backends.numba.decode import decode_step
 
-        layers, eps, group_size, kind = step
+        layers, eps, kind = step
         cos, sin = self._rope_angles(pos, 1, w.inv_freq)
         a = w.args
-        return decode_step(_f32(x), layers, eps, group_size, kind, cos, sin, a.rope_interleaved,
+        return decode_step(_f32(x), layers, eps, kind, cos, sin, a.rope_interleaved,
                            cache.k.view(np.uint16), cache.v.view(np.uint16), pos, a.n_heads, a.n_kv_heads,
                            a.head_dim, a.hidden_dim)
 
@@ -164,13 +165,13 @@ class NumbaBackend(HostMemory):
         per_layer = [self._decode_args(lw, w) for lw in w.layers]
         if not per_layer or any(a is None for a in per_layer):
             return None
-        eps, group_size, kind = per_layer[0][2], per_layer[0][10], per_layer[0][11]
-        if any(a[10] != group_size or a[11].dtype != kind.dtype for a in per_layer):
+        eps, kind = per_layer[0][2], per_layer[0][10]
+        if any(a[10].dtype != kind.dtype for a in per_layer):
             return None
         layers = List()
         for a in per_layer:
             layers.append((a[0], a[1], *a[3:10]))
-        return layers, eps, group_size, kind
+        return layers, eps, kind
 
     def _decode_args(self, lw, w):
         """The layer's arrays for ``decode_layer`` (kept per layer), or None if it does not apply."""
@@ -178,17 +179,15 @@ class NumbaBackend(HostMemory):
 
     def _layer_args(self, lw, w):
         lins = [getattr(lw, n) for n in LINEARS]  # decode_layer takes them in this order
-        ok = (all(isinstance(m, (W4, PreparedW4)) and m.bits == 4 and m.bias is None for m in lins)
-              and len({m.group_size for m in lins}) == 1)
-        if not ok:
-            return None
+        if not all(isinstance(m, (W4, PreparedW4)) and m.bits in (4, 8) and m.bias is None for m in lins):
+            return None  # a mixed file's 3-bit linears run op by op
         ps = [self._prepared(m) for m in lins]
         layouts = [p.a8 if p.a8 is not None else p.blocked for p in ps]
         if any(b is None for b in layouts) or len({type(b) for b in layouts}) != 1:
             return None
         activations = np.empty(0, np.int8 if ps[0].a8 is not None else np.int16)  # says which kernels run
         return (np.array(lw.attn_norm, np.float32), np.array(lw.ffn_norm, np.float32), w.args.norm_eps,
-                *[(b.words, b.scales, b.zeros) for b in layouts], lins[0].group_size, activations)
+                *[(b.words, b.scales, b.zeros, np.int64(p.group_size)) for b, p in zip(layouts, ps)], activations)
 
     def rope(self, x, pos: int, inv_freq, interleaved: bool) -> np.ndarray:
         x = _f32(x)

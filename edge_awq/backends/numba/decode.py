@@ -7,9 +7,11 @@ write, attention, o, the residual, RMSNorm, gate/up, SiLU-mul, down, the residua
 
 ``decode_step`` runs every layer of a step so, in one call from Python (``NumbaBackend.decode_layers``).
 They cover the common case and say no to the rest (``decode_layers`` and ``decode_block`` return None
-and the model runs op by op): one token, 4-bit layers of one group size repacked for the integer
-kernels (``gemv_i8.py`` with int8 activations, ``gemv_blocked.py`` with int16), no biases, an fp16
-cache. The activations' type (an empty array of int8 or int16) picks the kernels when the layer
+and the model runs op by op): one token, every linear repacked for the integer kernels of one
+activation type (``gemv_i8.py`` with int8 activations, ``gemv_blocked.py`` with int16) — 4- or 8-bit,
+each in its own group size, as a mixed-precision file has them — no biases, an fp16 cache. Linears
+that share an input and a group size run as one kernel on one quantized input; where their group
+sizes differ, the input is quantized for each. The activations' type (an empty array of int8 or int16) picks the kernels when the layer
 compiles, so only the ones this CPU runs are ever compiled. Tests hold it to the op-by-op path.
 """
 
@@ -94,26 +96,45 @@ def _one_impl(w, y, xq, xs, xsum, group_size):
 
 
 @njit(nogil=True, cache=True, fastmath=True, error_model="numpy")
-def _gemv(x, w, out_f, group_size, kind):
-    xq, xs, xsum = _inputs(x, group_size, kind)
+def _gemv(x, w, out_f, kind):
+    """x times one weight (words, scales, zeros, group size)."""
+    xq, xs, xsum = _inputs(x, w[3], kind)
     y = np.empty((1, out_f), np.float32)
-    _one(w, y, xq, xs, xsum, group_size)
+    _one(w, y, xq, xs, xsum, w[3])
     return y
 
 
 @njit(nogil=True, cache=True, fastmath=True, error_model="numpy")
-def decode_layer(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, w1, w2, w3, group_size, kind, cos, sin, interleaved,
+def _shared_input(h, wa, wb, wc, ya, yb, yc, kind):
+    """h times two or three weights (wc empty for two): one kernel on one quantized input where their group
+    sizes agree, else each on the input quantized for its own."""
+    g = wa[3]
+    if wb[3] == g and (wc[3] == g or wc[0].shape[0] == 0):
+        xq, xs, xsum = _inputs(h, g, kind)
+        _three(wa, wb, wc, ya, yb, yc, xq, xs, xsum, g)
+        return
+    xq, xs, xsum = _inputs(h, wa[3], kind)
+    _one(wa, ya, xq, xs, xsum, wa[3])
+    xq, xs, xsum = _inputs(h, wb[3], kind)
+    _one(wb, yb, xq, xs, xsum, wb[3])
+    if yc.shape[1] > 0:
+        xq, xs, xsum = _inputs(h, wc[3], kind)
+        _one(wc, yc, xq, xs, xsum, wc[3])
+
+
+@njit(nogil=True, cache=True, fastmath=True, error_model="numpy")
+def decode_layer(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, w1, w2, w3, kind, cos, sin, interleaved,
                  keys, values, pos, n_heads, n_kv_heads, head_dim, hidden_dim):
-    """x (1, dim) float32 -> the layer's output (1, dim). Each w* is a repacked weight's (words, scales, zeros);
+    """x (1, dim) float32 -> the layer's output (1, dim). Each w* is a repacked weight's (words, scales, zeros,
+    group size);
     kind an empty int8 or int16 array (which kernels); cos, sin (1, head_dim / 2); keys, values (n_kv_heads,
     max_seq, head_dim) uint16 (fp16 bits) of this layer, row pos written here."""
     h = np.empty_like(x)
     rmsnorm_serial(x, attn_norm, eps, h)
-    xq, xs, xsum = _inputs(h, group_size, kind)
     q = np.empty((1, n_heads * head_dim), np.float32)
     k = np.empty((1, n_kv_heads * head_dim), np.float32)
     v = np.empty((1, n_kv_heads * head_dim), np.float32)
-    _three(wq, wk, wv, q, k, v, xq, xs, xsum, group_size)
+    _shared_input(h, wq, wk, wv, q, k, v, kind)
     _rope(q, n_heads, head_dim, cos[0], sin[0], interleaved)
     _rope(k, n_kv_heads, head_dim, cos[0], sin[0], interleaved)
     for hh in range(n_kv_heads):
@@ -122,25 +143,24 @@ def decode_layer(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, w1, w2, w3, group_
             values[hh, pos, d] = f32_half_bits(v[0, hh * head_dim + d])
     att = np.empty((1, n_heads, head_dim), np.float32)
     attention_kernel(q.reshape(1, n_heads, head_dim), keys, values, pos, att)
-    x = x + _gemv(att.reshape(1, n_heads * head_dim), wo, x.shape[1], group_size, kind)
+    x = x + _gemv(att.reshape(1, n_heads * head_dim), wo, x.shape[1], kind)
     rmsnorm_serial(x, ffn_norm, eps, h)
-    xq, xs, xsum = _inputs(h, group_size, kind)
     gate = np.empty((1, hidden_dim), np.float32)
     up = np.empty((1, hidden_dim), np.float32)
-    empty = (w3[0][:0], w3[1][:0], w3[2][:0])
-    _three(w1, w3, empty, gate, up, up[:, :0], xq, xs, xsum, group_size)
+    empty = (w3[0][:0], w3[1][:0], w3[2][:0], w3[3])
+    _shared_input(h, w1, w3, empty, gate, up, up[:, :0], kind)
     silu_mul_serial(gate, up, gate)
-    return x + _gemv(gate, w2, x.shape[1], group_size, kind)
+    return x + _gemv(gate, w2, x.shape[1], kind)
 
 
 @njit(nogil=True, cache=True, fastmath=True, error_model="numpy")
-def decode_step(x, layers, eps, group_size, kind, cos, sin, interleaved, keys, values, pos, n_heads, n_kv_heads,
+def decode_step(x, layers, eps, kind, cos, sin, interleaved, keys, values, pos, n_heads, n_kv_heads,
                 head_dim, hidden_dim):
     """x (1, dim) through every layer of the model: ``decode_layer`` in turn, without returning to Python in
     between. layers: a typed List of each layer's (attn_norm, ffn_norm, wq, wk, wv, wo, w1, w2, w3); keys,
     values (n_layers, n_kv_heads, max_seq, head_dim) uint16."""
     for i in range(len(layers)):
         attn_norm, ffn_norm, wq, wk, wv, wo, w1, w2, w3 = layers[i]
-        x = decode_layer(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, w1, w2, w3, group_size, kind, cos, sin,
+        x = decode_layer(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, w1, w2, w3, kind, cos, sin,
                          interleaved, keys[i], values[i], pos, n_heads, n_kv_heads, head_dim, hidden_dim)
     return x
