@@ -2,9 +2,10 @@
 
 With int16 activations the x86 int16 GEMVs are not available on aarch64 and the float kernels run;
 this machine's x86 tests never reach them on the common group sizes. With int8 activations the
-integer kernels run with the Armv8.2 dot product (``sdot``) or plain NEON: emulation reports no CPU
-features, so the CPU is named (NUMBA_CPU_NAME: a Cortex-A76, the Raspberry Pi 5's, which has the
-dot product; a Cortex-A53 for plain NEON) and the instruction set forced (EDGE_AWQ_ISA), each with its
+integer kernels run with the Armv8.6 matrix multiply (``smmla``, for prompts), the Armv8.2 dot product
+(``sdot``) or plain NEON: emulation reports no CPU features, so the CPU is named (NUMBA_CPU_NAME: a
+Neoverse V1 for i8mm; a Cortex-A76, the Raspberry Pi 5's, which has the dot product; a Cortex-A53 for
+plain NEON) and the instruction set forced (EDGE_AWQ_ISA), each with its
 own numba cache so that the kernels compile and their assembly can be read. `.ci/aarch64 DIR` builds
 that Python (CI does, and sets EDGE_AWQ_AARCH64_PYTHON to DIR/python); without it these tests are
 skipped. Emulation makes them slow (minutes: numba compiles its kernels under qemu).
@@ -71,7 +72,7 @@ def _run_check(model, prompt, out, activations, tokens, env):
 
 def test_int8_kernels_on_aarch64_use_sdot_and_match_the_host(stories_rtn, tmp_path):
     """The Cortex-A76 path: the 8-bit-activation routes run, their integer part is the reference's (results
-    within float rounding of ``linear_int8``), the compiled loops hold sdot (and no smmla: not enabled),
+    within float rounding of ``linear_int8``), the compiled loops hold sdot (and no smmla: the A76 lacks i8mm),
     and 32 greedy tokens are the x86 host's with the same activations."""
     from edge_awq.backends.numba import NumbaBackend
     from edge_awq.formats.load import load_weights, open_source
@@ -90,6 +91,36 @@ def test_int8_kernels_on_aarch64_use_sdot_and_match_the_host(stories_rtn, tmp_pa
     bad = [k for k in got["kernels"] if not k["rel_err"] <= (2e-6 if k["int8"] else 1e-3)]
     assert not bad, bad
     assert got["inner_loops"]["sdot"] >= 32 and got["inner_loops"]["smmla"] == 0
+
+    ops = NumbaBackend("int8")
+    w = ops.prepare(load_weights(src, dtype=None))
+    want = [p.token for p in generate(w, ops, src.tokenizer(), prompt, SamplingArgs(max_new_tokens=32))
+            if p.token is not None]
+    assert got["tokens"] == want and len(want) == 32
+
+
+def test_int8_prompts_on_aarch64_use_smmla(stories_rtn, tmp_path):
+    """An Armv8.6 core with i8mm (a Neoverse V1: Graviton 3): a prompt's tiles run smmla (two rows times two
+    tokens, eight codes deep), a decode step sdot; the integer part is the reference's and 32 greedy tokens
+    are the host's."""
+    from edge_awq.backends.numba import NumbaBackend
+    from edge_awq.formats.load import load_weights, open_source
+    from edge_awq.generate import SamplingArgs, generate
+
+    src = open_source(stories_rtn)
+    prompt = src.tokenizer().encode("Once upon a time, a little dog", bos=True)
+    out = tmp_path / "i8mm.json"
+    run = _run_check(stories_rtn, prompt, out, "int8", 32, {"NUMBA_CPU_NAME": "neoverse-v1", "EDGE_AWQ_ISA": "i8mm",
+                                                            "NUMBA_CACHE_DIR": str(tmp_path / "numba")})
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["isa"] == "i8mm"
+    exact = [k for k in got["kernels"] if k["int8"]]
+    assert {k["route"] for k in exact} == {"a8-i8mm", "a8-gemm-i8mm"}
+    assert any(k["shape"][4] >= 4 for k in exact)  # tiles of four tokens: the smmla loop ran
+    bad = [k for k in got["kernels"] if not k["rel_err"] <= (2e-6 if k["int8"] else 1e-3)]
+    assert not bad, bad
+    assert got["inner_loops"]["smmla"] >= 64 and got["inner_loops"]["sdot"] >= 32
 
     ops = NumbaBackend("int8")
     w = ops.prepare(load_weights(src, dtype=None))

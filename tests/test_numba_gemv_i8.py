@@ -221,7 +221,7 @@ print(json.dumps({"isa": ISA, "route": nb.route_of(w, 1), "err": max(errs)}))
 """
 
 
-@pytest.mark.parametrize("isa", ["avx2", "avxvnni", "avx512vnni", "sdot", "neon"])
+@pytest.mark.parametrize("isa", ["avx2", "avxvnni", "avx512vnni", "i8mm", "sdot", "neon"])
 def test_each_instruction_set_in_turn(isa, tmp_path):
     """Each variant this CPU has, forced (its own numba cache: compiled code is cached by CPU, not by variant)."""
     if not all(FEATURES.get(f) for f in NEEDS[isa]):

@@ -23,7 +23,8 @@ integer GEMM on the packed weights, and a decode step the same loop with one tok
 chosen by ``isa.ISA`` when the kernels compile: AVX-512 VNNI or AVX-VNNI ``vpdpbusd`` (unsigned codes
 times signed activations, four products into each int32 lane), AVX2 ``vpmaddubsw`` then ``vpmaddwd``
 (pairs of products in int16: at most 2 * 2 * 15 * 127 for 4-bit codes, exact), the Armv8.2 ``sdot``, or
-widening multiplies on plain NEON. 8-bit codes meet the signed instructions as ``code - 128`` (its zero
+widening multiplies on plain NEON; with Armv8.6 i8mm a prompt's tiles run ``smmla`` instead (``_mmla_chunk``:
+each instruction two rows times two tokens, eight codes deep, from the same layout by one 32-bit zip). 8-bit codes meet the signed instructions as ``code - 128`` (its zero
 point likewise): on AVX2 as |w| and x with w's sign (``vpsignb``), whose pairs stay within int16.
 """
 
@@ -43,9 +44,10 @@ from edge_awq.backends.numba.isa import ISA, X86
 ROWS = 8  # rows a block; one int32 lane each
 QUAD = 4  # consecutive codes of a row that meet one lane
 CHUNK4, CHUNK8 = 64, 32  # columns a chunk: eight 32-byte vectors (4-bit groups of an odd multiple of 32: chunks of 32)
-TOKENS = 8 if ISA == "avx512vnni" else 4  # tokens a tile: an int32 and a float32 accumulator each (32 or 16 registers)
+TOKENS = 8 if ISA in ("avx512vnni", "i8mm") else 4  # tokens a tile: an int32 and a float32 accumulator each (32 or 16 registers)
 PREFETCH = 2048  # bytes ahead of the weights being read that each chunk asks the cache for (measured: 1-4 KiB)
 VNNI = ISA in ("avx512vnni", "avxvnni")
+MMLA = ISA == "i8mm"  # prompts' tiles by smmla: two rows times two tokens, eight codes deep
 _I1, _I8, _I16, _I32, _I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _F32 = ir.FloatType()
 
@@ -218,7 +220,7 @@ def _join(builder, a, b, n):
 def _dot4_arm(builder, acc, w, x):
     """acc (4 x i32) plus, in each lane, the four products of w's signed bytes with x's (16 bytes each)."""
     v16 = _vec(_I8, 16)
-    if ISA == "sdot":
+    if ISA in ("sdot", "i8mm"):
         dot = _fn(builder, "llvm.aarch64.neon.sdot.v4i32.v16i8", _vec(_I32, 4), [_vec(_I32, 4), v16, v16])
         return builder.call(dot, [acc, w, x])
     p = builder.mul(builder.sext(w, _vec(_I16, 16)), builder.sext(x, _vec(_I16, 16)))  # |p| <= 128 * 127
@@ -266,6 +268,49 @@ def _dot8(builder, acc, w, x):
     return _dot(builder, acc, signed, x)
 
 
+def _mmla_chunk(builder, wbase, col0, col_hi, bits, vecs, xrows, macc):
+    """One chunk by ``smmla`` (Armv8.6 i8mm): vectors q and q + 1 of the layout hold, for each row, eight
+    consecutive codes (its quads q and q + 1); a 32-bit zip of their halves makes four 2 x 8 matrices of
+    row pairs, and each token pair's eight activations at those columns the 2 x 8 other operand. macc[p][j]
+    (4 x i32) accumulates rows 2p, 2p + 1 times tokens 2j, 2j + 1 as (r0 t0, r0 t1, r1 t0, r1 t1)."""
+    v16, v4i, v2l = _vec(_I8, 16), _vec(_I32, 4), _vec(_I64, 2)
+    mmla = _fn(builder, "llvm.aarch64.neon.smmla.v4i32.v16i8", v4i, [v4i, v16, v16])
+    for q in range(0, vecs, 2):
+        a = _load(builder, builder.add(wbase, ir.Constant(_I64, 32 * q)), _V32B)
+        b = _load(builder, builder.add(wbase, ir.Constant(_I64, 32 * q + 32)), _V32B)
+        if bits == 4:
+            planes = [(builder.and_(a, ir.Constant(_V32B, [15] * 32)), builder.and_(b, ir.Constant(_V32B, [15] * 32)),
+                       col0),
+                      (builder.lshr(a, ir.Constant(_V32B, [4] * 32)), builder.lshr(b, ir.Constant(_V32B, [4] * 32)),
+                       col_hi)]
+        else:  # code - 128, as the signed forms read it
+            planes = [(builder.xor(a, ir.Constant(_V32B, [0x80] * 32)), builder.xor(b, ir.Constant(_V32B, [0x80] * 32)),
+                       col0)]
+        for wa, wb, c in planes:
+            a32, b32 = builder.bitcast(wa, _V8I), builder.bitcast(wb, _V8I)
+            rows = [builder.bitcast(builder.shuffle_vector(a32, b32, ir.Constant(v4i, [2 * p, 8 + 2 * p, 2 * p + 1,
+                                                                                       9 + 2 * p])), v16)
+                    for p in range(ROWS // 2)]
+            off = builder.add(c, ir.Constant(_I64, QUAD * q))
+            for j in range(len(macc[0])):
+                x0 = builder.load(builder.inttoptr(builder.add(xrows[2 * j], off), _I64.as_pointer()), align=1)
+                x1 = builder.load(builder.inttoptr(builder.add(xrows[2 * j + 1], off), _I64.as_pointer()), align=1)
+                pair = builder.insert_element(builder.insert_element(ir.Constant(v2l, None), x0, ir.Constant(_I32, 0)),
+                                              x1, ir.Constant(_I32, 1))
+                xv = builder.bitcast(pair, v16)
+                for p in range(ROWS // 2):
+                    builder.store(builder.call(mmla, [builder.load(macc[p][j]), rows[p], xv]), macc[p][j])
+
+
+def _mmla_token(builder, macc, t):
+    """Token t's eight rows (8 x i32) from the 2 x 2 accumulators."""
+    j, e = t // 2, t % 2
+    pick = ir.Constant(_vec(_I32, 4), [e, e + 2, 4 + e, 4 + e + 2])
+    lo = builder.shuffle_vector(builder.load(macc[0][j]), builder.load(macc[1][j]), pick)
+    hi = builder.shuffle_vector(builder.load(macc[2][j]), builder.load(macc[3][j]), pick)
+    return _join(builder, lo, hi, 4)
+
+
 def _tile_codegen(bits: int, nt: int, cols: int):
     """Eight rows of one block times nt tokens (see ``tile_a8``), in chunks of cols columns."""
     vecs = cols * bits // QUAD // 8  # 32-byte vectors a chunk
@@ -278,6 +323,9 @@ def _tile_codegen(bits: int, nt: int, cols: int):
         facc = [cgutils.alloca_once_value(builder, ir.Constant(_V8F, None)) for _ in range(nt)]
         accs = [cgutils.alloca_once(builder, _V8I) for _ in range(nt)]
         xrows = [builder.add(xp, builder.mul(x_stride, ir.Constant(_I64, t))) for t in range(nt)]
+        mmla = MMLA and nt % 2 == 0  # a prompt's tile on i8mm (a decode step keeps sdot)
+        macc = [[cgutils.alloca_once(builder, _vec(_I32, 4)) for _ in range(nt // 2)] for _ in range(ROWS // 2)
+                ] if mmla else []
 
         def quad_x(t, base, q):
             """token t's four activations from column base + 4q, in every lane: on x86 a broadcast load; on ARM
@@ -298,6 +346,9 @@ def _tile_codegen(bits: int, nt: int, cols: int):
                 ahead = builder.inttoptr(builder.add(wbase, ir.Constant(_I64, PREFETCH + line)), ir.PointerType(_I8))
                 builder.call(prefetch, [ahead, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
             col_hi = builder.add(col0, ir.Constant(_I64, cols // 2))
+            if mmla:
+                _mmla_chunk(builder, wbase, col0, col_hi, bits, vecs, xrows, macc)
+                return
             for q in range(vecs):
                 w = _load(builder, builder.add(wbase, ir.Constant(_I64, 32 * q)), _V32B)
                 if bits == 4:
@@ -314,8 +365,13 @@ def _tile_codegen(bits: int, nt: int, cols: int):
             g = gl.index
             for acc in accs:
                 builder.store(ir.Constant(_V8I, None), acc)
+            for acc in (a for pair in macc for a in pair):
+                builder.store(ir.Constant(_vec(_I32, 4), None), acc)
             with cgutils.for_range(builder, chunks) as cl:
                 chunk(builder.add(builder.mul(g, chunks), cl.index))
+            if mmla:
+                for t in range(nt):
+                    builder.store(_mmla_token(builder, macc, t), accs[t])
             # each token's exact integer sums q.x - z * sum(x), then the two scales, in float32
             sbits = _load(builder, builder.add(sp, builder.mul(g, ir.Constant(_I64, 2 * ROWS))), _vec(_I16, ROWS), 2)
             s8 = builder.fpext(builder.bitcast(sbits, _vec(ir.HalfType(), ROWS)), _V8F)

@@ -5,6 +5,8 @@
 - ``avx512vnni``: ``vpdpbusd`` on 256-bit vectors (AVX-512 VNNI with VL: Zen 4 and 5, Ice Lake and later);
 - ``avxvnni``: the same instruction VEX-encoded (AVX-VNNI: Alder Lake and later);
 - ``avx2``: ``vpmaddubsw`` then ``vpmaddwd`` (any x86 with AVX2);
+- ``i8mm``: the Armv8.6 int8 matrix multiply ``smmla`` for prompts (tiles of tokens), ``sdot`` for a decode step
+  (Neoverse V1 and N2, Cortex-A710 and X2 and later: Graviton 3, Grace);
 - ``sdot``: the Armv8.2 dot product (Cortex-A76 and A78AE: Raspberry Pi 5, Jetson Orin);
 - ``neon``: widening multiplies on plain Armv8 NEON;
 - ``none``: no integer kernels (the float ones run).
@@ -21,9 +23,9 @@ import os
 
 log = logging.getLogger(__name__)
 
-ISAS = ("avx512vnni", "avxvnni", "avx2", "sdot", "neon", "none")
+ISAS = ("avx512vnni", "avxvnni", "avx2", "i8mm", "sdot", "neon", "none")
 NEEDS = {"avx512vnni": ("avx512vnni", "avx512vl", "avx2"), "avxvnni": ("avxvnni", "avx2"), "avx2": ("avx2",),
-         "sdot": ("dotprod",), "neon": ("neon",), "none": ()}
+         "i8mm": ("i8mm", "dotprod"), "sdot": ("dotprod",), "neon": ("neon",), "none": ()}
 
 
 def cpu_features() -> dict[str, bool]:
@@ -55,4 +57,4 @@ def detect(features: dict[str, bool], forced: str | None = None) -> str:
 FEATURES = cpu_features()
 ISA = detect(FEATURES, os.environ.get("EDGE_AWQ_ISA"))
 X86 = ISA in ("avx512vnni", "avxvnni", "avx2")
-ARM = ISA in ("sdot", "neon")
+ARM = ISA in ("i8mm", "sdot", "neon")
