@@ -184,18 +184,25 @@ def quantize_layer(lw_fp: LayerWeights, x_in, index: int, ctx, qa: QuantArgs, op
     t = time.perf_counter()
     packed, dequant = {}, {}
     fmts = qa.layer_formats(index, lw)
+    # the searched float weights leave one linear at a time as their packed and dequantized forms come,
+    # so that at most two float copies of a layer (the source's and one other) are alive at once
+    searched = {n: getattr(lw, n) for n in LINEARS}
+    lw = dataclasses.replace(lw, **{n: None for n in LINEARS})
     for n in LINEARS:
-        d = getattr(lw, n)
+        d = searched.pop(n)
         bias = None if d.bias is None else d.bias.cpu().numpy()
         packed[n] = pack_linear(d.weight.cpu().numpy(), fmts[n].bits, fmts[n].group_size, bias)
-        dequant[n] = Dense(torch.from_numpy(unpack_linear(packed[n])).to(x_in.device), d.bias)
+        bias, d = d.bias, None  # the float weight goes now
+        dequant[n] = Dense(torch.from_numpy(unpack_linear(packed[n])).to(x_in.device), bias)
     t = _timed(rep, "quantize", t)
     lw_q = dataclasses.replace(lw, **dequant)
+    del dequant
     on_phase(index, "propagate")
     if fp_out is None:
         fp_out = block(lw_fp, x_in, 0, None, 0, ctx, ops)
     x_out = block(lw_q, x_in, 0, None, 0, ctx, ops)
     rep.loss = float((x_out - fp_out).pow(2).mean())
+    del lw_q  # before the RTN layer is made, for the same reason
     rep.loss_rtn = rep.loss if qa.method == "rtn" else float(
         (block(rtn_layer(lw_fp, fmts), x_in, 0, None, 0, ctx, ops) - fp_out).pow(2).mean())
     _timed(rep, "propagate", t)
