@@ -70,13 +70,25 @@ def _run_check(model, prompt, out, activations, tokens, env):
                            str(tokens)], capture_output=True, text=True, timeout=1500, env={**os.environ, **env})
 
 
+def _host_int8_tokens(src, prompt: list[int], n: int) -> list[int]:
+    """The greedy tokens this machine's numba backend with int8 activations chooses (n of them, checked)."""
+    from edge_awq.backends.numba import NumbaBackend
+    from edge_awq.formats.load import load_weights
+    from edge_awq.generate import SamplingArgs, generate
+
+    ops = NumbaBackend("int8")
+    w = ops.prepare(load_weights(src, dtype=None))
+    want = [p.token for p in generate(w, ops, src.tokenizer(), prompt, SamplingArgs(max_new_tokens=n))
+            if p.token is not None]
+    assert len(want) == n
+    return want
+
+
 def test_int8_kernels_on_aarch64_use_sdot_and_match_the_host(stories_rtn, tmp_path):
     """The Cortex-A76 path: the 8-bit-activation routes run, their integer part is the reference's (results
     within float rounding of ``linear_int8``), the compiled loops hold sdot (and no smmla: the A76 lacks i8mm),
     and 32 greedy tokens are the x86 host's with the same activations."""
-    from edge_awq.backends.numba import NumbaBackend
-    from edge_awq.formats.load import load_weights, open_source
-    from edge_awq.generate import SamplingArgs, generate
+    from edge_awq.formats.load import open_source
 
     src = open_source(stories_rtn)
     prompt = src.tokenizer().encode("Once upon a time, a little dog", bos=True)
@@ -92,20 +104,14 @@ def test_int8_kernels_on_aarch64_use_sdot_and_match_the_host(stories_rtn, tmp_pa
     assert not bad, bad
     assert got["inner_loops"]["sdot"] >= 32 and got["inner_loops"]["smmla"] == 0
 
-    ops = NumbaBackend("int8")
-    w = ops.prepare(load_weights(src, dtype=None))
-    want = [p.token for p in generate(w, ops, src.tokenizer(), prompt, SamplingArgs(max_new_tokens=32))
-            if p.token is not None]
-    assert got["tokens"] == want and len(want) == 32
+    assert got["tokens"] == _host_int8_tokens(src, prompt, 32)
 
 
 def test_int8_prompts_on_aarch64_use_smmla(stories_rtn, tmp_path):
     """An Armv8.6 core with i8mm (a Neoverse V1: Graviton 3): a prompt's tiles run smmla (two rows times two
     tokens, eight codes deep), a decode step sdot; the integer part is the reference's and 32 greedy tokens
     are the host's."""
-    from edge_awq.backends.numba import NumbaBackend
-    from edge_awq.formats.load import load_weights, open_source
-    from edge_awq.generate import SamplingArgs, generate
+    from edge_awq.formats.load import open_source
 
     src = open_source(stories_rtn)
     prompt = src.tokenizer().encode("Once upon a time, a little dog", bos=True)
@@ -122,11 +128,7 @@ def test_int8_prompts_on_aarch64_use_smmla(stories_rtn, tmp_path):
     assert not bad, bad
     assert got["inner_loops"]["smmla"] >= 64 and got["inner_loops"]["sdot"] >= 32
 
-    ops = NumbaBackend("int8")
-    w = ops.prepare(load_weights(src, dtype=None))
-    want = [p.token for p in generate(w, ops, src.tokenizer(), prompt, SamplingArgs(max_new_tokens=32))
-            if p.token is not None]
-    assert got["tokens"] == want and len(want) == 32
+    assert got["tokens"] == _host_int8_tokens(src, prompt, 32)
 
 
 def test_int8_kernels_on_plain_neon(stories_rtn, tmp_path):

@@ -123,6 +123,13 @@ def test_real_weights(smollm2_weights):
     assert _rel(NumbaBackend("int8").linear(x, head), linear_int8(x, head)) <= 2e-6
 
 
+def _fused_and_op_by_op() -> tuple[NumbaBackend, NumbaBackend]:
+    """Two int8 backends: one as it runs, one whose one-call decode paths decline (every op by itself)."""
+    fused, plain = NumbaBackend("int8"), NumbaBackend("int8")
+    plain.decode_block = plain.decode_layers = lambda *a: None
+    return fused, plain
+
+
 @needs_int8
 def test_grouped_linears_and_the_fused_layer_match_op_by_op(smollm2_weights):
     """q/k/v as one kernel, and a whole decoder layer as one call, against the same ops run one by one."""
@@ -133,8 +140,7 @@ def test_grouped_linears_and_the_fused_layer_match_op_by_op(smollm2_weights):
     lw = w.layers[5]
     packed = dataclasses.replace(lw, **{n: pack_linear(np.asarray(getattr(lw, n).weight, np.float32), 4, 64)
                                         for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")})
-    fused, plain = NumbaBackend("int8"), NumbaBackend("int8")
-    plain.decode_block = plain.decode_layers = lambda *a: None  # op by op
+    fused, plain = _fused_and_op_by_op()
     x = np.random.default_rng(5).standard_normal((1, 576)).astype(np.float32)
     outs = []
     for ops in (fused, plain):
@@ -163,8 +169,7 @@ def test_fused_decode_runs_a_mixed_layer(smollm2_weights, formats):
     layers = [dataclasses.replace(lw, **{n: pack_linear(np.asarray(getattr(lw, n).weight, np.float32), *formats[n])
                                          for n in formats}) for lw in w.layers[4:6]]
     small = dataclasses.replace(w, layers=layers, args=dataclasses.replace(w.args, n_layers=2))
-    fused, plain = NumbaBackend("int8"), NumbaBackend("int8")
-    plain.decode_block = plain.decode_layers = lambda *a: None  # op by op
+    fused, plain = _fused_and_op_by_op()
     x = np.random.default_rng(6).standard_normal((1, 576)).astype(np.float32)
     outs = []
     for ops in (fused, plain):
