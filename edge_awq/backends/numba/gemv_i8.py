@@ -45,6 +45,7 @@ ROWS = 8  # rows a block; one int32 lane each
 QUAD = 4  # consecutive codes of a row that meet one lane
 CHUNK4, CHUNK8 = 64, 32  # columns a chunk: eight 32-byte vectors (4-bit groups of an odd multiple of 32: chunks of 32)
 TOKENS = 8 if ISA in ("avx512vnni", "i8mm") else 4  # tokens a tile: an int32 and a float32 accumulator each (32 or 16 registers)
+CHAINS = 4  # independent accumulators of a one-token tile (the dot products' latency over their throughput)
 PREFETCH = 2048  # bytes ahead of the weights being read that each chunk asks the cache for (measured: 1-4 KiB)
 VNNI = ISA in ("avx512vnni", "avxvnni")
 MMLA = ISA == "i8mm"  # prompts' tiles by smmla: two rows times two tokens, eight codes deep
@@ -321,9 +322,11 @@ def _tile_codegen(bits: int, nt: int, cols: int):
         fma = _fn(builder, "llvm.fma.v8f32", _V8F, [_V8F] * 3)
         prefetch = _fn(builder, "llvm.prefetch.p0", ir.VoidType(), [ir.PointerType(_I8), _I32, _I32, _I32])
         facc = [cgutils.alloca_once_value(builder, ir.Constant(_V8F, None)) for _ in range(nt)]
-        accs = [cgutils.alloca_once(builder, _V8I) for _ in range(nt)]
         xrows = [builder.add(xp, builder.mul(x_stride, ir.Constant(_I64, t))) for t in range(nt)]
         mmla = MMLA and nt % 2 == 0  # a prompt's tile on i8mm (a decode step keeps sdot)
+        # one token has one accumulator chain of dot products, as long as their latency: split it in CHAINS
+        chains = CHAINS if nt == 1 else 1
+        accs = [[cgutils.alloca_once(builder, _V8I) for _ in range(chains)] for _ in range(nt)]
         macc = [[cgutils.alloca_once(builder, _vec(_I32, 4)) for _ in range(nt // 2)] for _ in range(ROWS // 2)
                 ] if mmla else []
 
@@ -354,16 +357,23 @@ def _tile_codegen(bits: int, nt: int, cols: int):
                 if bits == 4:
                     lo = builder.and_(w, ir.Constant(_V32B, [15] * 32))
                     hi = builder.lshr(w, ir.Constant(_V32B, [4] * 32))
-                    for t, acc in enumerate(accs):
-                        builder.store(_dot_pair(builder, builder.load(acc), lo, quad_x(t, col0, q), hi,
-                                                quad_x(t, col_hi, q)), acc)
+                    for t, chain in enumerate(accs):
+                        if X86 and not VNNI:  # the pair shares one int16 sum (exact for 4-bit codes)
+                            acc = chain[q % chains]
+                            builder.store(_dot_pair(builder, builder.load(acc), lo, quad_x(t, col0, q), hi,
+                                                    quad_x(t, col_hi, q)), acc)
+                            continue
+                        a, b = chain[2 * q % chains], chain[(2 * q + 1) % chains]
+                        builder.store(_dot(builder, builder.load(a), lo, quad_x(t, col0, q)), a)
+                        builder.store(_dot(builder, builder.load(b), hi, quad_x(t, col_hi, q)), b)
                 else:
-                    for t, acc in enumerate(accs):
+                    for t, chain in enumerate(accs):
+                        acc = chain[q % chains]
                         builder.store(_dot8(builder, builder.load(acc), w, quad_x(t, col0, q)), acc)
 
         with cgutils.for_range(builder, n_groups) as gl:
             g = gl.index
-            for acc in accs:
+            for acc in (a for chain in accs for a in chain):
                 builder.store(ir.Constant(_V8I, None), acc)
             for acc in (a for pair in macc for a in pair):
                 builder.store(ir.Constant(_vec(_I32, 4), None), acc)
@@ -371,7 +381,7 @@ def _tile_codegen(bits: int, nt: int, cols: int):
                 chunk(builder.add(builder.mul(g, chunks), cl.index))
             if mmla:
                 for t in range(nt):
-                    builder.store(_mmla_token(builder, macc, t), accs[t])
+                    builder.store(_mmla_token(builder, macc, t), accs[t][0])
             # each token's exact integer sums q.x - z * sum(x), then the two scales, in float32
             sbits = _load(builder, builder.add(sp, builder.mul(g, ir.Constant(_I64, 2 * ROWS))), _vec(_I16, ROWS), 2)
             s8 = builder.fpext(builder.bitcast(sbits, _vec(ir.HalfType(), ROWS)), _V8F)
@@ -384,7 +394,10 @@ def _tile_codegen(bits: int, nt: int, cols: int):
                 toff = builder.add(goff, builder.mul(g_stride, ir.Constant(_I64, t)))
                 fx = builder.load(builder.inttoptr(builder.add(fxp, toff), _F32.as_pointer()))
                 sx = builder.load(builder.inttoptr(builder.add(sxp, toff), _I32.as_pointer()))
-                ints = builder.sub(builder.load(accs[t]), builder.mul(z8, _splat(builder, sx, _V8I)))
+                dots = builder.load(accs[t][0])
+                for acc in accs[t][1:]:
+                    dots = builder.add(dots, builder.load(acc))
+                ints = builder.sub(dots, builder.mul(z8, _splat(builder, sx, _V8I)))
                 m8 = builder.fmul(s8, _splat(builder, fx, _V8F))
                 builder.store(builder.call(fma, [builder.sitofp(ints, _V8F), m8, builder.load(facc[t])]), facc[t])
         store = _fn(builder, "llvm.masked.store.v8f32.p0", ir.VoidType(),
