@@ -40,7 +40,7 @@ SHAPES = [(4, 64, 33, 576, 1), (4, 64, 33, 576, 5), (4, 128, 7, 4096, 1), (4, 12
 def kernel_errors(activations: str) -> list[dict]:
     rng = np.random.default_rng(0)
     out = []
-    for bits, gs, out_f, in_f, t in SHAPES + ([(4, 64, 21, 576, 9), (8, 32, 13, 64, 6)] if activations == "int8" else []):
+    for bits, gs, out_f, in_f, t in SHAPES + ([(4, 64, 21, 576, 9), (8, 32, 13, 64, 6), (3, 32, 11, 576, 9)] if activations == "int8" else []):
         w = (rng.standard_normal((out_f, in_f)) * rng.uniform(0.01, 2, (out_f, 1))).astype(np.float32)
         x = rng.standard_normal((t, in_f)).astype(np.float32)
         p = pack_linear(w, bits, gs)

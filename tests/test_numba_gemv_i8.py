@@ -58,14 +58,38 @@ def test_integer_part_is_exact():
 
 
 @needs_int8
+@pytest.mark.parametrize("group", [32, 64])
+def test_three_bit_integer_part_is_exact(group):
+    """3-bit codes from both planes of the layout (every code value, every position of a chunk): with scales of
+    1 and integer activations the outputs are the exact integer sums, decoding and in a prompt's tiles."""
+    from edge_awq.model import W4
+
+    rng = np.random.default_rng(group)
+    out_f, in_f = 17, 4 * group
+    q = rng.integers(0, 8, (out_f, in_f)).astype(np.uint8)
+    z = rng.integers(0, 8, (out_f, in_f // group)).astype(np.uint8)
+    w = W4(pack_bits(q, 3), np.ones((out_f, in_f // group), np.float16), pack_bits(z, 3), group, 3, in_f)
+    for T in (1, 11):
+        x = rng.integers(-127, 128, (T, in_f)).astype(np.float32)
+        x[:, ::group] = 127
+        want = np.einsum("oi,ti->to", q.astype(np.int64), x.astype(np.int64)) - np.einsum(
+            "og,tg->to", z.astype(np.int64), x.reshape(T, -1, group).sum(-1).astype(np.int64))
+        got = NumbaBackend("int8").linear(x, w)
+        assert np.array_equal(got, want.astype(np.float32)) and np.array_equal(linear_int8(x, w), got)
+    assert NumbaBackend("int8").route_of(w, 1).startswith("a8-")
+
+
+@needs_int8
 @pytest.mark.parametrize("bits,out_f,in_f,group", [(4, 1, 64, 64), (4, 5, 384, 192), (4, 7, 128, 64),
                                                    (4, 33, 576, 64), (4, 13, 1536, 128), (4, 6, 4096, 128),
                                                    (4, 9, 576, 32), (4, 1, 32, 32), (4, 11, 288, 96),
-                                                   (8, 9, 576, 64), (8, 3, 64, 32), (8, 5, 1024, 1024)])
+                                                   (8, 9, 576, 64), (8, 3, 64, 32), (8, 5, 1024, 1024),
+                                                   (3, 9, 576, 64), (3, 1, 32, 32), (3, 13, 1536, 128),
+                                                   (3, 11, 288, 96), (3, 7, 192, 192)])
 @pytest.mark.parametrize("T", [1, 2, 4, 5, 9])
 def test_gemv_matches_the_reference(bits, out_f, in_f, group, T):
-    """Rows not a multiple of the block of eight, a single row, one to sixteen chunks a group, 4 and 8 bits,
-    4-bit groups of an odd multiple of 32 (32-column chunks);
+    """Rows not a multiple of the block of eight, a single row, one to sixteen chunks a group, 3, 4 and 8
+    bits, 3- and 4-bit groups of an odd multiple of 32 (32-column chunks);
     token counts below, at and past a tile."""
     w = _packed(out_f, in_f, group, out_f + in_f + T, bits, bias=True)
     p = prepare(w, repack=True, activations="int8")
@@ -78,7 +102,8 @@ def test_gemv_matches_the_reference(bits, out_f, in_f, group, T):
 
 @needs_int8
 @pytest.mark.parametrize("bits,out_f,in_f,group", [(4, 300, 576, 64), (4, 172, 1536, 128), (8, 49, 576, 64),
-                                                   (4, 172, 576, 32), (4, 9, 576, 96)])
+                                                   (4, 172, 576, 32), (4, 9, 576, 96), (3, 172, 576, 64),
+                                                   (3, 9, 1536, 32)])
 @pytest.mark.parametrize("T", [1, 33, 513])
 def test_prefill_gemm_matches_the_reference(bits, out_f, in_f, group, T):
     """More tokens than a GEMV takes (a prompt of 1, 33 and 513 tokens: tiles and a tail), the integer GEMM on
@@ -94,7 +119,7 @@ def test_prefill_gemm_matches_the_reference(bits, out_f, in_f, group, T):
 
 
 @needs_int8
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (8, 32), (8, 64)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (8, 32), (8, 64), (3, 32), (3, 64), (3, 128)])
 def test_layout_holds_the_file_values(bits, group):
     """The repacked layout, dequantized, is the file's values (every row, block boundaries, the tail)."""
     w = _packed(21, 256, group, bits, bits)
@@ -158,10 +183,11 @@ MIXED_LAYER = {"wq": (4, 32), "wk": (8, 64), "wv": (4, 64), "wo": (4, 96), "w1":
 
 @needs_int8
 @pytest.mark.parametrize("formats", [MIXED_LAYER, {**MIXED_LAYER, "wk": (4, 32), "wv": (4, 32)},
-                                     {**MIXED_LAYER, "w1": (4, 192)}])
+                                     {**MIXED_LAYER, "w1": (4, 192)},
+                                     {**MIXED_LAYER, "wv": (3, 64), "w1": (3, 192), "w3": (3, 192), "w2": (3, 32)}])
 def test_fused_decode_runs_a_mixed_layer(smollm2_weights, formats):
-    """A layer of a mixed-precision file (4- and 8-bit linears, each in its own group size; q/k/v and gate/up
-    sharing a group size or not) as one compiled call, and the whole model's step, against op by op."""
+    """A layer of a mixed-precision file (3-, 4- and 8-bit linears, each in its own group size; q/k/v and
+    gate/up sharing a group size or not) as one compiled call, and the whole model's step, against op by op."""
     from edge_awq.model import KVCache, block
     import dataclasses
 
@@ -186,14 +212,16 @@ def test_fused_decode_runs_a_mixed_layer(smollm2_weights, formats):
 
 
 @needs_int8
-def test_a_three_bit_linear_runs_its_layer_op_by_op(smollm2_weights):
+def test_a_three_bit_linear_with_int16_activations_runs_its_layer_op_by_op(smollm2_weights):
+    """int16 activations have no 3-bit layout (the generic kernel runs it): the one-call layer declines."""
     import dataclasses
 
     _, w = smollm2_weights
     lw = w.layers[2]
     packed = dataclasses.replace(lw, **{n: pack_linear(np.asarray(getattr(lw, n).weight, np.float32),
                                                        3 if n == "wv" else 4, 64) for n in MIXED_LAYER})
-    assert NumbaBackend("int8")._decode_args(packed, w) is None
+    assert NumbaBackend("int16")._decode_args(packed, w) is None
+    assert NumbaBackend("int8")._decode_args(packed, w) is not None
 
 
 @needs_int8
@@ -203,6 +231,8 @@ def test_routes_name_what_runs():
     assert nb.route_of(_packed(8, 128, 64, 0), 40) == f"a8-gemm-{ISA}"
     assert nb.route_of(_packed(8, 96, 32, 0), 1) == f"a8-{ISA}"  # 4-bit groups of 32: chunks of 32
     assert nb.route_of(_packed(8, 96, 16, 0), 1) != f"a8-{ISA}"  # groups of 16: not this layout
+    assert nb.route_of(_packed(8, 96, 32, 0, 3), 1) == f"a8-{ISA}"  # 3-bit: the two-plane layout
+    assert NumbaBackend("int16").route_of(_packed(8, 128, 64, 0, 3), 1) == "any-float"
     assert NumbaBackend("int16").route_of(_packed(8, 128, 64, 0), 1) != f"a8-{ISA}"
 
 
@@ -215,7 +245,8 @@ from edge_awq.backends.reference import linear_int8
 from edge_awq.pack import pack_linear
 rng = np.random.default_rng(0)
 errs = []
-for bits, gs, out_f, in_f, T in [(4, 64, 33, 576, 1), (4, 128, 7, 4096, 3), (8, 64, 9, 576, 2), (4, 32, 9, 576, 5)]:
+for bits, gs, out_f, in_f, T in [(4, 64, 33, 576, 1), (4, 128, 7, 4096, 3), (8, 64, 9, 576, 2), (3, 64, 17, 576, 1),
+                                  (3, 32, 9, 576, 9), (4, 32, 9, 576, 5)]:
     w = pack_linear(rng.standard_normal((out_f, in_f)).astype(np.float32), bits, gs)
     x = rng.standard_normal((T, in_f)).astype(np.float32)
     nb = NumbaBackend("int8")

@@ -95,7 +95,7 @@ class NumbaBackend(HostMemory):
         if len(ws) in (2, 3) and all(isinstance(w, (W4, PreparedW4)) for w in ws):
             ps = [self._prepared(w) for w in ws]
             same = all(p.group_size == ps[0].group_size for p in ps)
-            if same and all(p.a8 is not None for p in ps):  # 4- or 8-bit, any number of tokens
+            if same and all(p.a8 is not None for p in ps):  # 3-, 4- or 8-bit, any number of tokens
                 return linears_w4(x, ps)
             if (same and x.shape[0] <= GEMV_MAX_T
                     and all(p.bits == 4 and p.byte_path and p.a8 is None for p in ps)):
@@ -179,8 +179,8 @@ class NumbaBackend(HostMemory):
 
     def _layer_args(self, lw, w):
         lins = [getattr(lw, n) for n in LINEARS]  # decode_layer takes them in this order
-        if not all(isinstance(m, (W4, PreparedW4)) and m.bits in (4, 8) and m.bias is None for m in lins):
-            return None  # a mixed file's 3-bit linears run op by op
+        if not all(isinstance(m, (W4, PreparedW4)) and m.bias is None for m in lins):
+            return None
         ps = [self._prepared(m) for m in lins]
         layouts = [p.a8 if p.a8 is not None else p.blocked for p in ps]
         if any(b is None for b in layouts) or len({type(b) for b in layouts}) != 1:

@@ -15,6 +15,9 @@ lane — no sums across lanes, and the activations' four bytes broadcast to all 
   bytes hold columns 4q..4q+3 of the chunk in their low nibbles and columns 32+4q..32+4q+3 in their high
   ones (``w & 15`` and ``w >> 4`` meet the activations of those columns); groups of an odd multiple of
   32 (32, 96, ...) the same in 32-column chunks of four vectors, the high nibbles columns 16+4q..16+4q+3;
+- 3-bit (a mixed file's), groups of a multiple of 32, chunks as 4-bit's: the same file bytes in two planes,
+  the codes' low two bits in quads / 4 vectors (four quads a byte, two bits each) and their third bit in
+  quads / 8 (eight quads a byte): 3 bits a code, no more, rebuilt per quad by shifts, masks and an or;
 - 8-bit (the int8 head), groups of a multiple of 32: per 32-column chunk eight vectors of the codes;
 - ``scales`` (blocks, G * 8) fp16 bits and ``zeros`` (blocks, G * 8) uint8: eight rows side by side.
 
@@ -23,7 +26,7 @@ integer GEMM on the packed weights, and a decode step the same loop with one tok
 chosen by ``isa.ISA`` when the kernels compile: AVX-512 VNNI or AVX-VNNI ``vpdpbusd`` (unsigned codes
 times signed activations, four products into each int32 lane), AVX2 ``vpmaddubsw`` then ``vpmaddwd``
 (pairs of products in int16: at most 2 * 2 * 15 * 127 for 4-bit codes, exact), the Armv8.2 ``sdot``, or
-widening multiplies on plain NEON; with Armv8.6 i8mm a prompt's tiles run ``smmla`` instead (``_mmla_chunk``:
+widening multiplies on plain NEON; with Armv8.6 i8mm a prompt's tiles run ``smmla`` instead (``_mmla_pairs``:
 each instruction two rows times two tokens, eight codes deep, from the same layout by one 32-bit zip). 8-bit codes meet the signed instructions as ``code - 128`` (its zero
 point likewise): on AVX2 as |w| and x with w's sign (``vpsignb``), whose pairs stay within int16.
 """
@@ -55,7 +58,7 @@ _F32 = ir.FloatType()
 
 @dataclass(frozen=True)
 class BlockedA8:
-    """A 4- or 8-bit weight in the 8-bit-activation block layout (see the module docstring)."""
+    """A 3-, 4- or 8-bit weight in the 8-bit-activation block layout (see the module docstring)."""
 
     words: np.ndarray  # (blocks, G * chunks * 8 * 32) uint8: the codes, rows interleaved four at a time
     scales: np.ndarray  # (blocks, G * 8) uint16, fp16 bits
@@ -69,7 +72,7 @@ def usable(bits: int, group_size: int) -> bool:
     """Whether this CPU has the integer kernels and the weight fits the layout (int32 sums stay exact)."""
     if ISA == "none":
         return False
-    if bits == 4:
+    if bits in (3, 4):
         return group_size % (CHUNK4 // 2) == 0
     return bits == 8 and group_size % CHUNK8 == 0 and group_size <= 1 << 15
 
@@ -85,11 +88,28 @@ def chunk_columns(bits, group_size):
 
 @njit(cache=True, inline="always")
 def _code(qb, r, col, bits):
-    """Value number col of file-order row r (a nibble, low one first, or a byte)."""
+    """Value number col of file-order row r (a nibble, low one first, a byte, or 3 bits of the row's
+    little-endian bit stream)."""
     if bits == 8:
         return np.int32(qb[r, col])
+    if bits == 3:
+        bit = 3 * col
+        byte = bit >> 3
+        v = np.int32(qb[r, byte])
+        if byte + 1 < qb.shape[1]:
+            v |= np.int32(qb[r, byte + 1]) << 8
+        return (v >> (bit & 7)) & 7
     byte = qb[r, col >> 1]
     return np.int32((byte >> np.uint8(4)) if col & 1 else (byte & np.uint8(15)))
+
+
+@njit(cache=True, inline="always")
+def _offset3(quad, j, k, quads):
+    """Where code j of quad ``quad`` of row k sits in a 3-bit chunk of ``quads`` quads (``_codes3``): the byte
+    offset and shift of its low two bits, and those of its third bit."""
+    nl, nh = quads // 4, quads // 8
+    cell = k * QUAD + j
+    return (quad % nl) * 32 + cell, 2 * (quad // nl), (nl + quad % nh) * 32 + cell, quad // nh
 
 
 @njit(nogil=True, parallel=True, cache=True)
@@ -107,6 +127,15 @@ def _repack_kernel(qb, scale_bits, zero_bytes, group_size, bits, words, scales, 
                 zeros[b, ROWS * g + k] = _code(zero_bytes, r, g, bits)
                 for c in range(chunks):
                     col0 = g * group_size + c * cols
+                    if bits == 3:
+                        start = (g * chunks + c) * vecs * 32
+                        for quad in range(cols // QUAD):
+                            for j in range(QUAD):
+                                v = _code(qb, r, col0 + QUAD * quad + j, 3)
+                                lo, ls, hi, hs = _offset3(quad, j, k, cols // QUAD)
+                                words[b, start + lo] |= np.uint8((v & 3) << ls)
+                                words[b, start + hi] |= np.uint8((v >> 2) << hs)
+                        continue
                     for q in range(vecs):
                         base = (((g * chunks + c) * vecs + q) * ROWS + k) * QUAD
                         for j in range(QUAD):
@@ -119,7 +148,7 @@ def _repack_kernel(qb, scale_bits, zero_bytes, group_size, bits, words, scales, 
 
 def repack(qbytes: np.ndarray, scale_bits: np.ndarray, zero_bytes: np.ndarray, group_size: int,
            bits: int) -> BlockedA8:
-    """The layout of a 4- or 8-bit weight given as file-order bytes (out, in * bits / 8), fp16 scale bits
+    """The layout of a 3-, 4- or 8-bit weight given as file-order bytes (out, in * bits / 8), fp16 scale bits
     (out, G) and packed zero points (out, >= G * bits / 8 bytes)."""
     out_f, n_groups = scale_bits.shape
     blocks = -(-out_f // ROWS)
@@ -269,38 +298,50 @@ def _dot8(builder, acc, w, x):
     return _dot(builder, acc, signed, x)
 
 
-def _mmla_chunk(builder, wbase, col0, col_hi, bits, vecs, xrows, macc):
-    """One chunk by ``smmla`` (Armv8.6 i8mm): vectors q and q + 1 of the layout hold, for each row, eight
-    consecutive codes (its quads q and q + 1); a 32-bit zip of their halves makes four 2 x 8 matrices of
-    row pairs, and each token pair's eight activations at those columns the 2 x 8 other operand. macc[p][j]
-    (4 x i32) accumulates rows 2p, 2p + 1 times tokens 2j, 2j + 1 as (r0 t0, r0 t1, r1 t0, r1 t1)."""
+def _mmla_pairs(builder, pairs, bits, xrows, macc):
+    """A chunk by ``smmla`` (Armv8.6 i8mm): pairs of code vectors at consecutive quads (columns base + 4q ..
+    base + 4q + 7) hold, for each row, eight consecutive codes; a 32-bit zip of their halves makes four 2 x 8
+    matrices of row pairs, and each token pair's eight activations at those columns the 2 x 8 other operand.
+    macc[p][j] (4 x i32) accumulates rows 2p, 2p + 1 times tokens 2j, 2j + 1 as (r0 t0, r0 t1, r1 t0, r1 t1)."""
     v16, v4i, v2l = _vec(_I8, 16), _vec(_I32, 4), _vec(_I64, 2)
     mmla = _fn(builder, "llvm.aarch64.neon.smmla.v4i32.v16i8", v4i, [v4i, v16, v16])
-    for q in range(0, vecs, 2):
-        a = _load(builder, builder.add(wbase, ir.Constant(_I64, 32 * q)), _V32B)
-        b = _load(builder, builder.add(wbase, ir.Constant(_I64, 32 * q + 32)), _V32B)
-        if bits == 4:
-            planes = [(builder.and_(a, ir.Constant(_V32B, [15] * 32)), builder.and_(b, ir.Constant(_V32B, [15] * 32)),
-                       col0),
-                      (builder.lshr(a, ir.Constant(_V32B, [4] * 32)), builder.lshr(b, ir.Constant(_V32B, [4] * 32)),
-                       col_hi)]
-        else:  # code - 128, as the signed forms read it
-            planes = [(builder.xor(a, ir.Constant(_V32B, [0x80] * 32)), builder.xor(b, ir.Constant(_V32B, [0x80] * 32)),
-                       col0)]
-        for wa, wb, c in planes:
-            a32, b32 = builder.bitcast(wa, _V8I), builder.bitcast(wb, _V8I)
-            rows = [builder.bitcast(builder.shuffle_vector(a32, b32, ir.Constant(v4i, [2 * p, 8 + 2 * p, 2 * p + 1,
-                                                                                       9 + 2 * p])), v16)
-                    for p in range(ROWS // 2)]
-            off = builder.add(c, ir.Constant(_I64, QUAD * q))
-            for j in range(len(macc[0])):
-                x0 = builder.load(builder.inttoptr(builder.add(xrows[2 * j], off), _I64.as_pointer()), align=1)
-                x1 = builder.load(builder.inttoptr(builder.add(xrows[2 * j + 1], off), _I64.as_pointer()), align=1)
-                pair = builder.insert_element(builder.insert_element(ir.Constant(v2l, None), x0, ir.Constant(_I32, 0)),
-                                              x1, ir.Constant(_I32, 1))
-                xv = builder.bitcast(pair, v16)
-                for p in range(ROWS // 2):
-                    builder.store(builder.call(mmla, [builder.load(macc[p][j]), rows[p], xv]), macc[p][j])
+    for base, q, wa, wb in pairs:
+        if bits == 8:  # code - 128, as the signed forms read it
+            wa, wb = (builder.xor(v, ir.Constant(_V32B, [0x80] * 32)) for v in (wa, wb))
+        a32, b32 = builder.bitcast(wa, _V8I), builder.bitcast(wb, _V8I)
+        rows = [builder.bitcast(builder.shuffle_vector(a32, b32, ir.Constant(v4i, [2 * p, 8 + 2 * p, 2 * p + 1,
+                                                                                   9 + 2 * p])), v16)
+                for p in range(ROWS // 2)]
+        off = builder.add(base, ir.Constant(_I64, QUAD * q))
+        for j in range(len(macc[0])):
+            x0 = builder.load(builder.inttoptr(builder.add(xrows[2 * j], off), _I64.as_pointer()), align=1)
+            x1 = builder.load(builder.inttoptr(builder.add(xrows[2 * j + 1], off), _I64.as_pointer()), align=1)
+            pair = builder.insert_element(builder.insert_element(ir.Constant(v2l, None), x0, ir.Constant(_I32, 0)),
+                                          x1, ir.Constant(_I32, 1))
+            xv = builder.bitcast(pair, v16)
+            for p in range(ROWS // 2):
+                builder.store(builder.call(mmla, [builder.load(macc[p][j]), rows[p], xv]), macc[p][j])
+
+
+def _codes3(builder, vectors, quads):
+    """3-bit codes of a chunk's quads from its two planes: the first n = quads / 4 vectors hold each code's low
+    two bits (vector m: quads m, m + n, m + 2n, m + 3n in bits 0-1, 2-3, 4-5, 6-7), the last n' = quads / 8
+    its third bit (vector m: quads m, m + n', ..., m + 7n' in bits 0..7); -> one vector of codes per quad."""
+    nl, nh = quads // 4, quads // 8
+    low, high = vectors[:nl], vectors[nl:]
+    three, four = ir.Constant(_V32B, [3] * 32), ir.Constant(_V32B, [4] * 32)
+    out = []
+    for quad in range(quads):
+        s, t = quad // nl, quad // nh
+        lo = low[quad % nl]
+        lo = builder.lshr(lo, ir.Constant(_V32B, [2 * s] * 32)) if s else lo
+        hi = high[quad % nh]
+        if t < 2:
+            hi = builder.shl(hi, ir.Constant(_V32B, [2 - t] * 32))
+        elif t > 2:
+            hi = builder.lshr(hi, ir.Constant(_V32B, [t - 2] * 32))
+        out.append(builder.or_(builder.and_(lo, three), builder.and_(hi, four)))
+    return out
 
 
 def _mmla_token(builder, macc, t):
@@ -349,27 +390,32 @@ def _tile_codegen(bits: int, nt: int, cols: int):
                 ahead = builder.inttoptr(builder.add(wbase, ir.Constant(_I64, PREFETCH + line)), ir.PointerType(_I8))
                 builder.call(prefetch, [ahead, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
             col_hi = builder.add(col0, ir.Constant(_I64, cols // 2))
-            if mmla:
-                _mmla_chunk(builder, wbase, col0, col_hi, bits, vecs, xrows, macc)
+            loaded = [_load(builder, builder.add(wbase, ir.Constant(_I64, 32 * q)), _V32B) for q in range(vecs)]
+            if bits == 4:  # (column base, quad, codes): the low nibbles' quads, then the high ones'
+                items = [it for q, w in enumerate(loaded) for it in (
+                    (col0, q, builder.and_(w, ir.Constant(_V32B, [15] * 32))),
+                    (col_hi, q, builder.lshr(w, ir.Constant(_V32B, [4] * 32))))]
+            elif bits == 3:
+                items = [(col0, q, c) for q, c in enumerate(_codes3(builder, loaded, cols // QUAD))]
+            else:
+                items = [(col0, q, w) for q, w in enumerate(loaded)]
+            if mmla:  # consecutive quads in pairs
+                quads = {(id(base), q): (base, v) for base, q, v in items}
+                _mmla_pairs(builder, [(base, q, v, quads[id(base), q + 1][1]) for base, q, v in items if q % 2 == 0],
+                            bits, xrows, macc)
                 return
-            for q in range(vecs):
-                w = _load(builder, builder.add(wbase, ir.Constant(_I64, 32 * q)), _V32B)
-                if bits == 4:
-                    lo = builder.and_(w, ir.Constant(_V32B, [15] * 32))
-                    hi = builder.lshr(w, ir.Constant(_V32B, [4] * 32))
-                    for t, chain in enumerate(accs):
-                        if X86 and not VNNI:  # the pair shares one int16 sum (exact for 4-bit codes)
-                            acc = chain[q % chains]
-                            builder.store(_dot_pair(builder, builder.load(acc), lo, quad_x(t, col0, q), hi,
-                                                    quad_x(t, col_hi, q)), acc)
-                            continue
-                        a, b = chain[2 * q % chains], chain[(2 * q + 1) % chains]
-                        builder.store(_dot(builder, builder.load(a), lo, quad_x(t, col0, q)), a)
-                        builder.store(_dot(builder, builder.load(b), hi, quad_x(t, col_hi, q)), b)
-                else:
-                    for t, chain in enumerate(accs):
-                        acc = chain[q % chains]
-                        builder.store(_dot8(builder, builder.load(acc), w, quad_x(t, col0, q)), acc)
+            for t, chain in enumerate(accs):
+                if X86 and not VNNI and bits != 8:  # two quads share one int16 sum (exact for codes below 16)
+                    for i in range(0, len(items), 2):
+                        (b0, q0, v0), (b1, q1, v1) = items[i], items[i + 1]
+                        acc = chain[i // 2 % chains]
+                        builder.store(_dot_pair(builder, builder.load(acc), v0, quad_x(t, b0, q0), v1,
+                                                quad_x(t, b1, q1)), acc)
+                    continue
+                dot = _dot8 if bits == 8 else _dot
+                for i, (base, q, v) in enumerate(items):
+                    acc = chain[i % chains]
+                    builder.store(dot(builder, builder.load(acc), v, quad_x(t, base, q)), acc)
 
         with cgutils.for_range(builder, n_groups) as gl:
             g = gl.index
@@ -426,6 +472,8 @@ def _tile_intrinsic(bits: int, nt: int, cols: int):
 tile_w4_many, tile_w4_one = _tile_intrinsic(4, TOKENS, CHUNK4), _tile_intrinsic(4, 1, CHUNK4)
 tile_w4h_many, tile_w4h_one = _tile_intrinsic(4, TOKENS, CHUNK4 // 2), _tile_intrinsic(4, 1, CHUNK4 // 2)
 tile_w8_many, tile_w8_one = _tile_intrinsic(8, TOKENS, CHUNK8), _tile_intrinsic(8, 1, CHUNK8)
+tile_w3_many, tile_w3_one = _tile_intrinsic(3, TOKENS, CHUNK4), _tile_intrinsic(3, 1, CHUNK4)
+tile_w3h_many, tile_w3h_one = _tile_intrinsic(3, TOKENS, CHUNK4 // 2), _tile_intrinsic(3, 1, CHUNK4 // 2)
 tile_a8 = tile_w4_many  # the one the docstring names: (wp, sp, zp: the block's codes, scales, zeros; xp, x_stride:
 # the first token's int8 activations and the bytes between tokens; fxp, sxp, g_stride: its float32 scales and int32
 # sums per group, and the bytes between tokens; n_groups, chunks; yp, y_stride: eight float32 outputs per token, of
@@ -437,9 +485,9 @@ def _block(words, scales, zeros, b, x8, xscale, xsum, group_size, y):
     """y[:, 8b..8b+7] (the rows that exist) of one block, every token of x8, TOKENS at a time."""
     T, out_f = x8.shape[0], y.shape[1]
     n_groups = scales.shape[1] // ROWS
-    eight = words.shape[1] == n_groups * group_size * ROWS  # a byte a value: 8-bit weights
-    cols = chunk_columns(8 if eight else 4, group_size)
-    chunks, halves = group_size // cols, cols != CHUNK4 and not eight
+    bits = words.shape[1] * 8 // (n_groups * group_size * ROWS)  # 3, 4 or 8, from the bytes a block holds
+    cols = chunk_columns(bits, group_size)
+    chunks, halves = group_size // cols, cols != CHUNK4 and bits != 8
     wa = words.ctypes.data + b * words.strides[0]
     sa = scales.ctypes.data + b * scales.strides[0]
     za = zeros.ctypes.data + b * zeros.strides[0]
@@ -451,7 +499,12 @@ def _block(words, scales, zeros, b, x8, xscale, xsum, group_size, y):
     t = 0
     while t < T:
         if T - t >= TOKENS:
-            if eight:
+            if bits == 3:
+                if halves:
+                    tile_w3h_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
+                else:
+                    tile_w3_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
+            elif bits == 8:
                 tile_w8_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
             elif halves:
                 tile_w4h_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
@@ -459,7 +512,12 @@ def _block(words, scales, zeros, b, x8, xscale, xsum, group_size, y):
                 tile_w4_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
             step = TOKENS
         else:
-            if eight:
+            if bits == 3:
+                if halves:
+                    tile_w3h_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
+                else:
+                    tile_w3_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
+            elif bits == 8:
                 tile_w8_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
             elif halves:
                 tile_w4h_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
@@ -506,6 +564,15 @@ def dequant_kernel(words, scales, zeros, group_size, bits, r0, out):
             z = np.float32(zeros[b, ROWS * g + k])
             for c in range(chunks):
                 col0 = g * group_size + c * cols
+                if bits == 3:
+                    start = (g * chunks + c) * vecs * 32
+                    for quad in range(cols // QUAD):
+                        for i in range(QUAD):
+                            lo, ls, hi, hs = _offset3(quad, i, k, cols // QUAD)
+                            v = ((np.int32(words[b, start + lo]) >> ls) & 3) | (((np.int32(words[b, start + hi]) >> hs)
+                                                                                 & 1) << 2)
+                            out[j, col0 + QUAD * quad + i] = (np.float32(v) - z) * s
+                    continue
                 for q in range(vecs):
                     base = (((g * chunks + c) * vecs + q) * ROWS + k) * QUAD
                     for i in range(QUAD):

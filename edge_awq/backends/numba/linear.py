@@ -205,7 +205,7 @@ class Route:
 
 # Decode (at most GEMV_MAX_T tokens): the first route whose condition holds runs.
 GEMV_ROUTES = (
-    Route(f"a8-{ISA}", "4-bit and 8-bit in groups of 32k, int8 activations (activations=int8); "
+    Route(f"a8-{ISA}", "3-, 4- and 8-bit in groups of 32k, int8 activations (activations=int8); "
           "x86 AVX2 or VNNI, ARM sdot or NEON", lambda w: w.a8 is not None, _gemv_a8),
     Route("blocked-i16", "4-bit in groups of 64k and 8-bit in groups of 32k, block layout; x86 AVX2",
           lambda w: w.blocked is not None, _gemv_blocked),
@@ -214,7 +214,7 @@ GEMV_ROUTES = (
     Route("w4-float", "4-bit, even groups; any CPU (ARM)", _fast4, _gemv_w4_float),
     Route("w8-i16", "8-bit, groups of 16k; x86 AVX2", lambda w: w.bits == 8 and i16.usable8(w.group_size), _gemv_w8_i16),
     Route("w8-float", "8-bit; any CPU", lambda w: w.bits == 8, _gemv_w8_float),
-    Route("any-float", "any other width (3-bit) or odd group; any CPU", lambda w: True, _gemv_any),
+    Route("any-float", "any other width or group (3-bit with int16 activations); any CPU", lambda w: True, _gemv_any),
 )
 
 # Prefill (more tokens): an integer GEMM on the packed weights, or DEQUANT_ROWS rows at a time into float32 for BLAS.
