@@ -109,14 +109,17 @@ def test_small_ops_match_reference(T):
 
 @pytest.mark.parametrize("kv_dtype", [np.float16, np.int8])
 @pytest.mark.parametrize("T,pos,H,n_kv,hd", [(1, 0, 9, 3, 64), (1, 40, 9, 3, 64), (7, 0, 8, 4, 64), (16, 9, 4, 4, 64),
-                                           (33, 0, 6, 1, 64), (150, 40, 9, 3, 64), (70, 3, 4, 2, 12)])
+                                           (33, 0, 6, 1, 64), (150, 40, 9, 3, 64), (70, 3, 4, 2, 12),
+                                           (1, 128, 9, 3, 64), (1, 200, 9, 3, 64), (1, 999, 9, 3, 64),
+                                           (4, 250, 8, 2, 64), (8, 29, 6, 3, 12)])
 def test_attention_matches_reference_on_fp16_and_int8_cache(T, pos, H, n_kv, hd, kv_dtype):
-    """One query (the decode kernels) and prompts (the tiled attention: tiles of 64 queries and a tail, after a
-    cached prefix, head dims with and without a multiple of eight)."""
+    """One query and a few (the decode kernels: spans of keys, one to eight, a span of 128 keys and one more and the
+    tokens of one call seeing different spans) and prompts (the tiled attention: tiles of 64 queries and a tail,
+    after a cached prefix, head dims with and without a multiple of eight)."""
     from edge_awq.config import ModelArgs
 
-    a = ModelArgs("llama", H * hd, 8, 2, H, n_kv, hd, 10, 256)
-    caches = [KVCache.allocate(a, 256, kv_dtype) for _ in range(2)]
+    a = ModelArgs("llama", H * hd, 8, 2, H, n_kv, hd, 10, 1024)
+    caches = [KVCache.allocate(a, max(256, pos + T), kv_dtype) for _ in range(2)]
     prev_k, prev_v = (rng.standard_normal((pos, n_kv, hd)).astype(np.float32) for _ in range(2))
     q, k, v = (rng.standard_normal((T, h, hd)).astype(np.float32) for h in (H, n_kv, n_kv))
     for c in caches:
@@ -125,7 +128,7 @@ def test_attention_matches_reference_on_fp16_and_int8_cache(T, pos, H, n_kv, hd,
     want = ref.attention(q, k, v, caches[1], 1, pos)
     assert rel_err(got, want) <= 1e-3 and np.array_equal(caches[0].k, caches[1].k)
     if kv_dtype == np.int8:  # and the int8 cache stays close to exact float attention
-        exact = KVCache.allocate(a, 256, np.float32)
+        exact = KVCache.allocate(a, max(256, pos + T), np.float32)
         exact.write(1, 0, prev_k, prev_v)
         assert rel_err(got, ref.attention(q, k, v, exact, 1, pos)) <= 0.03
 

@@ -7,7 +7,8 @@ region costs more than the work of one token's row).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from edge_awq.backends.numba.intrinsics import bits_f32, half_f32, int8_f32
 
@@ -77,70 +78,115 @@ def _exp_shifted(scores, top):
     return total
 
 
+SPAN = 128  # keys a span of a decode step's attention holds at least (a cache is split in at most 8 spans)
+
+
+def _value(x):
+    """A cache entry as float32: fp16 bits (uint16) or int8."""
+
+
+@overload(_value, inline="always")
+def _value_impl(x):
+    if x == types.uint16:
+        return lambda x: half_f32(x)
+    if x == types.int8:
+        return lambda x: int8_f32(x)
+    return None
+
+
+@njit(cache=True, inline="always", fastmath=True)
+def _span(qv, keys, k_scale, values, v_scale, s0, s1, scale, scores, part):
+    """One query head qv (hd,) over keys s0..s1 of its KV head's keys/values (S, hd): the span's scores
+    exponentiated in place (scores: s1 - s0 of them) and their weighted sum of values (part); returns the largest
+    score and the sum of the exponentials. Scales: per row, or none (size 0)."""
+    hd = qv.shape[0]
+    top = np.float32(-np.inf)
+    for s in range(s0, s1):
+        kr = keys[s]
+        acc = np.float32(0.0)
+        for d in range(hd):
+            acc += qv[d] * _value(kr[d])
+        sc = acc * (scale * k_scale[s] if k_scale.shape[0] > 0 else scale)
+        scores[s - s0] = sc
+        top = max(top, sc)
+    total = _exp_shifted(scores[: s1 - s0], top)
+    for d in range(hd):
+        part[d] = 0.0
+    for s in range(s0, s1):
+        p = scores[s - s0] * (v_scale[s] if v_scale.shape[0] > 0 else np.float32(1.0))
+        vr = values[s]
+        for d in range(hd):
+            part[d] += p * _value(vr[d])
+    return top, total
+
+
 @njit(nogil=True, parallel=True, cache=True, fastmath=True)
+def _attention_spans(q, keys, k_scale, values, v_scale, pos, span, tops, sums, parts, scores):
+    T, H, _ = q.shape
+    group = H // keys.shape[0]
+    spans = tops.shape[2]
+    scale = np.float32(1.0 / np.sqrt(q.shape[2]))
+    for task in prange(T * H * spans):
+        t, h, c = task // (H * spans), task // spans % H, task % spans
+        s0, s1 = c * span, min(pos + t + 1, (c + 1) * span)
+        if s0 < s1:
+            kv = h // group
+            tops[t, h, c], sums[t, h, c] = _span(q[t, h], keys[kv], k_scale[kv], values[kv], v_scale[kv], s0, s1,
+                                                 scale, scores[task], parts[t, h, c])
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def attention_spans(q, keys, k_scale, values, v_scale, pos, out):
+    """Causal GQA of a few tokens (a decode step) over a KV cache: keys/values (n_kv, S, hd) fp16 bits (uint16)
+    or int8 with per-row scales (n_kv, S) (fp16: scales of shape (n_kv, 0)); q, out (T, H, hd) float32. Query t
+    sees cache rows 0..pos+t. One task per token, head and span of keys (one span up to ``SPAN`` keys, at most
+    eight), so that two threads share nine heads or a long cache evenly; the spans' partial softmaxes are then
+    merged exactly (each rescaled by exp(its top - the top))."""
+    T, H, hd = q.shape
+    n_max = pos + T
+    span = max(SPAN, -(-n_max // 8))
+    spans = -(-n_max // span)
+    tops = np.empty((T, H, spans), np.float32)
+    sums = np.zeros((T, H, spans), np.float32)  # stays 0 for a span past a token's last key
+    parts = np.empty((T, H, spans, hd), np.float32)
+    scores = np.empty((T * H * spans, span), np.float32)
+    _attention_spans(q, keys, k_scale, values, v_scale, pos, span, tops, sums, parts, scores)
+    for t in range(T):
+        for h in range(H):
+            o = out[t, h]
+            top = np.float32(-np.inf)
+            for c in range(spans):
+                if sums[t, h, c] > 0:
+                    top = max(top, tops[t, h, c])
+            total = np.float32(0.0)
+            for d in range(hd):
+                o[d] = 0.0
+            for c in range(spans):
+                if sums[t, h, c] > 0:
+                    w = exp_f32(tops[t, h, c] - top)
+                    total += w * sums[t, h, c]
+                    for d in range(hd):
+                        o[d] += w * parts[t, h, c, d]
+            inv = np.float32(1.0) / total
+            for d in range(hd):
+                o[d] *= inv
+
+
+@njit(nogil=True, cache=True)
 def attention_kernel(q, keys, values, pos, out):
-    """Causal GQA over an fp16 cache read as uint16 bits.
+    """Causal GQA over an fp16 cache read as uint16 bits (``attention_spans``).
 
     q (T, H, hd) float32; keys/values (n_kv, S, hd) uint16 of one layer;
     out (T, H, hd) float32. Query t sees cache rows 0..pos+t.
     """
-    T, H, hd = q.shape
-    n_kv = keys.shape[0]
-    group = H // n_kv
-    scale = np.float32(1.0 / np.sqrt(hd))
-    for th in prange(T * H):
-        t, h = th // H, th % H
-        kv, n = h // group, pos + t + 1
-        qv = q[t, h]
-        o = out[t, h]
-        scores = np.empty(n, np.float32)
-        top = np.float32(-np.inf)
-        for s in range(n):
-            krow = keys[kv, s]
-            acc = np.float32(0.0)
-            for d in range(hd):
-                acc += qv[d] * half_f32(krow[d])
-            scores[s] = acc * scale
-            top = max(top, scores[s])
-        total = _exp_shifted(scores, top)
-        for d in range(hd):
-            o[d] = 0.0
-        for s in range(n):
-            p = scores[s] / total
-            vrow = values[kv, s]
-            for d in range(hd):
-                o[d] += p * half_f32(vrow[d])
+    none = np.empty((keys.shape[0], 0), np.float32)
+    attention_spans(q, keys, none, values, none, pos, out)
 
 
-@njit(nogil=True, parallel=True, cache=True, fastmath=True)
+@njit(nogil=True, cache=True)
 def attention_int8_kernel(q, keys, k_scale, values, v_scale, pos, out):
     """``attention_kernel`` over an int8 cache: keys/values (n_kv, S, hd) int8, scales (n_kv, S) float32."""
-    T, H, hd = q.shape
-    n_kv = keys.shape[0]
-    group = H // n_kv
-    scale = np.float32(1.0 / np.sqrt(hd))
-    for th in prange(T * H):
-        t, h = th // H, th % H
-        kv, n = h // group, pos + t + 1
-        qv = q[t, h]
-        o = out[t, h]
-        scores = np.empty(n, np.float32)
-        top = np.float32(-np.inf)
-        for s in range(n):
-            krow = keys[kv, s]
-            acc = np.float32(0.0)
-            for d in range(hd):
-                acc += qv[d] * int8_f32(krow[d])
-            scores[s] = acc * k_scale[kv, s] * scale
-            top = max(top, scores[s])
-        total = _exp_shifted(scores, top)
-        for d in range(hd):
-            o[d] = 0.0
-        for s in range(n):
-            p = scores[s] / total * v_scale[kv, s]
-            vrow = values[kv, s]
-            for d in range(hd):
-                o[d] += p * int8_f32(vrow[d])
+    attention_spans(q, keys, k_scale, values, v_scale, pos, out)
 
 
 @njit(cache=True, inline="always", fastmath=True)
