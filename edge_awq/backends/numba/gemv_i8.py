@@ -323,25 +323,20 @@ def _mmla_pairs(builder, pairs, bits, xrows, macc):
                 builder.store(builder.call(mmla, [builder.load(macc[p][j]), rows[p], xv]), macc[p][j])
 
 
-def _codes3(builder, vectors, quads):
-    """3-bit codes of a chunk's quads from its two planes: the first n = quads / 4 vectors hold each code's low
-    two bits (vector m: quads m, m + n, m + 2n, m + 3n in bits 0-1, 2-3, 4-5, 6-7), the last n' = quads / 8
-    its third bit (vector m: quads m, m + n', ..., m + 7n' in bits 0..7); -> one vector of codes per quad."""
+def _code3(builder, vectors, quads, quad):
+    """The 3-bit codes of one quad of a chunk, from its two planes: the first n = quads / 4 vectors hold each
+    code's low two bits (vector m: quads m, m + n, m + 2n, m + 3n in bits 0-1, 2-3, 4-5, 6-7), the last
+    n' = quads / 8 its third bit (vector m: quads m, m + n', ..., m + 7n' in bits 0..7)."""
     nl, nh = quads // 4, quads // 8
-    low, high = vectors[:nl], vectors[nl:]
-    three, four = ir.Constant(_V32B, [3] * 32), ir.Constant(_V32B, [4] * 32)
-    out = []
-    for quad in range(quads):
-        s, t = quad // nl, quad // nh
-        lo = low[quad % nl]
-        lo = builder.lshr(lo, ir.Constant(_V32B, [2 * s] * 32)) if s else lo
-        hi = high[quad % nh]
-        if t < 2:
-            hi = builder.shl(hi, ir.Constant(_V32B, [2 - t] * 32))
-        elif t > 2:
-            hi = builder.lshr(hi, ir.Constant(_V32B, [t - 2] * 32))
-        out.append(builder.or_(builder.and_(lo, three), builder.and_(hi, four)))
-    return out
+    s, t = quad // nl, quad // nh
+    lo = vectors[quad % nl]
+    lo = builder.lshr(lo, ir.Constant(_V32B, [2 * s] * 32)) if s else lo
+    hi = vectors[nl + quad % nh]
+    if t < 2:
+        hi = builder.shl(hi, ir.Constant(_V32B, [2 - t] * 32))
+    elif t > 2:
+        hi = builder.lshr(hi, ir.Constant(_V32B, [t - 2] * 32))
+    return builder.or_(builder.and_(lo, ir.Constant(_V32B, [3] * 32)), builder.and_(hi, ir.Constant(_V32B, [4] * 32)))
 
 
 def _mmla_token(builder, macc, t):
@@ -390,30 +385,46 @@ def _tile_codegen(bits: int, nt: int, cols: int):
                 ahead = builder.inttoptr(builder.add(wbase, ir.Constant(_I64, PREFETCH + line)), ir.PointerType(_I8))
                 builder.call(prefetch, [ahead, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
             col_hi = builder.add(col0, ir.Constant(_I64, cols // 2))
-            loaded = [_load(builder, builder.add(wbase, ir.Constant(_I64, 32 * q)), _V32B) for q in range(vecs)]
-            if bits == 4:  # (column base, quad, codes): the low nibbles' quads, then the high ones'
-                items = [it for q, w in enumerate(loaded) for it in (
-                    (col0, q, builder.and_(w, ir.Constant(_V32B, [15] * 32))),
-                    (col_hi, q, builder.lshr(w, ir.Constant(_V32B, [4] * 32))))]
+            # (column base, quad, its codes when asked): built where they are used, so that few are live at once
+            vectors = [None] * vecs
+
+            def vector(q):
+                if vectors[q] is None:
+                    vectors[q] = _load(builder, builder.add(wbase, ir.Constant(_I64, 32 * q)), _V32B)
+                return vectors[q]
+
+            if bits == 4:  # each vector's low nibbles' quad, then its high ones'
+                items = [it for q in range(vecs) for it in (
+                    (col0, q, lambda q=q: builder.and_(vector(q), ir.Constant(_V32B, [15] * 32))),
+                    (col_hi, q, lambda q=q: builder.lshr(vector(q), ir.Constant(_V32B, [4] * 32))))]
             elif bits == 3:
-                items = [(col0, q, c) for q, c in enumerate(_codes3(builder, loaded, cols // QUAD))]
+                quads = cols // QUAD
+                for q in range(vecs):
+                    vector(q)
+                items = [(col0, q, lambda q=q: _code3(builder, vectors, quads, q)) for q in range(quads)]
             else:
-                items = [(col0, q, w) for q, w in enumerate(loaded)]
+                items = [(col0, q, lambda q=q: vector(q)) for q in range(vecs)]
             if mmla:  # consecutive quads in pairs
-                quads = {(id(base), q): (base, v) for base, q, v in items}
-                _mmla_pairs(builder, [(base, q, v, quads[id(base), q + 1][1]) for base, q, v in items if q % 2 == 0],
-                            bits, xrows, macc)
+                pairs = []
+                for i in range(0, len(items), 2 if bits != 4 else 4):
+                    for j in ((i, i + 2), (i + 1, i + 3)) if bits == 4 else ((i, i + 1),):
+                        (base, q, a), (_, _, b) = items[j[0]], items[j[1]]
+                        pairs.append((base, q, a(), b()))
+                _mmla_pairs(builder, pairs, bits, xrows, macc)
                 return
-            for t, chain in enumerate(accs):
-                if X86 and not VNNI and bits != 8:  # two quads share one int16 sum (exact for codes below 16)
-                    for i in range(0, len(items), 2):
-                        (b0, q0, v0), (b1, q1, v1) = items[i], items[i + 1]
+            if X86 and not VNNI and bits != 8:  # two quads share one int16 sum (exact for codes below 16)
+                for i in range(0, len(items), 2):
+                    (b0, q0, c0), (b1, q1, c1) = items[i], items[i + 1]
+                    v0, v1 = c0(), c1()
+                    for t, chain in enumerate(accs):
                         acc = chain[i // 2 % chains]
                         builder.store(_dot_pair(builder, builder.load(acc), v0, quad_x(t, b0, q0), v1,
                                                 quad_x(t, b1, q1)), acc)
-                    continue
-                dot = _dot8 if bits == 8 else _dot
-                for i, (base, q, v) in enumerate(items):
+                return
+            dot = _dot8 if bits == 8 else _dot
+            for i, (base, q, c) in enumerate(items):
+                v = c()  # made once, for every token of the tile
+                for t, chain in enumerate(accs):
                     acc = chain[i % chains]
                     builder.store(dot(builder, builder.load(acc), v, quad_x(t, base, q)), acc)
 
