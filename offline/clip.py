@@ -56,9 +56,11 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, n_
     return torch.cat(best)
 
 
-def apply_clip(w: torch.Tensor, limits: torch.Tensor, group_size: int) -> torch.Tensor:
-    """w (out, in) clamped to ±limits (out, G) group by group."""
+def apply_clip(w: torch.Tensor, limits: torch.Tensor, group_size: int, in_place: bool = False) -> torch.Tensor:
+    """w (out, in) clamped to ±limits (out, G) group by group (in_place: w itself, a tensor the caller owns)."""
     out_f, in_f = w.shape
     g = w.reshape(out_f, in_f // group_size, group_size)
     lim = limits[..., None]
+    if in_place and w.is_contiguous():
+        return g.clamp_(-lim, lim).reshape(out_f, in_f)
     return torch.clamp(g, -lim, lim).reshape(out_f, in_f)

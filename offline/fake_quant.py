@@ -8,15 +8,17 @@ import torch
 CHUNK = 1 << 22  # values rounded at a time: the temporaries of a 70B-wide linear stay tens of MB, not GBs
 
 
-def fake_quantize(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int, in_place: bool = False) -> torch.Tensor:
     """w_hat of w (..., in) grouped along the last axis: the same arithmetic as ``pack.quantize``.
 
     Scales are rounded to float16 before use, as they are stored. A large w is done CHUNK values at a time
-    (whole groups: the same values), into one output.
+    (whole groups: the same values), into one output: w itself with in_place (a float32 w the caller owns;
+    each chunk is read before it is overwritten), so that a 70B-wide linear is not held twice.
     """
     if w.numel() > CHUNK:
         flat = w.reshape(-1, group_size)
-        out = torch.empty(flat.shape, dtype=torch.float32, device=w.device)
+        own = in_place and w.dtype == torch.float32 and w.is_contiguous()
+        out = flat if own else torch.empty(flat.shape, dtype=torch.float32, device=w.device)
         rows = max(1, CHUNK // group_size)
         for r in range(0, flat.shape[0], rows):
             out[r : r + rows] = _fake_quantize(flat[r : r + rows], bits, group_size)

@@ -167,10 +167,11 @@ def layer_errors(lw, x_in, ctx, qa, ops) -> tuple[dict[str, dict[str, float]], f
                 s = torch.tensor(res.scales, dtype=torch.float32, device=x.device)
             for n in g.linears:
                 d = getattr(lw, n)
-                w = d.weight * s
+                w = d.weight * s  # fresh: clipped, rounded and divided in place (one copy of a linear at a time)
                 if qa.method == "awq" and qa.clip and n not in NO_CLIP:
-                    w = apply_clip(w, search_clip(w, x / s, f.bits, f.group_size, qa.n_grid), f.group_size)
-                w = fake_quantize(w, f.bits, f.group_size).div_(s)  # fresh: divided in place
+                    w = apply_clip(w, search_clip(w, x / s, f.bits, f.group_size, qa.n_grid), f.group_size,
+                                   in_place=True)
+                w = fake_quantize(w, f.bits, f.group_size, in_place=True).div_(s)
                 trial = dataclasses.replace(lw, **{n: Dense(w, d.bias)})
                 out[n][str(f)] = error(trial)
     return out, signal, fp_out

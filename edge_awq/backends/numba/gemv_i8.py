@@ -26,7 +26,7 @@ integer GEMM on the packed weights, and a decode step the same loop with one tok
 chosen by ``isa.ISA`` when the kernels compile: AVX-512 VNNI or AVX-VNNI ``vpdpbusd`` (unsigned codes
 times signed activations, four products into each int32 lane), AVX2 ``vpmaddubsw`` then ``vpmaddwd``
 (pairs of products in int16: at most 2 * 2 * 15 * 127 for 4-bit codes, exact), the Armv8.2 ``sdot``, or
-widening multiplies on plain NEON; with Armv8.6 i8mm a prompt's tiles run ``smmla`` instead (``_mmla_pairs``:
+widening multiplies on plain NEON; with Armv8.6 i8mm a prompt's tiles run ``smmla`` instead (``_mmla_chunk``:
 each instruction two rows times two tokens, eight codes deep, from the same layout by one 32-bit zip). 8-bit codes meet the signed instructions as ``code - 128`` (its zero
 point likewise): on AVX2 as |w| and x with w's sign (``vpsignb``), whose pairs stay within int16.
 """
@@ -298,16 +298,48 @@ def _dot8(builder, acc, w, x):
     return _dot(builder, acc, signed, x)
 
 
-def _mmla_pairs(builder, pairs, bits, xrows, macc):
-    """A chunk by ``smmla`` (Armv8.6 i8mm): pairs of code vectors at consecutive quads (columns base + 4q ..
+def _mmla_chunk(builder, wbase, col0, col_hi, bits, vecs, xrows, macc):
+    """One chunk by ``smmla`` (Armv8.6 i8mm): vectors q and q + 1 of the layout hold, for each row, eight
+    consecutive codes (its quads q and q + 1); a 32-bit zip of their halves makes four 2 x 8 matrices of
+    row pairs, and each token pair's eight activations at those columns the 2 x 8 other operand. macc[p][j]
+    (4 x i32) accumulates rows 2p, 2p + 1 times tokens 2j, 2j + 1 as (r0 t0, r0 t1, r1 t0, r1 t1)."""
+    v16, v4i, v2l = _vec(_I8, 16), _vec(_I32, 4), _vec(_I64, 2)
+    mmla = _fn(builder, "llvm.aarch64.neon.smmla.v4i32.v16i8", v4i, [v4i, v16, v16])
+    for q in range(0, vecs, 2):
+        a = _load(builder, builder.add(wbase, ir.Constant(_I64, 32 * q)), _V32B)
+        b = _load(builder, builder.add(wbase, ir.Constant(_I64, 32 * q + 32)), _V32B)
+        if bits == 4:
+            planes = [(builder.and_(a, ir.Constant(_V32B, [15] * 32)), builder.and_(b, ir.Constant(_V32B, [15] * 32)),
+                       col0),
+                      (builder.lshr(a, ir.Constant(_V32B, [4] * 32)), builder.lshr(b, ir.Constant(_V32B, [4] * 32)),
+                       col_hi)]
+        else:  # code - 128, as the signed forms read it
+            planes = [(builder.xor(a, ir.Constant(_V32B, [0x80] * 32)), builder.xor(b, ir.Constant(_V32B, [0x80] * 32)),
+                       col0)]
+        for wa, wb, c in planes:
+            a32, b32 = builder.bitcast(wa, _V8I), builder.bitcast(wb, _V8I)
+            rows = [builder.bitcast(builder.shuffle_vector(a32, b32, ir.Constant(v4i, [2 * p, 8 + 2 * p, 2 * p + 1,
+                                                                                       9 + 2 * p])), v16)
+                    for p in range(ROWS // 2)]
+            off = builder.add(c, ir.Constant(_I64, QUAD * q))
+            for j in range(len(macc[0])):
+                x0 = builder.load(builder.inttoptr(builder.add(xrows[2 * j], off), _I64.as_pointer()), align=1)
+                x1 = builder.load(builder.inttoptr(builder.add(xrows[2 * j + 1], off), _I64.as_pointer()), align=1)
+                pair = builder.insert_element(builder.insert_element(ir.Constant(v2l, None), x0, ir.Constant(_I32, 0)),
+                                              x1, ir.Constant(_I32, 1))
+                xv = builder.bitcast(pair, v16)
+                for p in range(ROWS // 2):
+                    builder.store(builder.call(mmla, [builder.load(macc[p][j]), rows[p], xv]), macc[p][j])
+
+
+def _mmla_pairs(builder, pairs, xrows, macc):
+    """``_mmla_chunk`` for codes rebuilt from their planes (3-bit): pairs of code vectors at consecutive quads (columns base + 4q ..
     base + 4q + 7) hold, for each row, eight consecutive codes; a 32-bit zip of their halves makes four 2 x 8
     matrices of row pairs, and each token pair's eight activations at those columns the 2 x 8 other operand.
     macc[p][j] (4 x i32) accumulates rows 2p, 2p + 1 times tokens 2j, 2j + 1 as (r0 t0, r0 t1, r1 t0, r1 t1)."""
     v16, v4i, v2l = _vec(_I8, 16), _vec(_I32, 4), _vec(_I64, 2)
     mmla = _fn(builder, "llvm.aarch64.neon.smmla.v4i32.v16i8", v4i, [v4i, v16, v16])
     for base, q, wa, wb in pairs:
-        if bits == 8:  # code - 128, as the signed forms read it
-            wa, wb = (builder.xor(v, ir.Constant(_V32B, [0x80] * 32)) for v in (wa, wb))
         a32, b32 = builder.bitcast(wa, _V8I), builder.bitcast(wb, _V8I)
         rows = [builder.bitcast(builder.shuffle_vector(a32, b32, ir.Constant(v4i, [2 * p, 8 + 2 * p, 2 * p + 1,
                                                                                    9 + 2 * p])), v16)
@@ -385,48 +417,47 @@ def _tile_codegen(bits: int, nt: int, cols: int):
                 ahead = builder.inttoptr(builder.add(wbase, ir.Constant(_I64, PREFETCH + line)), ir.PointerType(_I8))
                 builder.call(prefetch, [ahead, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
             col_hi = builder.add(col0, ir.Constant(_I64, cols // 2))
-            # (column base, quad, its codes when asked): built where they are used, so that few are live at once
-            vectors = [None] * vecs
-
-            def vector(q):
-                if vectors[q] is None:
-                    vectors[q] = _load(builder, builder.add(wbase, ir.Constant(_I64, 32 * q)), _V32B)
-                return vectors[q]
-
-            if bits == 4:  # each vector's low nibbles' quad, then its high ones'
-                items = [it for q in range(vecs) for it in (
-                    (col0, q, lambda q=q: builder.and_(vector(q), ir.Constant(_V32B, [15] * 32))),
-                    (col_hi, q, lambda q=q: builder.lshr(vector(q), ir.Constant(_V32B, [4] * 32))))]
-            elif bits == 3:
+            if bits == 3:  # two planes, each quad's codes rebuilt where they are used
+                vectors = [_load(builder, builder.add(wbase, ir.Constant(_I64, 32 * q)), _V32B) for q in range(vecs)]
                 quads = cols // QUAD
-                for q in range(vecs):
-                    vector(q)
-                items = [(col0, q, lambda q=q: _code3(builder, vectors, quads, q)) for q in range(quads)]
-            else:
-                items = [(col0, q, lambda q=q: vector(q)) for q in range(vecs)]
-            if mmla:  # consecutive quads in pairs
-                pairs = []
-                for i in range(0, len(items), 2 if bits != 4 else 4):
-                    for j in ((i, i + 2), (i + 1, i + 3)) if bits == 4 else ((i, i + 1),):
-                        (base, q, a), (_, _, b) = items[j[0]], items[j[1]]
-                        pairs.append((base, q, a(), b()))
-                _mmla_pairs(builder, pairs, bits, xrows, macc)
-                return
-            if X86 and not VNNI and bits != 8:  # two quads share one int16 sum (exact for codes below 16)
-                for i in range(0, len(items), 2):
-                    (b0, q0, c0), (b1, q1, c1) = items[i], items[i + 1]
-                    v0, v1 = c0(), c1()
+                if mmla:
+                    _mmla_pairs(builder, [(col0, q, _code3(builder, vectors, quads, q),
+                                           _code3(builder, vectors, quads, q + 1)) for q in range(0, quads, 2)],
+                                xrows, macc)
+                    return
+                for q in range(0, quads, 2):
+                    c0, c1 = _code3(builder, vectors, quads, q), _code3(builder, vectors, quads, q + 1)
                     for t, chain in enumerate(accs):
-                        acc = chain[i // 2 % chains]
-                        builder.store(_dot_pair(builder, builder.load(acc), v0, quad_x(t, b0, q0), v1,
-                                                quad_x(t, b1, q1)), acc)
+                        if X86 and not VNNI:  # the pair shares one int16 sum (exact for codes below 16)
+                            acc = chain[q // 2 % chains]
+                            builder.store(_dot_pair(builder, builder.load(acc), c0, quad_x(t, col0, q), c1,
+                                                    quad_x(t, col0, q + 1)), acc)
+                            continue
+                        a, b = chain[q % chains], chain[(q + 1) % chains]
+                        builder.store(_dot(builder, builder.load(a), c0, quad_x(t, col0, q)), a)
+                        builder.store(_dot(builder, builder.load(b), c1, quad_x(t, col0, q + 1)), b)
                 return
-            dot = _dot8 if bits == 8 else _dot
-            for i, (base, q, c) in enumerate(items):
-                v = c()  # made once, for every token of the tile
-                for t, chain in enumerate(accs):
-                    acc = chain[i % chains]
-                    builder.store(dot(builder, builder.load(acc), v, quad_x(t, base, q)), acc)
+            if mmla:
+                _mmla_chunk(builder, wbase, col0, col_hi, bits, vecs, xrows, macc)
+                return
+            for q in range(vecs):
+                w = _load(builder, builder.add(wbase, ir.Constant(_I64, 32 * q)), _V32B)
+                if bits == 4:
+                    lo = builder.and_(w, ir.Constant(_V32B, [15] * 32))
+                    hi = builder.lshr(w, ir.Constant(_V32B, [4] * 32))
+                    for t, chain in enumerate(accs):
+                        if X86 and not VNNI:  # the pair shares one int16 sum (exact for 4-bit codes)
+                            acc = chain[q % chains]
+                            builder.store(_dot_pair(builder, builder.load(acc), lo, quad_x(t, col0, q), hi,
+                                                    quad_x(t, col_hi, q)), acc)
+                            continue
+                        a, b = chain[2 * q % chains], chain[(2 * q + 1) % chains]
+                        builder.store(_dot(builder, builder.load(a), lo, quad_x(t, col0, q)), a)
+                        builder.store(_dot(builder, builder.load(b), hi, quad_x(t, col_hi, q)), b)
+                else:
+                    for t, chain in enumerate(accs):
+                        acc = chain[q % chains]
+                        builder.store(_dot8(builder, builder.load(acc), w, quad_x(t, col0, q)), acc)
 
         with cgutils.for_range(builder, n_groups) as gl:
             g = gl.index
