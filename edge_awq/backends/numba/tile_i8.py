@@ -113,8 +113,6 @@ def _mmla_chunk(builder, wbase, col0, col_hi, bits, vecs, xrows, macc):
     consecutive codes (its quads q and q + 1); a 32-bit zip of their halves makes four 2 x 8 matrices of
     row pairs, and each token pair's eight activations at those columns the 2 x 8 other operand. macc[p][j]
     (4 x i32) accumulates rows 2p, 2p + 1 times tokens 2j, 2j + 1 as (r0 t0, r0 t1, r1 t0, r1 t1)."""
-    v16, v4i, v2l = _vec(_I8, 16), _vec(_I32, 4), _vec(_I64, 2)
-    mmla = _fn(builder, "llvm.aarch64.neon.smmla.v4i32.v16i8", v4i, [v4i, v16, v16])
     for q in range(0, vecs, 2):
         a = _load(builder, builder.add(wbase, ir.Constant(_I64, 32 * q)), _V32B)
         b = _load(builder, builder.add(wbase, ir.Constant(_I64, 32 * q + 32)), _V32B)
@@ -126,27 +124,12 @@ def _mmla_chunk(builder, wbase, col0, col_hi, bits, vecs, xrows, macc):
         else:  # code - 128, as the signed forms read it
             planes = [(builder.xor(a, ir.Constant(_V32B, [0x80] * 32)), builder.xor(b, ir.Constant(_V32B, [0x80] * 32)),
                        col0)]
-        for wa, wb, c in planes:
-            a32, b32 = builder.bitcast(wa, _V8I), builder.bitcast(wb, _V8I)
-            rows = [builder.bitcast(builder.shuffle_vector(a32, b32, ir.Constant(v4i, [2 * p, 8 + 2 * p, 2 * p + 1,
-                                                                                       9 + 2 * p])), v16)
-                    for p in range(ROWS // 2)]
-            off = builder.add(c, ir.Constant(_I64, QUAD * q))
-            for j in range(len(macc[0])):
-                x0 = builder.load(builder.inttoptr(builder.add(xrows[2 * j], off), _I64.as_pointer()), align=1)
-                x1 = builder.load(builder.inttoptr(builder.add(xrows[2 * j + 1], off), _I64.as_pointer()), align=1)
-                pair = builder.insert_element(builder.insert_element(ir.Constant(v2l, None), x0, ir.Constant(_I32, 0)),
-                                              x1, ir.Constant(_I32, 1))
-                xv = builder.bitcast(pair, v16)
-                for p in range(ROWS // 2):
-                    builder.store(builder.call(mmla, [builder.load(macc[p][j]), rows[p], xv]), macc[p][j])
+        _mmla_pairs(builder, [(c, q, wa, wb) for wa, wb, c in planes], xrows, macc)
 
 
 def _mmla_pairs(builder, pairs, xrows, macc):
-    """``_mmla_chunk`` for codes rebuilt from their planes (3-bit): pairs of code vectors at consecutive quads (columns base + 4q ..
-    base + 4q + 7) hold, for each row, eight consecutive codes; a 32-bit zip of their halves makes four 2 x 8
-    matrices of row pairs, and each token pair's eight activations at those columns the 2 x 8 other operand.
-    macc[p][j] (4 x i32) accumulates rows 2p, 2p + 1 times tokens 2j, 2j + 1 as (r0 t0, r0 t1, r1 t0, r1 t1)."""
+    """The smmla products of pairs (base, q, codes of quad q, codes of quad q + 1) for every token pair of
+    the tile: ``_mmla_chunk``'s nibble or byte planes, or 3-bit codes rebuilt from theirs."""
     v16, v4i, v2l = _vec(_I8, 16), _vec(_I32, 4), _vec(_I64, 2)
     mmla = _fn(builder, "llvm.aarch64.neon.smmla.v4i32.v16i8", v4i, [v4i, v16, v16])
     for base, q, wa, wb in pairs:
