@@ -43,10 +43,29 @@ def check_group_size(in_features: int, group_size: int) -> None:
         raise ValueError(f"group size {group_size} does not divide input width {in_features}")
 
 
+CHUNK = 1 << 22  # values converted at a time: a 70B-wide linear's temporaries stay tens of MB, not GBs
+
+
+def _row_blocks(rows: int, n: int):
+    """Slices of rows covering about CHUNK values each (whole rows): the same results as all rows at once."""
+    step = max(1, CHUNK // max(n, 1))
+    return (slice(r, min(rows, r + step)) for r in range(0, rows, step))
+
+
 def quantize(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quantize w (out, in) float -> q (out, in) uint8, scales (out, G) float16, zeros (out, G) uint8."""
     out_f, in_f = w.shape
     check_group_size(in_f, group_size)
+    q = np.empty((out_f, in_f), np.uint8)
+    scales = np.empty((out_f, in_f // group_size), np.float16)
+    zeros = np.empty((out_f, in_f // group_size), np.uint8)
+    for r in _row_blocks(out_f, in_f):
+        q[r], scales[r], zeros[r] = _quantize(w[r], bits, group_size)
+    return q, scales, zeros
+
+
+def _quantize(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    out_f, in_f = w.shape
     max_int = 2**bits - 1
     g = np.asarray(w, dtype=np.float32).reshape(out_f, in_f // group_size, group_size)  # (out, G, gs)
     lo, hi = g.min(axis=-1), g.max(axis=-1)  # (out, G)
@@ -60,9 +79,13 @@ def quantize(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.
 def dequantize(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int) -> np.ndarray:
     """w_hat (out, in) float32 from q (out, in), scales (out, G) float16, zeros (out, G)."""
     out_f, in_f = q.shape
-    g = q.reshape(out_f, in_f // group_size, group_size).astype(np.float32)  # (out, G, gs)
-    w = (g - zeros.astype(np.float32)[..., None]) * scales.astype(np.float32)[..., None]
-    return w.reshape(out_f, in_f)
+    w = np.empty((out_f, in_f), np.float32)
+    for r in _row_blocks(out_f, in_f):
+        g = q[r].reshape(-1, in_f // group_size, group_size).astype(np.float32)  # (rows, G, gs)
+        g -= zeros[r].astype(np.float32)[..., None]
+        g *= scales[r].astype(np.float32)[..., None]
+        w[r] = g.reshape(-1, in_f)
+    return w
 
 
 def packed_words(n: int, bits: int) -> int:
@@ -75,8 +98,18 @@ def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
     rows, n = q.shape
     if q.size and int(q.max()) >= 2**bits:
         raise ValueError(f"value {int(q.max())} does not fit in {bits} bits")
+    out = np.empty((rows, packed_words(n, bits)), "<u4")
+    for r in _row_blocks(rows, n * bits):
+        out[r] = _pack_rows(q[r], bits)
+    return out
+
+
+def _pack_rows(q: np.ndarray, bits: int) -> np.ndarray:
+    rows, n = q.shape
     padded = np.zeros((rows, -(-n // 32) * 32), np.uint8)
     padded[:, :n] = q
+    if bits == 8:  # a value a byte
+        return padded.view("<u4")
     if bits == 4:  # fast path: two values a byte, low nibble first
         return np.ascontiguousarray(padded[:, 0::2] | (padded[:, 1::2] << 4)).view("<u4")
     shifts = np.arange(bits, dtype=np.uint8)
@@ -88,27 +121,48 @@ def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
 def unpack_bits(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     """Inverse of ``pack_bits``: (rows, words) uint32 -> (rows, n) uint8."""
     rows = packed.shape[0]
+    out = np.empty((rows, n), np.uint8)
+    for r in _row_blocks(rows, n * bits):
+        out[r] = _unpack_rows(packed[r], bits, n)
+    return out
+
+
+def _unpack_rows(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    rows = packed.shape[0]
+    b = np.ascontiguousarray(packed).view(np.uint8)  # (rows, 4 * words)
+    if bits == 8:
+        return b[:, :n]
     if bits == 4:  # fast path: two values per byte, low nibble first
-        b = np.ascontiguousarray(packed).view(np.uint8)  # (rows, 4 * words)
         out = np.empty((rows, b.shape[1] * 2), np.uint8)
         out[:, 0::2], out[:, 1::2] = b & 15, b >> 4
         return out[:, :n]
-    bitplanes = np.unpackbits(np.ascontiguousarray(packed).view(np.uint8), axis=-1, bitorder="little")
+    bitplanes = np.unpackbits(b, axis=-1, bitorder="little")
     bitplanes = bitplanes.reshape(rows, -1, bits)[:, :n]  # (rows, n, bits)
     return (bitplanes << np.arange(bits, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)
 
 
 def pack_linear(w: np.ndarray, bits: int, group_size: int, bias: np.ndarray | None = None) -> W4:
-    """Quantize and pack a weight (out, in) float into a ``W4``."""
-    q, scales, zeros = quantize(w, bits, group_size)
-    return W4(pack_bits(q, bits), scales, pack_bits(zeros, bits), group_size, bits, w.shape[1], bias)
+    """Quantize and pack a weight (out, in) float into a ``W4`` (a block of rows at a time: no full-size
+    temporaries beside the packed result)."""
+    out_f, in_f = w.shape
+    check_group_size(in_f, group_size)
+    qweight = np.empty((out_f, packed_words(in_f, bits)), "<u4")
+    scales = np.empty((out_f, in_f // group_size), np.float16)
+    zeros = np.empty((out_f, in_f // group_size), np.uint8)
+    for r in _row_blocks(out_f, in_f):
+        q, scales[r], zeros[r] = _quantize(w[r], bits, group_size)
+        qweight[r] = _pack_rows(q, bits)
+    return W4(qweight, scales, pack_bits(zeros, bits), group_size, bits, in_f, bias)
 
 
 def unpack_linear(w: W4) -> np.ndarray:
-    """The dequantized weight (out, in) float32 of a ``W4``."""
+    """The dequantized weight (out, in) float32 of a ``W4`` (a block of rows at a time)."""
     n_groups = w.in_features // w.group_size
-    q = unpack_bits(w.qweight, w.bits, w.in_features)
-    return dequantize(q, w.scales, unpack_bits(w.zeros, w.bits, n_groups), w.group_size)
+    zeros = unpack_bits(w.zeros, w.bits, n_groups)
+    out = np.empty((w.qweight.shape[0], w.in_features), np.float32)
+    for r in _row_blocks(out.shape[0], w.in_features):
+        out[r] = dequantize(_unpack_rows(w.qweight[r], w.bits, w.in_features), w.scales[r], zeros[r], w.group_size)
+    return out
 
 
 def pack_zeros_flat(zeros: np.ndarray, bits: int) -> np.ndarray:

@@ -74,6 +74,8 @@ class LayerReport:
 
 
 def to_torch(lw: LayerWeights, device) -> LayerWeights:
+    """lw's arrays as float32 tensors of their own: each converted (and copied) once, whatever the source
+    stores them as, so the searches may change them in place without touching the source."""
     t = lambda a: None if a is None else torch.from_numpy(np.array(a, dtype=np.float32)).to(device)  # noqa: E731
     return LayerWeights(**{n: Dense(t(getattr(lw, n).weight), t(getattr(lw, n).bias)) if n in LINEARS
                            else t(getattr(lw, n)) for n in lw.__dataclass_fields__})
@@ -135,15 +137,21 @@ def _nothing(index: int, phase: str) -> None:
     pass
 
 
-def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerReport, t: float, on_phase=_nothing):
-    """AWQ on one layer: scales searched on FP features and folded, then clipping.
+def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerReport, t: float, on_phase=_nothing,
+                 in_place: bool = False):
+    """AWQ on one layer: scales searched on FP features and folded, then clipping. Before any of it, the loss
+    of plain rounding is taken for the report (``rep.loss_rtn``).
 
-    Returns the new lw and the FP layer output (kept for the loss report).
+    Returns the new lw and the FP layer output (kept for the loss report). in_place: lw's tensors are the
+    caller's to give (``quantize_model``'s own copy of the layer): the scales and clips change them in place
+    rather than making a second float copy of the layer; the result is the same.
     """
     on_phase(rep.index, "stats")
     fmts = qa.layer_formats(rep.index, lw)
     feats, x_mid, fp_out = record_inputs(lw, x_in, ctx, ops)
     t = _timed(rep, "stats", t)
+    rep.loss_rtn = float((block(rtn_layer(lw, fmts), x_in, 0, None, 0, ctx, ops) - fp_out).pow(2).mean())
+    t = _timed(rep, "propagate", t)
     on_phase(rep.index, "scale search")
     found = []
     groups = [g for g in SCALE_GROUPS if g.when(ctx.args)]
@@ -161,7 +169,7 @@ def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerRepo
         rep.scales.append(res)
         found.append((g, torch.tensor(res.scales, dtype=torch.float32, device=x_in.device)))
     for g, s in found:
-        lw = apply_scales(lw, g, s)
+        lw = apply_scales(lw, g, s, in_place)
         scaled_input = feats[g.linears[0]] / s
         feats.update({n: scaled_input for n in g.linears})
     t = _timed(rep, "scale search", t)
@@ -170,22 +178,28 @@ def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerRepo
         for n in (n for n in LINEARS if n not in NO_CLIP):
             d, f = getattr(lw, n), fmts[n]
             limits = search_clip(d.weight, feats[n], f.bits, f.group_size, qa.n_grid)
-            lw = dataclasses.replace(lw, **{n: Dense(apply_clip(d.weight, limits, f.group_size), d.bias)})
+            clipped = apply_clip(d.weight, limits, f.group_size, in_place=in_place)
+            lw = dataclasses.replace(lw, **{n: Dense(clipped, d.bias)})
         _timed(rep, "clip search", t)
     return lw, fp_out
 
 
-def quantize_layer(lw_fp: LayerWeights, x_in, index: int, ctx, qa: QuantArgs, ops, on_phase=_nothing):
-    """Quantize one layer. Returns (packed linears {name: W4}, folded norms {name: array}, next input, report)."""
+def quantize_layer(lw_fp: LayerWeights, x_in, index: int, ctx, qa: QuantArgs, ops, on_phase=_nothing,
+                   in_place: bool = False):
+    """Quantize one layer. Returns (packed linears {name: W4}, folded norms {name: array}, next input, report).
+    in_place: lw_fp's tensors are the caller's to give, changed by the search (``search_layer``)."""
     rep = LayerReport(index)
     t = time.perf_counter()
-    lw, fp_out = search_layer(lw_fp, x_in, ctx, qa, ops, rep, t, on_phase) if qa.method == "awq" else (lw_fp, None)
+    if qa.method == "awq":
+        lw, fp_out = search_layer(lw_fp, x_in, ctx, qa, ops, rep, t, on_phase, in_place)
+    else:
+        lw, fp_out = lw_fp, None
     on_phase(index, "quantize")
     t = time.perf_counter()
     packed, dequant = {}, {}
     fmts = qa.layer_formats(index, lw)
-    # the searched float weights leave one linear at a time as their packed and dequantized forms come,
-    # so that at most two float copies of a layer (the source's and one other) are alive at once
+    # the searched float weights leave one linear at a time as their packed and dequantized forms come
+    # (where the caller holds no other reference), so that at most two float copies of a layer are alive at once
     searched = {n: getattr(lw, n) for n in LINEARS}
     lw = dataclasses.replace(lw, **{n: None for n in LINEARS})
     for n in LINEARS:
@@ -202,9 +216,8 @@ def quantize_layer(lw_fp: LayerWeights, x_in, index: int, ctx, qa: QuantArgs, op
         fp_out = block(lw_fp, x_in, 0, None, 0, ctx, ops)
     x_out = block(lw_q, x_in, 0, None, 0, ctx, ops)
     rep.loss = float((x_out - fp_out).pow(2).mean())
-    del lw_q  # before the RTN layer is made, for the same reason
-    rep.loss_rtn = rep.loss if qa.method == "rtn" else float(
-        (block(rtn_layer(lw_fp, fmts), x_in, 0, None, 0, ctx, ops) - fp_out).pow(2).mean())
+    if qa.method == "rtn":
+        rep.loss_rtn = rep.loss
     _timed(rep, "propagate", t)
     norms = {n: lw.attn_norm if n == "attn_norm" else lw.ffn_norm for n in ("attn_norm", "ffn_norm")}
     return packed, {n: v.cpu().numpy() for n, v in norms.items()}, x_out, rep
@@ -229,12 +242,14 @@ def quantize_model(src, blocks: np.ndarray, qa: QuantArgs, writer, specs, ops, d
     reports = []
     for i in range(a.n_layers):
         with torch.inference_mode():
-            packed, norms, x, rep = quantize_layer(to_torch(read_layer(src, i), device), x, i, ctx, qa, ops, on_phase)
+            lw = to_torch(read_layer(src, i, dtype=None), device)  # one conversion, to arrays of its own
+            src.release()  # the layer is copied out: its mapped source pages need not stay resident beside it
+            packed, norms, x, rep = quantize_layer(lw, x, i, ctx, qa, ops, on_phase, in_place=True)
+            del lw
         arrays = layer_arrays(i, packed, norms)
         for name in (n for n in order if n.startswith(f"layers.{i}.")):
             writer.add(name, arrays[name])
         reports.append(rep)
-        src.release()  # the layer's mapped source pages: without this, peak memory grows with depth
         if on_layer:
             on_layer(rep)
     return reports

@@ -66,7 +66,8 @@ def scaled_trial(lw: LayerWeights, names: tuple[str, ...], s: torch.Tensor, bits
     for n in names:
         d = getattr(lw, n)
         b, gs = (formats[n].bits, formats[n].group_size) if formats else (bits, group_size)
-        trial[n] = Dense(fake_quantize(d.weight * s, b, gs).div_(s), d.bias)  # a fresh tensor: divided in place
+        # W·s is a fresh tensor: rounded and divided in place (no second copy of a large linear)
+        trial[n] = Dense(fake_quantize(d.weight * s, b, gs, in_place=True).div_(s), d.bias)
     return dataclasses.replace(lw, **trial)
 
 
@@ -140,19 +141,21 @@ def search_scales(
     return ScaleResult(group.prev, group.linears, best[1], best[0], unscaled, best[2].tolist())
 
 
-def apply_scales(lw: LayerWeights, group: ScaleGroup, s: torch.Tensor) -> LayerWeights:
+def apply_scales(lw: LayerWeights, group: ScaleGroup, s: torch.Tensor, in_place: bool = False) -> LayerWeights:
     """Fold s: the previous op's output divided by s, the linears' input columns multiplied by s.
 
-    The FP output of the layer is unchanged (up to rounding).
+    The FP output of the layer is unchanged (up to rounding). in_place: lw's tensors themselves are changed
+    (tensors the caller owns; the same arithmetic), else new ones are made.
     """
     prev = getattr(lw, group.prev)
     if isinstance(prev, Dense):
-        bias = None if prev.bias is None else prev.bias / s
-        prev = Dense(prev.weight / s[:, None], bias)  # output rows (out, in)
+        bias = None if prev.bias is None else (prev.bias.div_(s) if in_place else prev.bias / s)
+        w = prev.weight.div_(s[:, None]) if in_place else prev.weight / s[:, None]  # output rows (out, in)
+        prev = Dense(w, bias)
     else:
-        prev = prev / s  # norm weight (dim,)
+        prev = prev.div_(s) if in_place else prev / s  # norm weight (dim,)
     changes = {group.prev: prev}
     for n in group.linears:
         d = getattr(lw, n)
-        changes[n] = Dense(d.weight * s[None, :], d.bias)  # input columns
+        changes[n] = Dense(d.weight.mul_(s[None, :]) if in_place else d.weight * s[None, :], d.bias)  # input columns
     return dataclasses.replace(lw, **changes)

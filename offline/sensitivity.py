@@ -190,10 +190,12 @@ def measure(src, blocks: np.ndarray, qa, settings: dict, ops, device: str = "cpu
         if on_phase is not None:
             on_phase(i, "sensitivity")
         with torch.inference_mode():
-            layer, power, x = layer_errors(to_torch(read_layer(src, i), device), x, ctx, qa, ops)
+            lw = to_torch(read_layer(src, i, dtype=None), device)  # one conversion, to arrays of its own
+            src.release()  # copied out: the mapped source pages need not stay resident beside the copy
+            layer, power, x = layer_errors(lw, x, ctx, qa, ops)
+            del lw
         errors.update({f"layers.{i}.{n}": v for n, v in layer.items()})
         signal.append(power)
-        src.release()
         log.info("sensitivity: layer %d done", i)
         if on_layer is not None:
             on_layer(i)

@@ -155,3 +155,26 @@ def test_fake_quantize_in_chunks_is_the_same():
     w = torch.randn(fake_quant.CHUNK // 512 + 3, 1024, generator=torch.Generator().manual_seed(0))
     for bits, gs in ((4, 64), (3, 128), (8, 1024)):
         assert torch.equal(fake_quant.fake_quantize(w, bits, gs), fake_quant._fake_quantize(w, bits, gs))
+
+
+def test_in_place_search_gives_the_same_layer_and_leaves_the_default_callers_weights_alone(stories_layer):
+    """quantize_model hands its copy of the layer over (in_place): the scales and clips then change it rather
+    than making a second float copy; the packed layer and the losses are the same bits. Without in_place the
+    caller's tensors are left as they were."""
+    import dataclasses
+
+    lw, x, ctx = stories_layer
+    before = {n: getattr(lw, n).weight.clone() for n in LINEARS}
+    norm = lw.attn_norm.clone()
+    qa = QuantArgs(4, 4)
+    a, na, xa, rep_a = quantize_layer(lw, x, 1, ctx, qa, ops)
+    assert all(torch.equal(getattr(lw, n).weight, before[n]) for n in LINEARS) and torch.equal(lw.attn_norm, norm)
+    own = dataclasses.replace(lw, **{n: Dense(getattr(lw, n).weight.clone(), None) for n in LINEARS},
+                              attn_norm=lw.attn_norm.clone(), ffn_norm=lw.ffn_norm.clone())
+    b, nb, xb, rep_b = quantize_layer(own, x, 1, ctx, qa, ops, in_place=True)
+    assert not torch.equal(own.w1.weight, before["w1"])  # the given copy was used up
+    for n in LINEARS:
+        assert np.array_equal(a[n].qweight, b[n].qweight) and np.array_equal(a[n].scales, b[n].scales)
+        assert np.array_equal(a[n].zeros, b[n].zeros)
+    assert all(np.array_equal(na[k], nb[k]) for k in na) and torch.equal(xa, xb)
+    assert (rep_a.loss, rep_a.loss_rtn) == (rep_b.loss, rep_b.loss_rtn) and rep_b.loss < rep_b.loss_rtn

@@ -178,3 +178,37 @@ def test_flat_zeros_round_trip(out_f, n_groups):
     flat = pack_zeros_flat(z, 4)
     assert flat.shape == (packed_words(out_f * n_groups, 4),)  # no padding between rows
     assert np.array_equal(zeros_rows(flat, out_f, n_groups, 4), pack_bits(z, 4))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_block_by_block_conversion_equals_whole_and_keeps_temporaries_small(bits, monkeypatch):
+    """pack_linear / unpack_linear / pack_bits work a block of rows at a time: the same bytes as one block of
+    everything, and no temporary near the weight's size (a 70B-wide linear is 0.9 GB in float32)."""
+    import tracemalloc
+
+    import edge_awq.pack as pack
+
+    w = rng.standard_normal((300, 640)).astype(np.float32)
+    whole = pack_linear(w, bits, 64)
+    monkeypatch.setattr(pack, "CHUNK", 640 * 7 + 3)  # blocks of 7 rows (unequal last block)
+    blocks = pack_linear(w, bits, 64)
+    for a, b in ((whole.qweight, blocks.qweight), (whole.scales, blocks.scales), (whole.zeros, blocks.zeros)):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert np.array_equal(unpack_linear(blocks), dequantize(*quantize(w, bits, 64), 64))
+    q = rng.integers(0, 2**bits, (300, 640)).astype(np.uint8)
+    assert np.array_equal(unpack_bits(pack_bits(q, bits), bits, 640), q)
+    big = rng.standard_normal((2048, 2048)).astype(np.float32)  # 16 MiB
+    monkeypatch.setattr(pack, "CHUNK", 1 << 14)
+    tracemalloc.start()
+    try:
+        p = pack_linear(big, bits, 128)
+        _, peak_pack = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        back = unpack_linear(p)
+        peak_unpack = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    packed = p.qweight.nbytes + p.scales.nbytes + p.zeros.nbytes
+    assert peak_pack < packed + (2 << 20), (peak_pack, packed)
+    assert peak_unpack < back.nbytes + (2 << 20), (peak_unpack, back.nbytes)
