@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 
 from edge_awq.offline.fake_quant import fake_quantize
+from edge_awq.offline.heap import trim
+
+TRIM_EVERY = 8  # row batches between returns of the heap's free pages (each costs page faults after it)
 
 
 def sample_tokens(x: torch.Tensor, n_tokens: int) -> torch.Tensor:
@@ -53,6 +56,8 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, n_
             best_err = torch.where(better, err, best_err)
             best_limit[better[:, None, :, None].expand_as(best_limit)] = limit[better[:, None, :, None].expand_as(limit)]
         best.append(best_limit.reshape(-1, G))
+        if (r // rows_per_batch) % TRIM_EVERY == TRIM_EVERY - 1:
+            trim()  # the batches' temporaries go back to the system (heap.py)
     return torch.cat(best)
 
 

@@ -24,6 +24,7 @@ from edge_awq.pack import pack_linear, unpack_linear
 
 from edge_awq.offline.clip import apply_clip, search_clip
 from edge_awq.offline.fake_quant import fake_quantize
+from edge_awq.offline.heap import trim
 from edge_awq.offline.search import ScaleResult, apply_scales, linear_error, output_error, search_scales
 from edge_awq.offline.torch_ops import CastOps, NormMemo, RecordingOps
 
@@ -167,6 +168,7 @@ def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerRepo
         res = search_scales(g, lw, feats[g.linears[0]], loss, f.bits, f.group_size, qa.n_grid, qa.duo_scaling,
                             fmts if qa.formats else None)
         rep.scales.append(res)
+        trim()  # the trials' temporaries go back to the system before the next group (heap.py)
         found.append((g, torch.tensor(res.scales, dtype=torch.float32, device=x_in.device)))
     for g, s in found:
         lw = apply_scales(lw, g, s, in_place)
@@ -180,6 +182,7 @@ def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerRepo
             limits = search_clip(d.weight, feats[n], f.bits, f.group_size, qa.n_grid)
             clipped = apply_clip(d.weight, limits, f.group_size, in_place=in_place)
             lw = dataclasses.replace(lw, **{n: Dense(clipped, d.bias)})
+            trim()
         _timed(rep, "clip search", t)
     return lw, fp_out
 
@@ -208,6 +211,7 @@ def quantize_layer(lw_fp: LayerWeights, x_in, index: int, ctx, qa: QuantArgs, op
         packed[n] = pack_linear(d.weight.cpu().numpy(), fmts[n].bits, fmts[n].group_size, bias)
         bias, d = d.bias, None  # the float weight goes now
         dequant[n] = Dense(torch.from_numpy(unpack_linear(packed[n])).to(x_in.device), bias)
+        trim()
     t = _timed(rep, "quantize", t)
     lw_q = dataclasses.replace(lw, **dequant)
     del dequant

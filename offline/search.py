@@ -17,6 +17,7 @@ import torch
 from edge_awq.model import Dense, LayerWeights, ScaleGroup
 
 from edge_awq.offline.fake_quant import fake_quantize
+from edge_awq.offline.heap import trim
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ def search_scales(
         ratio = i / n_grid
         s = candidate_scales(x_mean, w_mean, ratio)
         trial_loss = loss(scaled_trial(lw, group.linears, s, bits, group_size, formats))
+        trim()  # the trial's temporaries go back to the system before the next (heap.py)
         losses[ratio] = trial_loss
         if trial_loss < best[0]:
             best = (trial_loss, ratio, s)

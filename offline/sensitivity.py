@@ -39,6 +39,7 @@ from edge_awq.model import LINEARS, NO_CLIP, SCALE_GROUPS, Dense, ModelWeights, 
 
 from edge_awq.offline.clip import apply_clip, search_clip
 from edge_awq.offline.fake_quant import fake_quantize
+from edge_awq.offline.heap import trim
 from edge_awq.offline.layerwise import judge_for, loss_for, record_inputs, to_torch
 from edge_awq.offline.search import search_scales
 
@@ -165,6 +166,7 @@ def layer_errors(lw, x_in, ctx, qa, ops) -> tuple[dict[str, dict[str, float]], f
             if qa.method == "awq" and g.prev:
                 res = search_scales(g, searched, x, loss, f.bits, f.group_size, qa.n_grid, qa.duo_scaling)
                 s = torch.tensor(res.scales, dtype=torch.float32, device=x.device)
+                trim()
             for n in g.linears:
                 d = getattr(lw, n)
                 w = d.weight * s  # fresh: clipped, rounded and divided in place (one copy of a linear at a time)
@@ -174,6 +176,8 @@ def layer_errors(lw, x_in, ctx, qa, ops) -> tuple[dict[str, dict[str, float]], f
                 w = fake_quantize(w, f.bits, f.group_size, in_place=True).div_(s)
                 trial = dataclasses.replace(lw, **{n: Dense(w, d.bias)})
                 out[n][str(f)] = error(trial)
+                del w, trial
+                trim()  # each trial's temporaries go back to the system before the next (heap.py)
     return out, signal, fp_out
 
 
