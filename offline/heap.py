@@ -12,7 +12,6 @@ another system) it does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import sys
 
@@ -21,11 +20,7 @@ import sys
 def _malloc_trim():
     if not sys.platform.startswith("linux"):
         return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim  # glibc only
-    except (OSError, AttributeError):
-        return None
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's own C library: glibc has it
 
 
 def trim() -> bool:

@@ -168,7 +168,6 @@ def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerRepo
         res = search_scales(g, lw, feats[g.linears[0]], loss, f.bits, f.group_size, qa.n_grid, qa.duo_scaling,
                             fmts if qa.formats else None)
         rep.scales.append(res)
-        trim()  # the trials' temporaries go back to the system before the next group (heap.py)
         found.append((g, torch.tensor(res.scales, dtype=torch.float32, device=x_in.device)))
     for g, s in found:
         lw = apply_scales(lw, g, s, in_place)

@@ -166,7 +166,6 @@ def layer_errors(lw, x_in, ctx, qa, ops) -> tuple[dict[str, dict[str, float]], f
             if qa.method == "awq" and g.prev:
                 res = search_scales(g, searched, x, loss, f.bits, f.group_size, qa.n_grid, qa.duo_scaling)
                 s = torch.tensor(res.scales, dtype=torch.float32, device=x.device)
-                trim()
             for n in g.linears:
                 d = getattr(lw, n)
                 w = d.weight * s  # fresh: clipped, rounded and divided in place (one copy of a linear at a time)
