@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from edge_awq.config import ModelArgs, expected_shapes
 from edge_awq.errors import FormatError
 
-CANDIDATE_BITS = (3, 4, 8)
+CANDIDATE_BITS = (3, 4, 5, 6, 8)
+COARSE_BITS = (5, 6, 8)  # widths offered at the largest dividing group only: finer groups buy little there
 CANDIDATE_GROUPS = (128, 64, 32)
-_NAME = re.compile(r"^w([348])g([1-9][0-9]*)$")
+_NAME = re.compile(r"^w([34568])g([1-9][0-9]*)$")
 
 
 @dataclass(frozen=True, order=True)
@@ -45,13 +46,11 @@ class LinearFormat:
 
 
 def candidates(in_f: int, bits=CANDIDATE_BITS, groups=CANDIDATE_GROUPS) -> list[LinearFormat]:
-    """The formats a linear of this input width can take: each width at each group size that divides it
-    (8-bit at the largest only: finer groups buy nothing at 8 bits); one group per row where none divides."""
+    """The formats a linear of this input width can take: 3 and 4 bits at each group size that divides it,
+    5, 6 and 8 bits at the largest only (there a group's scale costs more than a finer group buys: the
+    rounding error is already 4-16 times 4-bit's); one group per row where none divides."""
     sizes = [g for g in groups if in_f % g == 0] or [in_f]
-    out = [LinearFormat(b, g) for b in bits if b != 8 for g in sizes]
-    if 8 in bits:
-        out.append(LinearFormat(8, sizes[0]))
-    return out
+    return [LinearFormat(b, g) for b in bits for g in (sizes[:1] if b in COARSE_BITS else sizes)]
 
 
 def linear_names(a: ModelArgs) -> list[tuple[str, int, int]]:

@@ -170,11 +170,11 @@ class StoredQuantization(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     method: StrictStr
-    bits: Literal[3, 4, 8]  # a mixed file's: the format that holds the most weights (``formats`` has each)
+    bits: Literal[3, 4, 5, 6, 8]  # a mixed file's: the format that holds the most weights (``formats`` has each)
     group_size: Annotated[StrictInt, Field(gt=0, le=1 << 20)] | Literal["channel"]
     head: Literal["fp16", "int8", "w4"] = "fp16"
     zero_point: StrictBool = True
-    formats: dict[StrictStr, Annotated[StrictStr, Field(pattern=r"^w[348]g[1-9][0-9]*$")]] | None = None
+    formats: dict[StrictStr, Annotated[StrictStr, Field(pattern=r"^w[34568]g[1-9][0-9]*$")]] | None = None
 
 
 class StoredTokenizer(BaseModel):

@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="an approximation: the judged sub-blocks' matrix products in bfloat16 (default float32: exact)")
     p.add_argument("--budget", type=flags.bits_per_weight, default=None, metavar="BITS_PER_WEIGHT",
-                   help="mixed precision: choose a format per linear (3, 4 or 8 bits, groups 128/64/32) for the least "
+                   help="mixed precision: choose a format per linear (3 or 4 bits in groups of 128/64/32, 5, 6 or 8 bits) for the least "
                         "measured error within this many bits per decoder weight (codes, scales and zero points)")
     p.add_argument("--fit", default=None, metavar="DEVICE_OR_MEMORY",
                    help="mixed precision sized by the plan: the largest file that still fits this device profile or "

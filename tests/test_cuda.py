@@ -75,7 +75,7 @@ def _rel(got, want) -> float:
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("bits,group", [(4, 64), (4, 576), (3, 64), (8, 32), (16, 0)])
+@pytest.mark.parametrize("bits,group", [(4, 64), (4, 576), (3, 64), (5, 64), (6, 32), (8, 32), (16, 0)])
 @pytest.mark.parametrize("T", [1, 3, 7, 33])
 def test_linear_on_gpu(gpu, bits, group, T):
     rng = np.random.default_rng(T * bits)

@@ -114,11 +114,45 @@ def test_plan_reads_a_mixed_file_exactly(mixed_stories):
     assert p["lines"]["packed decoder weights"] == layers and p["mix"].startswith("mixed ")
 
 
-def test_mixed_file_same_greedy_tokens_on_numpy_and_numba(mixed_stories):
+@pytest.fixture(scope="module")
+def mixed_stories_56(mixed_stories, stories_path):
+    """A larger budget, from the same sensitivity table: 5- and 6-bit linears beside 4- and 8-bit ones."""
+    out, table, _ = mixed_stories
+    out56 = out.with_name("b56.eawq")
+    r = export(stories_path, out56, "--budget", "5.6", "--n-samples", 8, "--seqlen", 128, "--sensitivity", table,
+               "--json")
+    assert r.returncode == 0, r.stderr
+    return out56, table, json.loads(r.stdout)
+
+
+def test_five_and_six_bit_linears_run_the_integer_kernels(mixed_stories_56):
+    from edge_awq.backends.numba import NumbaBackend
+    from edge_awq.backends.numba.isa import ISA
+    from edge_awq.formats.eawq import EawqSource
+    from edge_awq.formats.load import load_weights
+    from edge_awq.mixed import formats_of
+
+    out, _, info = mixed_stories_56
+    src = EawqSource(out)
+    widths = {f.bits for f in formats_of(src.quantization).values()}
+    assert {5, 6} <= widths and info["bits_per_weight"] <= 5.6, widths
+    if ISA == "none":
+        pytest.skip("this CPU has no integer dot products the kernels use")
+    nb = NumbaBackend("int8")
+    w = load_weights(src)
+    for lw in w.layers:
+        for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
+            lin = getattr(lw, name)
+            if lin.bits in (5, 6) and lin.group_size % 32 == 0:
+                assert nb.route_of(lin, 1) == f"a8-{ISA}" and nb.route_of(lin, 100) == f"a8-gemm-{ISA}"
+
+
+@pytest.mark.parametrize("which", ["mixed_stories", "mixed_stories_56"])
+def test_mixed_file_same_greedy_tokens_on_numpy_and_numba(which, request):
     import edge_awq
 
-    out, _, _ = mixed_stories
-    # float activations on both, then int8 on both (the same integer arithmetic: 3-, 4- and 8-bit linears on
+    out, _, _ = request.getfixturevalue(which)
+    # float activations on both, then int8 on both (the same integer arithmetic: 3- to 8-bit linears on
     # numba's integer kernels); int8 against float would flip near-ties
     for acts in (("auto", "int16"), ("int8", "int8")):
         tokens = {}
@@ -223,7 +257,12 @@ def test_layer_errors_fall_with_bits(stories_path):
     assert signal > 0 and out.shape == x.shape
     for n, e in errors.items():
         if n == "w2":  # input width 172: one group a row
-            assert e["w8g172"] < e["w4g172"] < e["w3g172"], e
-            continue
-        assert e["w8g64"] < e["w4g64"] < e["w3g64"] and e["w4g32"] < e["w3g32"], (n, e)
-        assert set(e) == {"w3g64", "w3g32", "w4g64", "w4g32", "w8g64"}  # 128 does not divide 64
+            e = {k[:2]: v for k, v in e.items()}
+        else:
+            assert e["w4g32"] < e["w3g32"], (n, e)
+            e = {k[:2]: v for k, v in e.items() if k.endswith("g64")}
+        # two bits apart the error always falls; one apart nearly always (on 256 tokens, at 5 and 6 bits, the
+        # attention output's noise can swap them: wq of this layer measures 4.2e-6 at 5 bits, 5.1e-6 at 6)
+        assert e["w8"] < min(e["w5"], e["w6"]) and max(e["w5"], e["w6"]) < e["w4"] < e["w3"] and e["w5"] < e["w3"], (n, e)
+    for n in ("wq", "wk", "wv", "wo", "w1", "w3"):  # 128 does not divide 64; 5, 6 and 8 bits at the largest group only
+        assert set(errors[n]) == {"w3g64", "w3g32", "w4g64", "w4g32", "w5g64", "w6g64", "w8g64"}

@@ -153,7 +153,7 @@ def _rel(got, want) -> float:
 SHAPES = [(7, 64, 32), (33, 576, 64), (5, 172, 172), (16, 1536, 128), (3, 96, 96)]  # (out, in, group)
 
 
-@pytest.mark.parametrize("bits", [4, 3, 8])
+@pytest.mark.parametrize("bits", [4, 3, 5, 6, 8])  # every width a mixed file holds
 @pytest.mark.parametrize("out_f,in_f,group", SHAPES)
 @pytest.mark.parametrize("T", [1, 3, 7])
 def test_packed_linear_matches_reference(arith, bits, out_f, in_f, group, T):

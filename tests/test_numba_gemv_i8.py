@@ -58,20 +58,24 @@ def test_integer_part_is_exact():
 
 
 @needs_int8
+@pytest.mark.parametrize("bits", [3, 5, 6])
 @pytest.mark.parametrize("group", [32, 64])
-def test_three_bit_integer_part_is_exact(group):
-    """3-bit codes from both planes of the layout (every code value, every position of a chunk): with scales of
-    1 and integer activations the outputs are the exact integer sums, decoding and in a prompt's tiles."""
+def test_split_codes_integer_part_is_exact(bits, group):
+    """3-, 5- and 6-bit codes from both planes of the layout (every code value, every position of a chunk):
+    with scales of 1 and integer activations the outputs are the exact integer sums, decoding and in a
+    prompt's tiles; one row of largest codes against activations of 127 (the int16 pair sums' worst case)."""
     from edge_awq.model import W4
 
-    rng = np.random.default_rng(group)
+    rng = np.random.default_rng(group + bits)
     out_f, in_f = 17, 4 * group
-    q = rng.integers(0, 8, (out_f, in_f)).astype(np.uint8)
-    z = rng.integers(0, 8, (out_f, in_f // group)).astype(np.uint8)
-    w = W4(pack_bits(q, 3), np.ones((out_f, in_f // group), np.float16), pack_bits(z, 3), group, 3, in_f)
+    q = rng.integers(0, 1 << bits, (out_f, in_f)).astype(np.uint8)
+    q[3] = (1 << bits) - 1
+    z = rng.integers(0, 1 << bits, (out_f, in_f // group)).astype(np.uint8)
+    w = W4(pack_bits(q, bits), np.ones((out_f, in_f // group), np.float16), pack_bits(z, bits), group, bits, in_f)
     for T in (1, 11):
         x = rng.integers(-127, 128, (T, in_f)).astype(np.float32)
         x[:, ::group] = 127
+        x[0] = 127
         want = np.einsum("oi,ti->to", q.astype(np.int64), x.astype(np.int64)) - np.einsum(
             "og,tg->to", z.astype(np.int64), x.reshape(T, -1, group).sum(-1).astype(np.int64))
         got = NumbaBackend("int8").linear(x, w)
@@ -85,11 +89,13 @@ def test_three_bit_integer_part_is_exact(group):
                                                    (4, 9, 576, 32), (4, 1, 32, 32), (4, 11, 288, 96),
                                                    (8, 9, 576, 64), (8, 3, 64, 32), (8, 5, 1024, 1024),
                                                    (3, 9, 576, 64), (3, 1, 32, 32), (3, 13, 1536, 128),
-                                                   (3, 11, 288, 96), (3, 7, 192, 192)])
+                                                   (3, 11, 288, 96), (3, 7, 192, 192), (5, 9, 576, 64),
+                                                   (5, 1, 32, 32), (5, 11, 288, 96), (6, 13, 1536, 128),
+                                                   (6, 9, 576, 32), (6, 7, 192, 192)])
 @pytest.mark.parametrize("T", [1, 2, 4, 5, 9])
 def test_gemv_matches_the_reference(bits, out_f, in_f, group, T):
-    """Rows not a multiple of the block of eight, a single row, one to sixteen chunks a group, 3, 4 and 8
-    bits, 3- and 4-bit groups of an odd multiple of 32 (32-column chunks);
+    """Rows not a multiple of the block of eight, a single row, one to sixteen chunks a group, 3, 4, 5, 6 and 8
+    bits, 3- to 6-bit groups of an odd multiple of 32 (32-column chunks);
     token counts below, at and past a tile."""
     w = _packed(out_f, in_f, group, out_f + in_f + T, bits, bias=True)
     p = prepare(w, repack=True, activations="int8")
@@ -103,7 +109,7 @@ def test_gemv_matches_the_reference(bits, out_f, in_f, group, T):
 @needs_int8
 @pytest.mark.parametrize("bits,out_f,in_f,group", [(4, 300, 576, 64), (4, 172, 1536, 128), (8, 49, 576, 64),
                                                    (4, 172, 576, 32), (4, 9, 576, 96), (3, 172, 576, 64),
-                                                   (3, 9, 1536, 32)])
+                                                   (3, 9, 1536, 32), (5, 172, 576, 64), (6, 9, 1536, 32)])
 @pytest.mark.parametrize("T", [1, 33, 513])
 def test_prefill_gemm_matches_the_reference(bits, out_f, in_f, group, T):
     """More tokens than a GEMV takes (a prompt of 1, 33 and 513 tokens: tiles and a tail), the integer GEMM on
@@ -119,7 +125,8 @@ def test_prefill_gemm_matches_the_reference(bits, out_f, in_f, group, T):
 
 
 @needs_int8
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (8, 32), (8, 64), (3, 32), (3, 64), (3, 128)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (8, 32), (8, 64), (3, 32), (3, 64), (3, 128),
+                                      (5, 32), (5, 64), (6, 32), (6, 128)])
 def test_layout_holds_the_file_values(bits, group):
     """The repacked layout, dequantized, is the file's values (every row, block boundaries, the tail)."""
     w = _packed(21, 256, group, bits, bits)
@@ -184,9 +191,11 @@ MIXED_LAYER = {"wq": (4, 32), "wk": (8, 64), "wv": (4, 64), "wo": (4, 96), "w1":
 @needs_int8
 @pytest.mark.parametrize("formats", [MIXED_LAYER, {**MIXED_LAYER, "wk": (4, 32), "wv": (4, 32)},
                                      {**MIXED_LAYER, "w1": (4, 192)},
-                                     {**MIXED_LAYER, "wv": (3, 64), "w1": (3, 192), "w3": (3, 192), "w2": (3, 32)}])
+                                     {**MIXED_LAYER, "wv": (3, 64), "w1": (3, 192), "w3": (3, 192), "w2": (3, 32)},
+                                     {**MIXED_LAYER, "wq": (5, 64), "wv": (6, 32), "w1": (5, 96), "w3": (6, 96),
+                                      "w2": (5, 128)}])
 def test_fused_decode_runs_a_mixed_layer(smollm2_weights, formats):
-    """A layer of a mixed-precision file (3-, 4- and 8-bit linears, each in its own group size; q/k/v and
+    """A layer of a mixed-precision file (3- to 6- and 8-bit linears, each in its own group size; q/k/v and
     gate/up sharing a group size or not) as one compiled call, and the whole model's step, against op by op."""
     from edge_awq.model import KVCache, block
     import dataclasses
@@ -246,13 +255,20 @@ from edge_awq.pack import pack_linear
 rng = np.random.default_rng(0)
 errs = []
 for bits, gs, out_f, in_f, T in [(4, 64, 33, 576, 1), (4, 128, 7, 4096, 3), (8, 64, 9, 576, 2), (3, 64, 17, 576, 1),
-                                  (3, 32, 9, 576, 9), (4, 32, 9, 576, 5)]:
+                                  (3, 32, 9, 576, 9), (4, 32, 9, 576, 5), (5, 64, 17, 576, 1), (6, 32, 9, 576, 9)]:
     w = pack_linear(rng.standard_normal((out_f, in_f)).astype(np.float32), bits, gs)
     x = rng.standard_normal((T, in_f)).astype(np.float32)
     nb = NumbaBackend("int8")
     got = nb.linear(x, w)
     ref = linear_int8(x, w)
     errs.append(float(np.abs(got - ref).max() / np.abs(ref).max()))
+from edge_awq.model import W4
+from edge_awq.pack import pack_bits
+for bits in (3, 5, 6):  # largest codes times activations of 127: the int16 pair sums' worst case, exact
+    q = np.full((9, 128), (1 << bits) - 1, np.uint8)
+    w = W4(pack_bits(q, bits), np.ones((9, 2), np.float16), pack_bits(np.zeros((9, 2), np.uint8), bits), 64, bits, 128)
+    x = np.full((2, 128), 127.0, np.float32)
+    errs.append(float(np.abs(nb.linear(x, w) - 127.0 * 128 * ((1 << bits) - 1)).max()))
 print(json.dumps({"isa": ISA, "route": nb.route_of(w, 1), "err": max(errs)}))
 """
 

@@ -70,7 +70,7 @@ class ReferenceBackend(HostMemory):
         return x / np.sqrt(ms + eps) * _f32(weight)
 
     def linear(self, x, w) -> np.ndarray:
-        if isinstance(w, W4) and self.activations == "int8" and w.bits in (3, 4, 8):
+        if isinstance(w, W4) and self.activations == "int8" and w.bits in (3, 4, 5, 6, 8):
             y = linear_int8(x, w)
         elif isinstance(w, W4):
             y = _f32(x) @ unpack_linear(w).T  # dequantized one layer at a time, dropped after use

@@ -15,9 +15,12 @@ lane — no sums across lanes, and the activations' four bytes broadcast to all 
   bytes hold columns 4q..4q+3 of the chunk in their low nibbles and columns 32+4q..32+4q+3 in their high
   ones (``w & 15`` and ``w >> 4`` meet the activations of those columns); groups of an odd multiple of
   32 (32, 96, ...) the same in 32-column chunks of four vectors, the high nibbles columns 16+4q..16+4q+3;
-- 3-bit (a mixed file's), groups of a multiple of 32, chunks as 4-bit's: the same file bytes in two planes,
-  the codes' low two bits in quads / 4 vectors (four quads a byte, two bits each) and their third bit in
-  quads / 8 (eight quads a byte): 3 bits a code, no more, rebuilt per quad by shifts, masks and an or;
+- 3-, 5- and 6-bit (a mixed file's), groups of a multiple of 32, chunks as 4-bit's: the same file bytes in
+  two planes, a low plane of each code's low ``wl`` bits and a high plane of its other ``wh`` (``split``:
+  3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2); a plane of width w holds quads * w / 8 vectors, vector m the quads
+  m, m + n, m + 2n, ... in its bits 0..w-1, w..2w-1, ... (n its vector count): 3-bit's low bit pairs four
+  quads a byte and third bits eight; 5- and 6-bit's low plane is 4-bit's nibble layout. Bits a code as
+  stored, no more, each quad's codes rebuilt by shifts, masks and an or;
 - 8-bit (the int8 head), groups of a multiple of 32: per 32-column chunk eight vectors of the codes;
 - ``scales`` (blocks, G * 8) fp16 bits and ``zeros`` (blocks, G * 8) uint8: eight rows side by side.
 
@@ -43,12 +46,14 @@ from edge_awq.backends.numba.isa import ISA
 
 from edge_awq.backends.numba.tile_i8 import (CHUNK4, CHUNK8, QUAD, ROWS, TOKENS, tile_w3_many, tile_w3_one,
                                               tile_w3h_many, tile_w3h_one, tile_w4_many, tile_w4_one, tile_w4h_many,
-                                              tile_w4h_one, tile_w8_many, tile_w8_one)
+                                              tile_w4h_one, tile_w5_many, tile_w5_one, tile_w5h_many, tile_w5h_one,
+                                              tile_w6_many, tile_w6_one, tile_w6h_many, tile_w6h_one, tile_w8_many,
+                                              tile_w8_one)
 
 
 @dataclass(frozen=True)
 class BlockedA8:
-    """A 3-, 4- or 8-bit weight in the 8-bit-activation block layout (see the module docstring)."""
+    """A 3-, 4-, 5-, 6- or 8-bit weight in the 8-bit-activation block layout (see the module docstring)."""
 
     words: np.ndarray  # (blocks, G * chunks * 8 * 32) uint8: the codes, rows interleaved four at a time
     scales: np.ndarray  # (blocks, G * 8) uint16, fp16 bits
@@ -62,7 +67,7 @@ def usable(bits: int, group_size: int) -> bool:
     """Whether this CPU has the integer kernels and the weight fits the layout (int32 sums stay exact)."""
     if ISA == "none":
         return False
-    if bits in (3, 4):
+    if bits in (3, 4, 5, 6):
         return group_size % (CHUNK4 // 2) == 0
     return bits == 8 and group_size % CHUNK8 == 0 and group_size <= 1 << 15
 
@@ -77,29 +82,36 @@ def chunk_columns(bits, group_size):
 
 
 @njit(cache=True, inline="always")
+def split(bits):
+    """The widths of a split code's low and high planes: 3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2."""
+    low = 2 if bits == 3 else 4
+    return low, bits - low
+
+
+@njit(cache=True, inline="always")
 def _code(qb, r, col, bits):
-    """Value number col of file-order row r (a nibble, low one first, a byte, or 3 bits of the row's
-    little-endian bit stream)."""
+    """Value number col of file-order row r (a nibble, low one first, a byte, or 3, 5 or 6 bits of the
+    row's little-endian bit stream)."""
     if bits == 8:
         return np.int32(qb[r, col])
-    if bits == 3:
-        bit = 3 * col
+    if bits != 4:
+        bit = bits * col
         byte = bit >> 3
         v = np.int32(qb[r, byte])
         if byte + 1 < qb.shape[1]:
             v |= np.int32(qb[r, byte + 1]) << 8
-        return (v >> (bit & 7)) & 7
+        return (v >> (bit & 7)) & ((1 << bits) - 1)
     byte = qb[r, col >> 1]
     return np.int32((byte >> np.uint8(4)) if col & 1 else (byte & np.uint8(15)))
 
 
 @njit(cache=True, inline="always")
-def _offset3(quad, j, k, quads):
-    """Where code j of quad ``quad`` of row k sits in a 3-bit chunk of ``quads`` quads (``_codes3``): the byte
-    offset and shift of its low two bits, and those of its third bit."""
-    nl, nh = quads // 4, quads // 8
+def _offset_split(quad, j, k, quads, wl, wh):
+    """Where code j of quad ``quad`` of row k sits in a split chunk of ``quads`` quads (planes of wl and wh
+    bits): the byte offset and shift of its low bits, and those of its high bits."""
+    nl, nh = quads * wl // 8, quads * wh // 8
     cell = k * QUAD + j
-    return (quad % nl) * 32 + cell, 2 * (quad // nl), (nl + quad % nh) * 32 + cell, quad // nh
+    return (quad % nl) * 32 + cell, wl * (quad // nl), (nl + quad % nh) * 32 + cell, wh * (quad // nh)
 
 
 @njit(nogil=True, parallel=True, cache=True)
@@ -117,14 +129,15 @@ def _repack_kernel(qb, scale_bits, zero_bytes, group_size, bits, words, scales, 
                 zeros[b, ROWS * g + k] = _code(zero_bytes, r, g, bits)
                 for c in range(chunks):
                     col0 = g * group_size + c * cols
-                    if bits == 3:
+                    if bits != 4 and bits != 8:
+                        wl, wh = split(bits)
                         start = (g * chunks + c) * vecs * 32
                         for quad in range(cols // QUAD):
                             for j in range(QUAD):
-                                v = _code(qb, r, col0 + QUAD * quad + j, 3)
-                                lo, ls, hi, hs = _offset3(quad, j, k, cols // QUAD)
-                                words[b, start + lo] |= np.uint8((v & 3) << ls)
-                                words[b, start + hi] |= np.uint8((v >> 2) << hs)
+                                v = _code(qb, r, col0 + QUAD * quad + j, bits)
+                                lo, ls, hi, hs = _offset_split(quad, j, k, cols // QUAD, wl, wh)
+                                words[b, start + lo] |= np.uint8((v & ((1 << wl) - 1)) << ls)
+                                words[b, start + hi] |= np.uint8((v >> wl) << hs)
                         continue
                     for q in range(vecs):
                         base = (((g * chunks + c) * vecs + q) * ROWS + k) * QUAD
@@ -138,7 +151,7 @@ def _repack_kernel(qb, scale_bits, zero_bytes, group_size, bits, words, scales, 
 
 def repack(qbytes: np.ndarray, scale_bits: np.ndarray, zero_bytes: np.ndarray, group_size: int,
            bits: int) -> BlockedA8:
-    """The layout of a 3-, 4- or 8-bit weight given as file-order bytes (out, in * bits / 8), fp16 scale bits
+    """The layout of a 3-, 4-, 5-, 6- or 8-bit weight given as file-order bytes (out, in * bits / 8), fp16 scale bits
     (out, G) and packed zero points (out, >= G * bits / 8 bytes)."""
     out_f, n_groups = scale_bits.shape
     blocks = -(-out_f // ROWS)
@@ -212,7 +225,7 @@ def _block(words, scales, zeros, b, x8, xscale, xsum, group_size, y):
     """y[:, 8b..8b+7] (the rows that exist) of one block, every token of x8, TOKENS at a time."""
     T, out_f = x8.shape[0], y.shape[1]
     n_groups = scales.shape[1] // ROWS
-    bits = words.shape[1] * 8 // (n_groups * group_size * ROWS)  # 3, 4 or 8, from the bytes a block holds
+    bits = words.shape[1] * 8 // (n_groups * group_size * ROWS)  # 3, 4, 5, 6 or 8, from the bytes a block holds
     cols = chunk_columns(bits, group_size)
     chunks, halves = group_size // cols, cols != CHUNK4 and bits != 8
     wa = words.ctypes.data + b * words.strides[0]
@@ -231,6 +244,16 @@ def _block(words, scales, zeros, b, x8, xscale, xsum, group_size, y):
                     tile_w3h_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
                 else:
                     tile_w3_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
+            elif bits == 5:
+                if halves:
+                    tile_w5h_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
+                else:
+                    tile_w5_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
+            elif bits == 6:
+                if halves:
+                    tile_w6h_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
+                else:
+                    tile_w6_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
             elif bits == 8:
                 tile_w8_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
             elif halves:
@@ -244,6 +267,16 @@ def _block(words, scales, zeros, b, x8, xscale, xsum, group_size, y):
                     tile_w3h_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
                 else:
                     tile_w3_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
+            elif bits == 5:
+                if halves:
+                    tile_w5h_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
+                else:
+                    tile_w5_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
+            elif bits == 6:
+                if halves:
+                    tile_w6h_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
+                else:
+                    tile_w6_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
             elif bits == 8:
                 tile_w8_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
             elif halves:
@@ -291,13 +324,14 @@ def dequant_kernel(words, scales, zeros, group_size, bits, r0, out):
             z = np.float32(zeros[b, ROWS * g + k])
             for c in range(chunks):
                 col0 = g * group_size + c * cols
-                if bits == 3:
+                if bits != 4 and bits != 8:
+                    wl, wh = split(bits)
                     start = (g * chunks + c) * vecs * 32
                     for quad in range(cols // QUAD):
                         for i in range(QUAD):
-                            lo, ls, hi, hs = _offset3(quad, i, k, cols // QUAD)
-                            v = ((np.int32(words[b, start + lo]) >> ls) & 3) | (((np.int32(words[b, start + hi]) >> hs)
-                                                                                 & 1) << 2)
+                            lo, ls, hi, hs = _offset_split(quad, i, k, cols // QUAD, wl, wh)
+                            v = (((np.int32(words[b, start + lo]) >> ls) & ((1 << wl) - 1))
+                                 | (((np.int32(words[b, start + hi]) >> hs) & ((1 << wh) - 1)) << wl))
                             out[j, col0 + QUAD * quad + i] = (np.float32(v) - z) * s
                     continue
                 for q in range(vecs):

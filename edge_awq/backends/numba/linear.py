@@ -205,7 +205,7 @@ class Route:
 
 # Decode (at most GEMV_MAX_T tokens): the first route whose condition holds runs.
 GEMV_ROUTES = (
-    Route(f"a8-{ISA}", "3-, 4- and 8-bit in groups of 32k, int8 activations (activations=int8); "
+    Route(f"a8-{ISA}", "3- to 6- and 8-bit in groups of 32k, int8 activations (activations=int8); "
           "x86 AVX2 or VNNI, ARM sdot or NEON", lambda w: w.a8 is not None, _gemv_a8),
     Route("blocked-i16", "4-bit in groups of 64k and 8-bit in groups of 32k, block layout; x86 AVX2",
           lambda w: w.blocked is not None, _gemv_blocked),

@@ -1,6 +1,6 @@
 """The inner loop of the 8-bit-activation kernels (``gemv_i8.py``), generated as LLVM IR for the instruction
 set ``isa.ISA`` names: eight rows of one block of the layout times a tile of tokens, per chunk of columns the
-codes (4-bit nibbles, 3-bit planes, bytes) times the int8 activations summed into each row's own int32 lane
+codes (4-bit nibbles, 3-, 5- and 6-bit planes, bytes) times the int8 activations summed into each row's own int32 lane
 (AVX-512 VNNI / AVX-VNNI ``vpdpbusd``, AVX2 ``vpmaddubsw`` + ``vpmaddwd``, Arm ``sdot``, ``smmla`` for a
 prompt's tiles on i8mm, plain NEON widening multiplies), then per group the zero-point term and the two scales
 in float32. The layout itself, the activations' quantization and the parallel loops are ``gemv_i8.py``'s.
@@ -72,7 +72,7 @@ def _dot4_arm(builder, acc, w, x):
 
 def _dot(builder, acc, w, x):
     """acc (8 x i32) plus, in lane k, the four products of w's bytes 4k..4k+3 with x's (32 bytes each): w
-    unsigned on x86 (at most 15, or 255 with VNNI), signed on ARM."""
+    unsigned on x86 (at most 63: pairs of products stay within int16; 255 with VNNI), signed on ARM."""
     if X86:
         if VNNI:
             dp = _fn(builder, "llvm.x86.avx512.vpdpbusd.256", _V8I, [_V8I, _V8I, _V8I])
@@ -148,20 +148,27 @@ def _mmla_pairs(builder, pairs, xrows, macc):
                 builder.store(builder.call(mmla, [builder.load(macc[p][j]), rows[p], xv]), macc[p][j])
 
 
-def _code3(builder, vectors, quads, quad):
-    """The 3-bit codes of one quad of a chunk, from its two planes: the first n = quads / 4 vectors hold each
-    code's low two bits (vector m: quads m, m + n, m + 2n, m + 3n in bits 0-1, 2-3, 4-5, 6-7), the last
-    n' = quads / 8 its third bit (vector m: quads m, m + n', ..., m + 7n' in bits 0..7)."""
-    nl, nh = quads // 4, quads // 8
+SPLIT = {3: (2, 1), 5: (4, 1), 6: (4, 2)}  # a split code's low and high planes' widths (gemv_i8.split)
+
+
+def _code_split(builder, vectors, quads, quad, bits):
+    """The codes of one quad of a split chunk, from its two planes (widths wl, wh = SPLIT[bits]): the first
+    n = quads * wl / 8 vectors hold each code's low wl bits (vector m: quads m, m + n, ... in bits 0..wl-1,
+    wl..2wl-1, ...), the last n' = quads * wh / 8 its high wh bits alike."""
+    wl, wh = SPLIT[bits]
+    nl, nh = quads * wl // 8, quads * wh // 8
     s, t = quad // nl, quad // nh
     lo = vectors[quad % nl]
-    lo = builder.lshr(lo, ir.Constant(_V32B, [2 * s] * 32)) if s else lo
+    lo = builder.lshr(lo, ir.Constant(_V32B, [wl * s] * 32)) if s else lo
     hi = vectors[nl + quad % nh]
-    if t < 2:
-        hi = builder.shl(hi, ir.Constant(_V32B, [2 - t] * 32))
-    elif t > 2:
-        hi = builder.lshr(hi, ir.Constant(_V32B, [t - 2] * 32))
-    return builder.or_(builder.and_(lo, ir.Constant(_V32B, [3] * 32)), builder.and_(hi, ir.Constant(_V32B, [4] * 32)))
+    move = wl - wh * t  # the high bits from wh * t up to wl
+    if move > 0:
+        hi = builder.shl(hi, ir.Constant(_V32B, [move] * 32))
+    elif move < 0:
+        hi = builder.lshr(hi, ir.Constant(_V32B, [-move] * 32))
+    low_mask, high_mask = (1 << wl) - 1, ((1 << wh) - 1) << wl
+    return builder.or_(builder.and_(lo, ir.Constant(_V32B, [low_mask] * 32)),
+                       builder.and_(hi, ir.Constant(_V32B, [high_mask] * 32)))
 
 
 def _mmla_token(builder, macc, t):
@@ -210,18 +217,19 @@ def _tile_codegen(bits: int, nt: int, cols: int):
                 ahead = builder.inttoptr(builder.add(wbase, ir.Constant(_I64, PREFETCH + line)), ir.PointerType(_I8))
                 builder.call(prefetch, [ahead, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
             col_hi = builder.add(col0, ir.Constant(_I64, cols // 2))
-            if bits == 3:  # two planes, each quad's codes rebuilt where they are used
+            if bits in SPLIT:  # two planes, each quad's codes rebuilt where they are used
                 vectors = [_load(builder, builder.add(wbase, ir.Constant(_I64, 32 * q)), _V32B) for q in range(vecs)]
                 quads = cols // QUAD
                 if mmla:
-                    _mmla_pairs(builder, [(col0, q, _code3(builder, vectors, quads, q),
-                                           _code3(builder, vectors, quads, q + 1)) for q in range(0, quads, 2)],
+                    _mmla_pairs(builder, [(col0, q, _code_split(builder, vectors, quads, q, bits),
+                                           _code_split(builder, vectors, quads, q + 1, bits))
+                                          for q in range(0, quads, 2)],
                                 xrows, macc)
                     return
                 for q in range(0, quads, 2):
-                    c0, c1 = _code3(builder, vectors, quads, q), _code3(builder, vectors, quads, q + 1)
+                    c0, c1 = _code_split(builder, vectors, quads, q, bits), _code_split(builder, vectors, quads, q + 1, bits)
                     for t, chain in enumerate(accs):
-                        if X86 and not VNNI:  # the pair shares one int16 sum (exact for codes below 16)
+                        if X86 and not VNNI:  # the pair shares one int16 sum (exact for codes below 64: 4 * 63 * 127)
                             acc = chain[q // 2 % chains]
                             builder.store(_dot_pair(builder, builder.load(acc), c0, quad_x(t, col0, q), c1,
                                                     quad_x(t, col0, q + 1)), acc)
@@ -309,6 +317,10 @@ tile_w4h_many, tile_w4h_one = _tile_intrinsic(4, TOKENS, CHUNK4 // 2), _tile_int
 tile_w8_many, tile_w8_one = _tile_intrinsic(8, TOKENS, CHUNK8), _tile_intrinsic(8, 1, CHUNK8)
 tile_w3_many, tile_w3_one = _tile_intrinsic(3, TOKENS, CHUNK4), _tile_intrinsic(3, 1, CHUNK4)
 tile_w3h_many, tile_w3h_one = _tile_intrinsic(3, TOKENS, CHUNK4 // 2), _tile_intrinsic(3, 1, CHUNK4 // 2)
+tile_w5_many, tile_w5_one = _tile_intrinsic(5, TOKENS, CHUNK4), _tile_intrinsic(5, 1, CHUNK4)
+tile_w5h_many, tile_w5h_one = _tile_intrinsic(5, TOKENS, CHUNK4 // 2), _tile_intrinsic(5, 1, CHUNK4 // 2)
+tile_w6_many, tile_w6_one = _tile_intrinsic(6, TOKENS, CHUNK4), _tile_intrinsic(6, 1, CHUNK4)
+tile_w6h_many, tile_w6h_one = _tile_intrinsic(6, TOKENS, CHUNK4 // 2), _tile_intrinsic(6, 1, CHUNK4 // 2)
 tile_a8 = tile_w4_many  # the one the docstring names: (wp, sp, zp: the block's codes, scales, zeros; xp, x_stride:
 # the first token's int8 activations and the bytes between tokens; fxp, sxp, g_stride: its float32 scales and int32
 # sums per group, and the bytes between tokens; n_groups, chunks; yp, y_stride: eight float32 outputs per token, of
