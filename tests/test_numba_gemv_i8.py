@@ -118,7 +118,8 @@ def test_prefill_gemm_matches_the_reference(bits, out_f, in_f, group, T):
     p = prepare(w, repack=True, activations="int8")
     x = (np.random.default_rng(T).standard_normal((T, in_f)) * 3).astype(np.float32)
     y = np.full((T, out_f + 5), 7.0, np.float32)
-    i8.gemv_kernel(p.a8.words, p.a8.scales, p.a8.zeros, *i8.inputs(x, group), group, y[:, :out_f])
+    i8.gemv_kernel(p.a8.words, p.a8.scales, p.a8.zeros, *i8.inputs(x, group), group, y[:, :out_f],
+                   i8.kernel_set(p.a8))
     want = linear_int8(x, w)
     assert _rel(y[:, :out_f], want) <= 2e-6 and (y[:, out_f:] == 7.0).all()
     assert _rel(linear_w4(x, p), want + w.bias) <= 2e-6
@@ -186,6 +187,9 @@ def test_grouped_linears_and_the_fused_layer_match_op_by_op(smollm2_weights):
 
 MIXED_LAYER = {"wq": (4, 32), "wk": (8, 64), "wv": (4, 64), "wo": (4, 96), "w1": (8, 32), "w3": (4, 192),
                "w2": (4, 128)}
+# a second layer with the widths and chunks the cases below lack: each two-layer model holds all nine tile
+# variants, so its step is one compiled call that picks among every one (and the cases share that compile)
+OTHER_LAYER = {"wq": (3, 32), "wk": (5, 32), "wv": (6, 64), "wo": (3, 64), "w1": (5, 64), "w3": (6, 32), "w2": (4, 128)}
 
 
 @needs_int8
@@ -201,8 +205,8 @@ def test_fused_decode_runs_a_mixed_layer(smollm2_weights, formats):
     import dataclasses
 
     _, w = smollm2_weights
-    layers = [dataclasses.replace(lw, **{n: pack_linear(np.asarray(getattr(lw, n).weight, np.float32), *formats[n])
-                                         for n in formats}) for lw in w.layers[4:6]]
+    layers = [dataclasses.replace(lw, **{n: pack_linear(np.asarray(getattr(lw, n).weight, np.float32), *f[n])
+                                         for n in f}) for lw, f in zip(w.layers[4:6], (formats, OTHER_LAYER))]
     small = dataclasses.replace(w, layers=layers, args=dataclasses.replace(w.args, n_layers=2))
     fused, plain = _fused_and_op_by_op()
     x = np.random.default_rng(6).standard_normal((1, 576)).astype(np.float32)
@@ -216,6 +220,9 @@ def test_fused_decode_runs_a_mixed_layer(smollm2_weights, formats):
                 for i, lw in enumerate(small.layers):
                     y = block(lw, y, pos, cache, i, small, ops)
         outs.append(y)
+    step = fused._step_args(small)
+    assert step is not None  # the whole step ran as one call
+    assert len(step[2].dtype.names) == 9 and step[2] is i8.kernel_union(step[2])  # its kernels: every variant
     assert fused._step_args(small) is not None  # the whole step ran as one call
     assert _rel(outs[0], outs[1]) <= 1e-5
 
@@ -290,3 +297,20 @@ def test_reference_backend_runs_the_same_arithmetic():
     x = np.random.default_rng(9).standard_normal((2, 128)).astype(np.float32)
     assert np.array_equal(ReferenceBackend("int8").linear(x, w), linear_int8(x, w))
     assert _rel(ReferenceBackend("int8").linear(x, w), ReferenceBackend().linear(x, w)) < 0.02  # 8-bit error
+
+
+@needs_int8
+def test_kernels_compile_only_the_widths_their_weights_hold():
+    """A kernel set names the (bits, chunk columns) tile variants of its weights and no others, one array per
+    set (so one compile each), and a 4-bit weight runs the kernel compiled for the 4-bit tiles alone."""
+    p4, p3, p8 = (prepare(_packed(16, 576, g, 1, bits), repack=True, activations="int8")
+                  for bits, g in ((4, 64), (3, 96), (8, 64)))
+    assert i8.kernel_set(p4.a8).dtype.names == ("w4c64",)
+    assert i8.kernel_set(p8.a8, p4.a8, p3.a8).dtype.names == ("w3c32", "w4c64", "w8c32")
+    assert i8.kernel_set(p4.a8, p3.a8) is i8.kernel_union(i8.kernel_set(p3.a8), i8.kernel_set(p4.a8))
+    x = np.random.default_rng(0).standard_normal((3, 576)).astype(np.float32)
+    linear_w4(x, p4)
+    import numba
+
+    own = numba.typeof(i8.kernel_set(p4.a8))
+    assert own in {sig[-1] for sig in i8.gemv_kernel.signatures}  # the 4-bit weight's kernel: its own tiles only

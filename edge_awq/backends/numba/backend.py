@@ -12,6 +12,7 @@ import weakref
 import numpy as np
 
 from edge_awq.backends import threads
+from edge_awq.backends.numba import gemv_i8 as i8
 from edge_awq.backends.numba.kernels import (attention_int8_kernel, attention_kernel, rmsnorm_kernel, rmsnorm_serial,
                                              rope_kernel, rope_serial, silu_mul_kernel, silu_mul_serial)
 from edge_awq.backends.numba.linear import (GEMV_MAX_T, PreparedW4, linear_f16, linear_w4, linears_w4, prepare)
@@ -165,9 +166,10 @@ class NumbaBackend(HostMemory):
         per_layer = [self._decode_args(lw, w) for lw in w.layers]
         if not per_layer or any(a is None for a in per_layer):
             return None
-        eps, kind = per_layer[0][2], per_layer[0][10]
-        if any(a[10].dtype != kind.dtype for a in per_layer):
+        eps, kinds = per_layer[0][2], [a[10] for a in per_layer]
+        if len({k.dtype.names is None for k in kinds}) != 1:  # some layers int8's kernels, some int16's
             return None
+        kind = kinds[0] if kinds[0].dtype.names is None else i8.kernel_union(*kinds)
         layers = List()
         for a in per_layer:
             layers.append((a[0], a[1], *a[3:10]))
@@ -185,9 +187,10 @@ class NumbaBackend(HostMemory):
         layouts = [p.a8 if p.a8 is not None else p.blocked for p in ps]
         if any(b is None for b in layouts) or len({type(b) for b in layouts}) != 1:
             return None
-        activations = np.empty(0, np.int8 if ps[0].a8 is not None else np.int16)  # says which kernels run
+        # which kernels run: int8's, compiled for these widths only, or int16's
+        kind = i8.kernel_set(*layouts) if ps[0].a8 is not None else np.empty(0, np.int16)
         return (np.array(lw.attn_norm, np.float32), np.array(lw.ffn_norm, np.float32), w.args.norm_eps,
-                *[(b.words, b.scales, b.zeros, np.int64(p.group_size)) for b, p in zip(layouts, ps)], activations)
+                *[(b.words, b.scales, b.zeros, np.int64(p.group_size)) for b, p in zip(layouts, ps)], kind)
 
     def rope(self, x, pos: int, inv_freq, interleaved: bool) -> np.ndarray:
         x = _f32(x)

@@ -11,8 +11,9 @@ and the model runs op by op): one token, every linear repacked for the integer k
 activation type (``gemv_i8.py`` with int8 activations, ``gemv_blocked.py`` with int16) — 4- or 8-bit,
 each in its own group size, as a mixed-precision file has them — no biases, an fp16 cache. Linears
 that share an input and a group size run as one kernel on one quantized input; where their group
-sizes differ, the input is quantized for each. The activations' type (an empty array of int8 or int16) picks the kernels when the layer
-compiles, so only the ones this CPU runs are ever compiled. Tests hold it to the op-by-op path.
+sizes differ, the input is quantized for each. ``kind`` picks the kernels when the layer compiles: with int8
+activations ``gemv_i8.kernel_set`` of the model's weights, whose type names their widths' tiles (only those
+are compiled), with int16 an empty int16 array. Tests hold it to the op-by-op path.
 """
 
 from __future__ import annotations
@@ -48,51 +49,65 @@ def _rope(v, heads, head_dim, cos, sin, interleaved):
             v[0, b] = x0 * sin[i] + x1 * cos[i]
 
 
+def _int8(kind) -> bool:
+    """Whether kind (the numba type of decode_layer's ``kind``) is the 8-bit-activation kernels' set
+    (``gemv_i8.kernel_set``: a record array) rather than an empty int16 array."""
+    return isinstance(kind.dtype, types.Record)
+
+
 def _inputs(x, group_size, kind):
-    """x quantized for the kernels kind names (an int8 or int16 array): (xq, scale, sum) per group."""
+    """x quantized for the kernels kind names: (xq, scale, sum) per group."""
 
 
 @overload(_inputs)
 def _inputs_impl(x, group_size, kind):
-    quantize = i8.quantize_x8 if kind.dtype == types.int8 else quantize_x16_flat
-    sums = np.int32 if kind.dtype == types.int8 else np.float32  # int8: exact sums; int16: scaled
+    int8 = _int8(kind)
+    quantize = i8.quantize_x8 if int8 else quantize_x16_flat
+    xtype = np.int8 if int8 else np.int16
+    sums = np.int32 if int8 else np.float32  # int8: exact sums; int16: scaled
 
     def impl(x, group_size, kind):
         T, n = x.shape
         G = n // group_size
-        xq, xs, xsum = np.empty((T, n), kind.dtype), np.empty((T, G), np.float32), np.empty((T, G), sums)
+        xq, xs, xsum = np.empty((T, n), xtype), np.empty((T, G), np.float32), np.empty((T, G), sums)
         quantize(x, group_size, xq, xs, xsum)
         return xq, xs, xsum
 
     return impl
 
 
-def _three(wa, wb, wc, ya, yb, yc, xq, xs, xsum, group_size):
-    """Three weights of one input, by the kernels of xq's type."""
+def _three(wa, wb, wc, ya, yb, yc, xq, xs, xsum, group_size, kind):
+    """Three weights of one input, by the kernels kind names."""
 
 
 @overload(_three)
-def _three_impl(wa, wb, wc, ya, yb, yc, xq, xs, xsum, group_size):
-    kernel = i8.gemv_three_kernel if xq.dtype == types.int8 else blocked.gemv_three_kernel
+def _three_impl(wa, wb, wc, ya, yb, yc, xq, xs, xsum, group_size, kind):
+    if _int8(kind):
+        def impl(wa, wb, wc, ya, yb, yc, xq, xs, xsum, group_size, kind):
+            i8.gemv_three_kernel(wa[0], wa[1], wa[2], ya, wb[0], wb[1], wb[2], yb, wc[0], wc[1], wc[2], yc, xq, xs,
+                                 xsum, group_size, kind)
+        return impl
 
-    def impl(wa, wb, wc, ya, yb, yc, xq, xs, xsum, group_size):
-        kernel(wa[0], wa[1], wa[2], ya, wb[0], wb[1], wb[2], yb, wc[0], wc[1], wc[2], yc, xq, xs, xsum, group_size)
+    def impl16(wa, wb, wc, ya, yb, yc, xq, xs, xsum, group_size, kind):
+        blocked.gemv_three_kernel(wa[0], wa[1], wa[2], ya, wb[0], wb[1], wb[2], yb, wc[0], wc[1], wc[2], yc, xq, xs,
+                                  xsum, group_size)
+    return impl16
 
-    return impl
 
-
-def _one(w, y, xq, xs, xsum, group_size):
-    """One weight, by the kernels of xq's type."""
+def _one(w, y, xq, xs, xsum, group_size, kind):
+    """One weight, by the kernels kind names."""
 
 
 @overload(_one)
-def _one_impl(w, y, xq, xs, xsum, group_size):
-    kernel = i8.gemv_kernel if xq.dtype == types.int8 else blocked.gemv_kernel
+def _one_impl(w, y, xq, xs, xsum, group_size, kind):
+    if _int8(kind):
+        def impl(w, y, xq, xs, xsum, group_size, kind):
+            i8.gemv_kernel(w[0], w[1], w[2], xq, xs, xsum, group_size, y, kind)
+        return impl
 
-    def impl(w, y, xq, xs, xsum, group_size):
-        kernel(w[0], w[1], w[2], xq, xs, xsum, group_size, y)
-
-    return impl
+    def impl16(w, y, xq, xs, xsum, group_size, kind):
+        blocked.gemv_kernel(w[0], w[1], w[2], xq, xs, xsum, group_size, y)
+    return impl16
 
 
 @njit(nogil=True, cache=True, fastmath=True, error_model="numpy")
@@ -100,7 +115,7 @@ def _gemv(x, w, out_f, kind):
     """x times one weight (words, scales, zeros, group size)."""
     xq, xs, xsum = _inputs(x, w[3], kind)
     y = np.empty((1, out_f), np.float32)
-    _one(w, y, xq, xs, xsum, w[3])
+    _one(w, y, xq, xs, xsum, w[3], kind)
     return y
 
 
@@ -111,15 +126,15 @@ def _shared_input(h, wa, wb, wc, ya, yb, yc, kind):
     g = wa[3]
     if wb[3] == g and (wc[3] == g or wc[0].shape[0] == 0):
         xq, xs, xsum = _inputs(h, g, kind)
-        _three(wa, wb, wc, ya, yb, yc, xq, xs, xsum, g)
+        _three(wa, wb, wc, ya, yb, yc, xq, xs, xsum, g, kind)
         return
     xq, xs, xsum = _inputs(h, wa[3], kind)
-    _one(wa, ya, xq, xs, xsum, wa[3])
+    _one(wa, ya, xq, xs, xsum, wa[3], kind)
     xq, xs, xsum = _inputs(h, wb[3], kind)
-    _one(wb, yb, xq, xs, xsum, wb[3])
+    _one(wb, yb, xq, xs, xsum, wb[3], kind)
     if yc.shape[1] > 0:
         xq, xs, xsum = _inputs(h, wc[3], kind)
-        _one(wc, yc, xq, xs, xsum, wc[3])
+        _one(wc, yc, xq, xs, xsum, wc[3], kind)
 
 
 @njit(nogil=True, cache=True, fastmath=True, error_model="numpy")
@@ -127,7 +142,7 @@ def decode_layer(x, attn_norm, ffn_norm, eps, wq, wk, wv, wo, w1, w2, w3, kind, 
                  keys, values, pos, n_heads, n_kv_heads, head_dim, hidden_dim):
     """x (1, dim) float32 -> the layer's output (1, dim). Each w* is a repacked weight's (words, scales, zeros,
     group size);
-    kind an empty int8 or int16 array (which kernels); cos, sin (1, head_dim / 2); keys, values (n_kv_heads,
+    kind which kernels (the module docstring); cos, sin (1, head_dim / 2); keys, values (n_kv_heads,
     max_seq, head_dim) uint16 (fp16 bits) of this layer, row pos written here."""
     h = np.empty_like(x)
     rmsnorm_serial(x, attn_norm, eps, h)

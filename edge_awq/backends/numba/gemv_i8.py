@@ -37,6 +37,7 @@ point likewise): on AVX2 as |w| and x with w's sign (``vpsignb``), whose pairs s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from numba import njit, prange
@@ -44,11 +45,7 @@ from numba import njit, prange
 from edge_awq.backends.numba.intrinsics import half_f32
 from edge_awq.backends.numba.isa import ISA
 
-from edge_awq.backends.numba.tile_i8 import (CHUNK4, CHUNK8, QUAD, ROWS, TOKENS, tile_w3_many, tile_w3_one,
-                                              tile_w3h_many, tile_w3h_one, tile_w4_many, tile_w4_one, tile_w4h_many,
-                                              tile_w4h_one, tile_w5_many, tile_w5_one, tile_w5h_many, tile_w5h_one,
-                                              tile_w6_many, tile_w6_one, tile_w6h_many, tile_w6h_one, tile_w8_many,
-                                              tile_w8_one)
+from edge_awq.backends.numba.tile_i8 import CHUNK4, CHUNK8, QUAD, ROWS, TOKENS, tile_many, tile_one, variant
 
 
 @dataclass(frozen=True)
@@ -220,14 +217,34 @@ def inputs(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 
-@njit(cache=True, inline="always")
-def _block(words, scales, zeros, b, x8, xscale, xsum, group_size, y):
-    """y[:, 8b..8b+7] (the rows that exist) of one block, every token of x8, TOKENS at a time."""
+@lru_cache(maxsize=None)
+def _kernel_set(keys: tuple[tuple[int, int], ...]) -> np.ndarray:
+    return np.empty(0, np.dtype([(f"w{bits}c{cols}", np.uint8) for bits, cols in keys]))
+
+
+def kernel_set(*weights: BlockedA8) -> np.ndarray:
+    """What the kernels' last argument, ``kind``, is for these weights: an empty array whose record dtype names
+    the tile variants (bits, chunk columns) they need. Numba compiles a kernel for each type of its
+    arguments, so a model's kernels hold only its own widths' tiles (``tile_i8.tile_many``) — one width for
+    a uniform file, its few for a mixed one — not all ten, whose code would cost compile time and resident
+    memory for nothing."""
+    return _kernel_set(tuple(sorted({(b.bits, chunk_columns.py_func(b.bits, b.group_size)) for b in weights})))
+
+
+def kernel_union(*kinds: np.ndarray) -> np.ndarray:
+    """The kernel set of every weight the sets ``kinds`` are for (a model's, from its layers')."""
+    return _kernel_set(tuple(sorted({variant(name) for kind in kinds for name in kind.dtype.names})))
+
+
+@njit(nogil=True, cache=True)
+def _block(words, scales, zeros, b, x8, xscale, xsum, group_size, y, kind):
+    """y[:, 8b..8b+7] (the rows that exist) of one block, every token of x8, TOKENS at a time; kind: the tiles
+    compiled (``kernel_set``)."""
     T, out_f = x8.shape[0], y.shape[1]
     n_groups = scales.shape[1] // ROWS
     bits = words.shape[1] * 8 // (n_groups * group_size * ROWS)  # 3, 4, 5, 6 or 8, from the bytes a block holds
     cols = chunk_columns(bits, group_size)
-    chunks, halves = group_size // cols, cols != CHUNK4 and bits != 8
+    chunks = group_size // cols
     wa = words.ctypes.data + b * words.strides[0]
     sa = scales.ctypes.data + b * scales.strides[0]
     za = zeros.ctypes.data + b * zeros.strides[0]
@@ -239,74 +256,36 @@ def _block(words, scales, zeros, b, x8, xscale, xsum, group_size, y):
     t = 0
     while t < T:
         if T - t >= TOKENS:
-            if bits == 3:
-                if halves:
-                    tile_w3h_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
-                else:
-                    tile_w3_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
-            elif bits == 5:
-                if halves:
-                    tile_w5h_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
-                else:
-                    tile_w5_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
-            elif bits == 6:
-                if halves:
-                    tile_w6h_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
-                else:
-                    tile_w6_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
-            elif bits == 8:
-                tile_w8_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
-            elif halves:
-                tile_w4h_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
-            else:
-                tile_w4_many(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
+            tile_many(kind, bits, cols, wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
             step = TOKENS
         else:
-            if bits == 3:
-                if halves:
-                    tile_w3h_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
-                else:
-                    tile_w3_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
-            elif bits == 5:
-                if halves:
-                    tile_w5h_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
-                else:
-                    tile_w5_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
-            elif bits == 6:
-                if halves:
-                    tile_w6h_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
-                else:
-                    tile_w6_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
-            elif bits == 8:
-                tile_w8_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
-            elif halves:
-                tile_w4h_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
-            else:
-                tile_w4_one(wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
+            tile_one(kind, bits, cols, wa, sa, za, xa, xs, fa, ma, gs, n_groups, chunks, ya, ys, rows)
             step = 1
         t += step
         xa, fa, ma, ya = xa + step * xs, fa + step * gs, ma + step * gs, ya + step * ys
 
 
 @njit(nogil=True, parallel=True, cache=True)
-def gemv_kernel(words, scales, zeros, x8, xscale, xsum, group_size, y):
-    """y (T, out) = x W^T of one weight in this layout; x8 (T, in) int8, xscale (T, G) float32, xsum (T, G) int32.
-    Any number of tokens: a decode step's GEMV, and prefill's GEMM (a block's weights read once per tile)."""
+def gemv_kernel(words, scales, zeros, x8, xscale, xsum, group_size, y, kind):
+    """y (T, out) = x W^T of one weight in this layout; x8 (T, in) int8, xscale (T, G) float32, xsum (T, G) int32;
+    kind: ``kernel_set`` of the weight. Any number of tokens: a decode step's GEMV, and prefill's GEMM (a block's
+    weights read once per tile)."""
     for b in prange(words.shape[0]):
-        _block(words, scales, zeros, b, x8, xscale, xsum, group_size, y)
+        _block(words, scales, zeros, b, x8, xscale, xsum, group_size, y, kind)
 
 
 @njit(nogil=True, parallel=True, cache=True)
-def gemv_three_kernel(wa, sa, za, ya, wb, sb, zb, yb, wc, sc, zc, yc, x8, xscale, xsum, group_size):
-    """Three weights that share their input (q, k, v; gate, up and an empty one), one parallel loop."""
+def gemv_three_kernel(wa, sa, za, ya, wb, sb, zb, yb, wc, sc, zc, yc, x8, xscale, xsum, group_size, kind):
+    """Three weights that share their input (q, k, v; gate, up and an empty one), one parallel loop; kind: the
+    ``kernel_set`` of the three."""
     na, nb, nc = wa.shape[0], wb.shape[0], wc.shape[0]
     for q in prange(na + nb + nc):
         if q < na:
-            _block(wa, sa, za, q, x8, xscale, xsum, group_size, ya)
+            _block(wa, sa, za, q, x8, xscale, xsum, group_size, ya, kind)
         elif q < na + nb:
-            _block(wb, sb, zb, q - na, x8, xscale, xsum, group_size, yb)
+            _block(wb, sb, zb, q - na, x8, xscale, xsum, group_size, yb, kind)
         else:
-            _block(wc, sc, zc, q - na - nb, x8, xscale, xsum, group_size, yc)
+            _block(wc, sc, zc, q - na - nb, x8, xscale, xsum, group_size, yc, kind)
 
 
 @njit(nogil=True, parallel=True, cache=True, fastmath=True)

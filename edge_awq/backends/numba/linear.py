@@ -127,7 +127,8 @@ def linears_w4(x: np.ndarray, ws: list[PreparedW4]) -> list[np.ndarray]:
         sets = [(w.a8.words, w.a8.scales, w.a8.zeros, y) for w, y in zip(ws, ys)]
         if len(sets) == 2:
             sets.append(tuple(a[:0] for a in sets[0][:3]) + (ys[0][:, :0],))
-        i8.gemv_three_kernel(*sets[0], *sets[1], *sets[2], *i8.inputs(x, gs), gs)
+        i8.gemv_three_kernel(*sets[0], *sets[1], *sets[2], *i8.inputs(x, gs), gs,
+                              i8.kernel_set(*(w.a8 for w in ws)))
         return [y if w.bias is None else y + w.bias for w, y in zip(ws, ys)]
     use_blocked = all(w.blocked is not None for w in ws)
     if use_blocked:
@@ -150,7 +151,7 @@ def linears_w4(x: np.ndarray, ws: list[PreparedW4]) -> list[np.ndarray]:
 
 def _gemv_a8(x, w, y):
     b = w.a8
-    i8.gemv_kernel(b.words, b.scales, b.zeros, *i8.inputs(x, w.group_size), w.group_size, y)
+    i8.gemv_kernel(b.words, b.scales, b.zeros, *i8.inputs(x, w.group_size), w.group_size, y, i8.kernel_set(b))
 
 
 def _gemm_a8(x, w):

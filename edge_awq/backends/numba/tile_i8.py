@@ -301,27 +301,44 @@ def _tile_codegen(bits: int, nt: int, cols: int):
     return codegen
 
 
-_SIG = types.void(*([types.int64] * 13))
+def variants(kind) -> list[tuple[int, int]]:
+    """The (bits, chunk columns) tile variants a kernel set names: ``kind`` the numba type of
+    ``gemv_i8.kernel_set``'s array, whose record fields are called ``w{bits}c{cols}``."""
+    return [variant(name) for name in kind.dtype.fields]
 
 
-def _tile_intrinsic(bits: int, nt: int, cols: int):
-    def tile(typingctx, wp, sp, zp, xp, x_stride, fxp, sxp, g_stride, n_groups, chunks, yp, y_stride, rows):
-        return _SIG, _tile_codegen(bits, nt, cols)
+def variant(name: str) -> tuple[int, int]:
+    """A kernel set's field name ``w{bits}c{cols}`` as (bits, cols)."""
+    bits, cols = name[1:].split("c")
+    return int(bits), int(cols)
 
-    tile.__name__ = f"tile_a8_w{bits}_c{cols}_t{nt}"
+
+def _tile_dispatch(nt: int):
+    """An intrinsic ``tile(kind, bits, cols, wp, ...)``: the tile of nt tokens (see ``tile_a8``) for the weight's
+    bits and chunk columns, compiled only for the variants ``kind``'s type names (a model's own widths, not
+    every width there is: the rest would cost compile time and resident code for nothing)."""
+
+    def tile(typingctx, kind, bits, cols, wp, sp, zp, xp, x_stride, fxp, sxp, g_stride, n_groups, chunks, yp,
+             y_stride, rows):
+        bodies = [(b, c, _tile_codegen(b, nt, c)) for b, c in variants(kind)]
+
+        def codegen(context, builder, signature, args):
+            _, bits, cols, *rest = args
+            for b, c, body in bodies:
+                hit = builder.and_(builder.icmp_signed("==", bits, ir.Constant(_I64, b)),
+                                   builder.icmp_signed("==", cols, ir.Constant(_I64, c)))
+                with builder.if_then(hit):
+                    body(context, builder, None, rest)
+            return context.get_dummy_value()
+
+        return types.void(kind, *([types.int64] * 15)), codegen
+
+    tile.__name__ = f"tile_a8_t{nt}"
     return intrinsic(tile)
 
 
-tile_w4_many, tile_w4_one = _tile_intrinsic(4, TOKENS, CHUNK4), _tile_intrinsic(4, 1, CHUNK4)
-tile_w4h_many, tile_w4h_one = _tile_intrinsic(4, TOKENS, CHUNK4 // 2), _tile_intrinsic(4, 1, CHUNK4 // 2)
-tile_w8_many, tile_w8_one = _tile_intrinsic(8, TOKENS, CHUNK8), _tile_intrinsic(8, 1, CHUNK8)
-tile_w3_many, tile_w3_one = _tile_intrinsic(3, TOKENS, CHUNK4), _tile_intrinsic(3, 1, CHUNK4)
-tile_w3h_many, tile_w3h_one = _tile_intrinsic(3, TOKENS, CHUNK4 // 2), _tile_intrinsic(3, 1, CHUNK4 // 2)
-tile_w5_many, tile_w5_one = _tile_intrinsic(5, TOKENS, CHUNK4), _tile_intrinsic(5, 1, CHUNK4)
-tile_w5h_many, tile_w5h_one = _tile_intrinsic(5, TOKENS, CHUNK4 // 2), _tile_intrinsic(5, 1, CHUNK4 // 2)
-tile_w6_many, tile_w6_one = _tile_intrinsic(6, TOKENS, CHUNK4), _tile_intrinsic(6, 1, CHUNK4)
-tile_w6h_many, tile_w6h_one = _tile_intrinsic(6, TOKENS, CHUNK4 // 2), _tile_intrinsic(6, 1, CHUNK4 // 2)
-tile_a8 = tile_w4_many  # the one the docstring names: (wp, sp, zp: the block's codes, scales, zeros; xp, x_stride:
-# the first token's int8 activations and the bytes between tokens; fxp, sxp, g_stride: its float32 scales and int32
-# sums per group, and the bytes between tokens; n_groups, chunks; yp, y_stride: eight float32 outputs per token, of
-# which the first ``rows`` are stored)
+tile_many, tile_one = _tile_dispatch(TOKENS), _tile_dispatch(1)
+tile_a8 = tile_many  # the one the docstring names: (kind, bits, cols: which variant; wp, sp, zp: the block's codes,
+# scales, zeros; xp, x_stride: the first token's int8 activations and the bytes between tokens; fxp, sxp, g_stride:
+# its float32 scales and int32 sums per group, and the bytes between tokens; n_groups, chunks; yp, y_stride: eight
+# float32 outputs per token, of which the first ``rows`` are stored)
