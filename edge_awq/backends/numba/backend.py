@@ -41,6 +41,20 @@ def _f32(a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
+def _sharing_kernels(layers: list) -> list:
+    """The layers with every 8-bit-activation linear running one kernel set, the union of their widths
+    (``gemv_i8.kernel_set``): a mixed file compiles each kernel once for all its widths, not once per
+    combination its linears happen to meet in, and its decode step calls those same compiled kernels."""
+    ps = [getattr(lw, n) for lw in layers for n in LINEARS]
+    shared = [p.kernels for p in ps if isinstance(p, PreparedW4) and p.kernels is not None]
+    if not shared:
+        return layers
+    kind = i8.kernel_union(*shared)
+    return [dataclasses.replace(lw, **{n: dataclasses.replace(getattr(lw, n), kernels=kind) for n in LINEARS
+                                       if isinstance(getattr(lw, n), PreparedW4) and getattr(lw, n).kernels is not None})
+            for lw in layers]
+
+
 def _kept_while_alive(table: dict, obj, make):
     """make(obj), computed once and kept in table while obj lives (keyed by identity; the entry
     leaves with obj, so layers read lazily do not pile up their prepared copies)."""
@@ -112,7 +126,7 @@ class NumbaBackend(HostMemory):
             return dataclasses.replace(w, output=output)
         layers = [dataclasses.replace(lw, **{n: self._prepared(getattr(lw, n)) for n in LINEARS
                                              if isinstance(getattr(lw, n), W4)}) for lw in w.layers]
-        return dataclasses.replace(w, layers=layers, output=output)
+        return dataclasses.replace(w, layers=_sharing_kernels(layers), output=output)
 
     def _prepared(self, w) -> PreparedW4:
         """A W4 prepared (once, kept while it lives), or a PreparedW4 as it is."""
@@ -187,8 +201,8 @@ class NumbaBackend(HostMemory):
         layouts = [p.a8 if p.a8 is not None else p.blocked for p in ps]
         if any(b is None for b in layouts) or len({type(b) for b in layouts}) != 1:
             return None
-        # which kernels run: int8's, compiled for these widths only, or int16's
-        kind = i8.kernel_set(*layouts) if ps[0].a8 is not None else np.empty(0, np.int16)
+        # which kernels run: int8's, compiled for these weights' widths only, or int16's
+        kind = i8.kernel_union(*(p.kernels for p in ps)) if ps[0].a8 is not None else np.empty(0, np.int16)
         return (np.array(lw.attn_norm, np.float32), np.array(lw.ffn_norm, np.float32), w.args.norm_eps,
                 *[(b.words, b.scales, b.zeros, np.int64(p.group_size)) for b, p in zip(layouts, ps)], kind)
 

@@ -218,8 +218,9 @@ def inputs(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 @lru_cache(maxsize=None)
-def _kernel_set(keys: tuple[tuple[int, int], ...]) -> np.ndarray:
-    return np.empty(0, np.dtype([(f"w{bits}c{cols}", np.uint8) for bits, cols in keys]))
+def kernel_set_of(variants: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """The kernel set (see ``kernel_set``) of these sorted (bits, chunk columns) variants, one array per set."""
+    return np.empty(0, np.dtype([(f"w{bits}c{cols}", np.uint8) for bits, cols in variants]))
 
 
 def kernel_set(*weights: BlockedA8) -> np.ndarray:
@@ -228,12 +229,12 @@ def kernel_set(*weights: BlockedA8) -> np.ndarray:
     arguments, so a model's kernels hold only its own widths' tiles (``tile_i8.tile_many``) — one width for
     a uniform file, its few for a mixed one — not all ten, whose code would cost compile time and resident
     memory for nothing."""
-    return _kernel_set(tuple(sorted({(b.bits, chunk_columns.py_func(b.bits, b.group_size)) for b in weights})))
+    return kernel_set_of(tuple(sorted({(b.bits, chunk_columns.py_func(b.bits, b.group_size)) for b in weights})))
 
 
 def kernel_union(*kinds: np.ndarray) -> np.ndarray:
     """The kernel set of every weight the sets ``kinds`` are for (a model's, from its layers')."""
-    return _kernel_set(tuple(sorted({variant(name) for kind in kinds for name in kind.dtype.names})))
+    return kernel_set_of(tuple(sorted({variant(name) for kind in kinds for name in kind.dtype.names})))
 
 
 @njit(nogil=True, cache=True)

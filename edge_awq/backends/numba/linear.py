@@ -59,6 +59,8 @@ class PreparedW4:
     bias: np.ndarray | None  # (out,) float32
     blocked: blocked.BlockedW4 | None = None  # the load-time block layout, where it applies (then read instead)
     a8: i8.BlockedA8 | None = None  # the 8-bit-activation layout (activations="int8"), where it applies
+    # the kernel set a8 runs with (``gemv_i8.kernel_set``): its own width's unless weights share a wider one
+    kernels: np.ndarray | None = None
 
     @property
     def byte_path(self) -> bool:
@@ -84,7 +86,7 @@ def prepare(w: W4, repack: bool = False, activations: str = "int16") -> Prepared
         for a in (w.qweight, w.scales, w.zeros):
             release_array(a)
         return PreparedW4(out_f, None, None, None, None, None, w.group_size, w.bits, w.in_features, bias,
-                          a8=a8)
+                          a8=a8, kernels=i8.kernel_set(a8))
     if repack and blocked.usable(w.bits, w.group_size):
         packed = blocked.repack(qweight.view(np.uint8), scale_bits, zero_bytes, w.group_size, w.bits)
         for a in (w.qweight, w.scales, w.zeros):
@@ -128,7 +130,7 @@ def linears_w4(x: np.ndarray, ws: list[PreparedW4]) -> list[np.ndarray]:
         if len(sets) == 2:
             sets.append(tuple(a[:0] for a in sets[0][:3]) + (ys[0][:, :0],))
         i8.gemv_three_kernel(*sets[0], *sets[1], *sets[2], *i8.inputs(x, gs), gs,
-                              i8.kernel_set(*(w.a8 for w in ws)))
+                             i8.kernel_union(*(w.kernels for w in ws)))
         return [y if w.bias is None else y + w.bias for w, y in zip(ws, ys)]
     use_blocked = all(w.blocked is not None for w in ws)
     if use_blocked:
@@ -151,7 +153,7 @@ def linears_w4(x: np.ndarray, ws: list[PreparedW4]) -> list[np.ndarray]:
 
 def _gemv_a8(x, w, y):
     b = w.a8
-    i8.gemv_kernel(b.words, b.scales, b.zeros, *i8.inputs(x, w.group_size), w.group_size, y, i8.kernel_set(b))
+    i8.gemv_kernel(b.words, b.scales, b.zeros, *i8.inputs(x, w.group_size), w.group_size, y, w.kernels)
 
 
 def _gemm_a8(x, w):
