@@ -237,7 +237,7 @@ def kernel_union(*kinds: np.ndarray) -> np.ndarray:
     return kernel_set_of(tuple(sorted({variant(name) for kind in kinds for name in kind.dtype.names})))
 
 
-@njit(nogil=True, cache=True)
+@njit(cache=True, inline="always")
 def _block(words, scales, zeros, b, x8, xscale, xsum, group_size, y, kind):
     """y[:, 8b..8b+7] (the rows that exist) of one block, every token of x8, TOKENS at a time; kind: the tiles
     compiled (``kernel_set``)."""
