@@ -45,13 +45,15 @@ def _sharing_kernels(layers: list) -> list:
     """The layers with every 8-bit-activation linear running one kernel set, the union of their widths
     (``gemv_i8.kernel_set``): a mixed file compiles each kernel once for all its widths, not once per
     combination its linears happen to meet in, and its decode step calls those same compiled kernels."""
-    ps = [getattr(lw, n) for lw in layers for n in LINEARS]
-    shared = [p.kernels for p in ps if isinstance(p, PreparedW4) and p.kernels is not None]
+    def a8(lw) -> dict:
+        linears = {n: getattr(lw, n) for n in LINEARS}
+        return {n: p for n, p in linears.items() if isinstance(p, PreparedW4) and p.kernels is not None}
+
+    shared = [p.kernels for lw in layers for p in a8(lw).values()]
     if not shared:
         return layers
     kind = i8.kernel_union(*shared)
-    return [dataclasses.replace(lw, **{n: dataclasses.replace(getattr(lw, n), kernels=kind) for n in LINEARS
-                                       if isinstance(getattr(lw, n), PreparedW4) and getattr(lw, n).kernels is not None})
+    return [dataclasses.replace(lw, **{n: dataclasses.replace(p, kernels=kind) for n, p in a8(lw).items()})
             for lw in layers]
 
 

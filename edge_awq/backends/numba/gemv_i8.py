@@ -45,7 +45,8 @@ from numba import njit, prange
 from edge_awq.backends.numba.intrinsics import half_f32
 from edge_awq.backends.numba.isa import ISA
 
-from edge_awq.backends.numba.tile_i8 import CHUNK4, CHUNK8, QUAD, ROWS, TOKENS, tile_many, tile_one, variant
+from edge_awq.backends.numba.tile_i8 import (CHUNK4, CHUNK8, QUAD, ROWS, TOKENS, split, tile_many, tile_one,
+                                              variant)
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,6 @@ def chunk_columns(bits, group_size):
     if bits == 8:
         return CHUNK8
     return CHUNK4 if group_size % CHUNK4 == 0 else CHUNK4 // 2
-
-
-@njit(cache=True, inline="always")
-def split(bits):
-    """The widths of a split code's low and high planes: 3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2."""
-    low = 2 if bits == 3 else 4
-    return low, bits - low
 
 
 @njit(cache=True, inline="always")
@@ -234,6 +228,8 @@ def kernel_set(*weights: BlockedA8) -> np.ndarray:
 
 def kernel_union(*kinds: np.ndarray) -> np.ndarray:
     """The kernel set of every weight the sets ``kinds`` are for (a model's, from its layers')."""
+    if all(k is kinds[0] for k in kinds):  # a prepared model's linears share one set: nothing to merge
+        return kinds[0]
     return kernel_set_of(tuple(sorted({variant(name) for kind in kinds for name in kind.dtype.names})))
 
 

@@ -9,7 +9,7 @@ in float32. The layout itself, the activations' quantization and the parallel lo
 from __future__ import annotations
 
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -148,7 +148,14 @@ def _mmla_pairs(builder, pairs, xrows, macc):
                 builder.store(builder.call(mmla, [builder.load(macc[p][j]), rows[p], xv]), macc[p][j])
 
 
-SPLIT = {3: (2, 1), 5: (4, 1), 6: (4, 2)}  # a split code's low and high planes' widths (gemv_i8.split)
+@njit(cache=True, inline="always")
+def split(bits):
+    """The widths of a split code's low and high planes: 3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2 (4 and 8 are not split)."""
+    low = 2 if bits == 3 else 4
+    return low, bits - low
+
+
+SPLIT = {bits: split.py_func(bits) for bits in (3, 5, 6)}  # the same, where the IR is generated
 
 
 def _code_split(builder, vectors, quads, quad, bits):
