@@ -81,6 +81,15 @@ def mix_summary(formats: dict[str, LinearFormat], a: ModelArgs) -> dict[str, flo
     return {k: v / total for k, v in sorted(weights.items(), key=lambda kv: -kv[1])}
 
 
+def tile_variants(formats) -> int:
+    """How many tile variants the integer kernels compile for linears in these formats: one per bit width
+    and chunk width (``backends.numba.gemv_i8.chunk_columns``: 32 columns for 8-bit codes and for groups
+    that are odd multiples of 32, else 64) among the formats they take (groups of a multiple of 32; others run
+    the float kernels); at least one. The plan counts their code."""
+    return max(1, len({(f.bits, 32 if f.bits == 8 or f.group_size % 64 else 64) for f in formats
+                       if f.group_size % 32 == 0}))
+
+
 def predominant(formats: dict[str, LinearFormat], a: ModelArgs) -> LinearFormat:
     """The format that holds the most weights (a mixed file's headline ``bits`` and ``group_size``)."""
     return LinearFormat.parse(next(iter(mix_summary(formats, a))))

@@ -68,6 +68,12 @@ DEVICES = {
 # Peak RSS of `edge-awq chat --prompt` with a model of 1.3 MB (stories260K): the interpreter,
 # numpy, numba/LLVM and the cached kernels; 168 MB measured on x86-64 with numba 0.68.
 RUNTIME_OVERHEAD = 160 * MIB
+# The integer kernels hold one tile per (bit width, chunk columns) variant their weights need
+# (``backends.numba.gemv_i8.kernel_set``); the runtime line above holds a uniform file's one. Each
+# further variant of a mixed file costs its compiled code in every kernel and in the decode step:
+# SmolLM2 chat at ctx 1024 with seven variants against one, 2.3 MiB a variant on a Zen 4 EPYC and
+# 2.7 on a Xeon (all ten against one), numba 0.68.
+KERNEL_VARIANT_BYTES = 5 * MIB // 2
 # The tokenizer in memory (vocabulary, merges, the chat template's environment): SmolLM2's
 # 49,152 entries take 47 MiB once loaded, about 1 kB an entry.
 TOKENIZER_BYTES_PER_ENTRY = 1000
@@ -189,9 +195,10 @@ def file_weight_bytes(a: ModelArgs, bits: int, group_size, head: str) -> int:
 
 def make_plan(a: ModelArgs, model: str, device: Device, ctx: int, batch: int = 1, kv_dtype: str = "fp16",
               prefill_chunk: int = 512, bits: int = 4, group_size: int = 128, head: str = "fp16",
-              nbytes: dict[str, int] | None = None, mix: str = "") -> Plan:
+              nbytes: dict[str, int] | None = None, mix: str = "", variants: int = 1) -> Plan:
     """The memory plan; nbytes: the model's own tensors (name -> bytes held), else those of an export;
-    mix: a mixed file's formats in words (``mixed.describe``)."""
+    mix: a mixed file's formats in words (``mixed.describe``); variants: the integer kernels' tile variants
+    its linears need (``mixed.tile_variants``), one for a file with one format."""
     if ctx < 1 or batch < 1 or prefill_chunk < 1:
         raise InputError("--ctx, --batch and --prefill-chunk must be at least 1")
     if ctx > a.max_seq_len:
@@ -202,6 +209,8 @@ def make_plan(a: ModelArgs, model: str, device: Device, ctx: int, batch: int = 1
         lines[f"prefill workspace ({min(prefill_chunk, n)} tokens)"] = workspace_bytes(
             a, min(prefill_chunk, n), n, group_size) * batch
         lines["runtime (Python, numpy, numba)"] = RUNTIME_OVERHEAD
+        if variants > 1:
+            lines[f"kernels for {variants - 1} more tile variants"] = (variants - 1) * KERNEL_VARIANT_BYTES
         lines["tokenizer"] = a.vocab_size * TOKENIZER_BYTES_PER_ENTRY
         return lines
 
@@ -241,12 +250,16 @@ def make_plan(a: ModelArgs, model: str, device: Device, ctx: int, batch: int = 1
 def linear_budget(a: ModelArgs, device: Device, ctx: int, kv_dtype: str = "fp16", head: str = "fp16",
                   group_size=128) -> int:
     """Bytes left for the decoder linears' packed tensors when everything else the plan counts at this context
-    (embedding, head, norms, KV cache, workspace, runtime) is held on device: the largest mixed-precision
-    file that still fits (``export --fit``). Negative when even without the linears it does not fit."""
+    (embedding, head, norms, KV cache, workspace, runtime with the kernels of every candidate format) is held
+    on device: the largest mixed-precision file that still fits (``export --fit``). Negative when even without the linears it does not fit."""
     from edge_awq.formats.eawq import LINEAR_STORAGE
 
+    from edge_awq.mixed import candidates, linear_names, tile_variants
+
     rest = {k: v for k, v in spec_bytes(a, 4, group_size, head).items() if not LINEAR_STORAGE.match(k)}
-    p = make_plan(a, "the model", device, ctx, kv_dtype=kv_dtype, group_size=group_size, head=head, nbytes=rest)
+    formats = {f for _, _, in_f in linear_names(a) for f in candidates(in_f)}  # any the allocator may choose
+    p = make_plan(a, "the model", device, ctx, kv_dtype=kv_dtype, group_size=group_size, head=head, nbytes=rest,
+                  variants=tile_variants(formats))
     return p.usable - p.total
 
 
@@ -341,10 +354,11 @@ def check_fits(src, model: str, ctx: int, memory: str | None, kv_dtype: str = "f
         device = device_for(None, memory)
     ctx = min(ctx, a.max_seq_len)
     if "bits" in quant:
-        from edge_awq.mixed import describe
+        from edge_awq.mixed import describe, formats_of, tile_variants
 
         p = make_plan(a, model, device, ctx, kv_dtype=kv_dtype, bits=quant["bits"], group_size=quant["group_size"],
-                      head=quant.get("head", "fp16"), nbytes=nbytes, mix=describe(quant, a))
+                      head=quant.get("head", "fp16"), nbytes=nbytes, mix=describe(quant, a),
+                      variants=tile_variants(formats_of(quant).values()))
     else:
         p = _fp_plan(a, model, device, ctx)
     if not p.fits:

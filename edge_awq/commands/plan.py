@@ -47,10 +47,10 @@ def run(args: argparse.Namespace) -> int:
             if args.group_size is not None:
                 raise
             group = resolve_group_size(a, "auto")
-    from edge_awq.mixed import describe
+    from edge_awq.mixed import describe, formats_of, tile_variants
 
     p = make_plan(a, Path(args.model).name, device, ctx, args.batch, args.kv_dtype, args.prefill_chunk,
                   args.bits or quant.get("bits", 4), group, args.head or quant.get("head", "fp16"), nbytes,
-                  describe(quant, a) if quant else "")
+                  describe(quant, a) if quant else "", tile_variants(formats_of(quant).values()))
     print(p.to_json() if args.json else table(p))
     return 0 if p.fits else 2
