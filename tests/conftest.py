@@ -3,9 +3,12 @@
 import importlib.util
 import json
 import os
+import shutil
+import signal
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,55 @@ TOK512_MODEL = SHARED / "models" / "stories260K" / "tok512.model"
 WIKITEXT = SHARED / "data" / "wikitext2-test.txt"
 TINYSTORIES = SHARED / "data" / "tinystories-valid-sample.txt"
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
+
+
+# --- the emulated aarch64 checks (tests/aarch64_runs.py): started with the session, collected last ---
+
+_EMULATED = pytest.StashKey[tuple]()
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected
+def pytest_collection_modifyitems(config, items):
+    emulated = [i for i in items if i.get_closest_marker("emulated")]
+    python = os.environ.get("EDGE_AWQ_AARCH64_PYTHON")
+    if not emulated or not python or config.option.collectonly:
+        return
+    items[:] = [i for i in items if not i.get_closest_marker("emulated")] + emulated
+    names = sorted({i.get_closest_marker("emulated").args[0] for i in emulated})
+    out = Path(tempfile.mkdtemp(prefix="edge-awq-aarch64-"))
+    with open(out / "driver.stderr", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.aarch64_runs", str(out), *names],
+                                cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+    config.stash[_EMULATED] = (out, proc)
+
+
+def pytest_sessionfinish(session):
+    out, proc = session.config.stash.get(_EMULATED, (None, None))
+    if proc is None:
+        return
+    if proc.poll() is None:  # the session was cut short: stop the emulation with it
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def emulated(pytestconfig):
+    """check name -> its result (tests/aarch64_runs.py), waiting for it while the driver runs."""
+    from tests.aarch64_runs import wait
+
+    out, proc = pytestconfig.stash.get(_EMULATED, (None, None))
+    if out is None:
+        pytest.skip("the emulated checks were not started: set EDGE_AWQ_AARCH64_PYTHON")
+
+    def result(name: str) -> dict:
+        res = wait(out, name, proc)
+        if res["returncode"] != 0:
+            driver = (out / "driver.stderr").read_text(errors="replace")[-2000:]
+            pytest.fail(f"aarch64 check {name} exited {res['returncode']}:\n{res['stderr']}\n{driver}")
+        return res
+    return result
 
 
 def smollm2_path() -> Path | None:
@@ -121,7 +173,11 @@ def autoawq():
 
 
 # Files the tests check are remembered in a cache of their own, not the developer's (edge_awq.formats.integrity).
-os.environ.setdefault("EDGE_AWQ_CACHE", __import__("tempfile").mkdtemp(prefix="edge-awq-test-cache-"))
+os.environ.setdefault("EDGE_AWQ_CACHE", tempfile.mkdtemp(prefix="edge-awq-test-cache-"))
+# Nothing is downloaded at run time: transformers and huggingface_hub never ask the Hub (no waiting on a
+# network that a runner may drop rather than refuse).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 # --- helpers the test modules share ---

@@ -53,10 +53,12 @@ def test_stories260k_matches_transformers(stories_path, stories_weights, tmp_pat
     transformers = pytest.importorskip("transformers")
     src, w = stories_weights
     d = write_hf_dir(src, tmp_path / "hf", tokenizer=from_llama2c_bin(TOK512_BIN, 512))
-    model = transformers.LlamaForCausalLM.from_pretrained(d, torch_dtype=torch.float32)
+    # in float64: the check is of our float32 forward, not of how this CPU's torch kernels round float32
+    model = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float64)
     tokens = src.tokenizer().encode("Once upon a time, a cat sat on a mat. It was happy.", bos=True)
     with torch.inference_mode():
         want = model(torch.tensor([tokens])).logits[0].numpy()
+    assert want.dtype == np.float64
     got = forward(w, np.array(tokens), 0, KVCache.allocate(w.args, len(tokens)), ops)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
