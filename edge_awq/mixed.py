@@ -81,13 +81,19 @@ def mix_summary(formats: dict[str, LinearFormat], a: ModelArgs) -> dict[str, flo
     return {k: v / total for k, v in sorted(weights.items(), key=lambda kv: -kv[1])}
 
 
+def tile_variant(f: LinearFormat) -> tuple[int, int] | None:
+    """The integer kernels' tile variant a linear in this format needs: its bit width and chunk width
+    (``backends.numba.gemv_i8.chunk_columns``: 32 columns for 8-bit codes and for groups that are odd
+    multiples of 32, else 64); None for a group they do not take (not a multiple of 32: the float kernels)."""
+    if f.group_size % 32:
+        return None
+    return f.bits, 32 if f.bits == 8 or f.group_size % 64 else 64
+
+
 def tile_variants(formats) -> int:
-    """How many tile variants the integer kernels compile for linears in these formats: one per bit width
-    and chunk width (``backends.numba.gemv_i8.chunk_columns``: 32 columns for 8-bit codes and for groups
-    that are odd multiples of 32, else 64) among the formats they take (groups of a multiple of 32; others run
-    the float kernels); at least one. The plan counts their code."""
-    return max(1, len({(f.bits, 32 if f.bits == 8 or f.group_size % 64 else 64) for f in formats
-                       if f.group_size % 32 == 0}))
+    """How many tile variants the integer kernels compile for linears in these formats (at least one): the
+    plan counts their code."""
+    return max(1, len({v for v in map(tile_variant, formats) if v is not None}))
 
 
 def predominant(formats: dict[str, LinearFormat], a: ModelArgs) -> LinearFormat:

@@ -210,7 +210,8 @@ def make_plan(a: ModelArgs, model: str, device: Device, ctx: int, batch: int = 1
             a, min(prefill_chunk, n), n, group_size) * batch
         lines["runtime (Python, numpy, numba)"] = RUNTIME_OVERHEAD
         if variants > 1:
-            lines[f"kernels for {variants - 1} more tile variants"] = (variants - 1) * KERNEL_VARIANT_BYTES
+            lines[f"kernels of {variants - 1} more tile variant{'s' if variants > 2 else ''}"] = \
+                (variants - 1) * KERNEL_VARIANT_BYTES
         lines["tokenizer"] = a.vocab_size * TOKENIZER_BYTES_PER_ENTRY
         return lines
 
@@ -250,16 +251,14 @@ def make_plan(a: ModelArgs, model: str, device: Device, ctx: int, batch: int = 1
 def linear_budget(a: ModelArgs, device: Device, ctx: int, kv_dtype: str = "fp16", head: str = "fp16",
                   group_size=128) -> int:
     """Bytes left for the decoder linears' packed tensors when everything else the plan counts at this context
-    (embedding, head, norms, KV cache, workspace, runtime with the kernels of every candidate format) is held
-    on device: the largest mixed-precision file that still fits (``export --fit``). Negative when even without the linears it does not fit."""
+    (embedding, head, norms, KV cache, workspace, runtime with one tile variant's kernels) is held on device:
+    the largest mixed-precision file that still fits (``export --fit``), less ``KERNEL_VARIANT_BYTES`` for each
+    further variant its formats need (the allocator takes those out as it chooses them). Negative when even
+    without the linears it does not fit."""
     from edge_awq.formats.eawq import LINEAR_STORAGE
 
-    from edge_awq.mixed import candidates, linear_names, tile_variants
-
     rest = {k: v for k, v in spec_bytes(a, 4, group_size, head).items() if not LINEAR_STORAGE.match(k)}
-    formats = {f for _, _, in_f in linear_names(a) for f in candidates(in_f)}  # any the allocator may choose
-    p = make_plan(a, "the model", device, ctx, kv_dtype=kv_dtype, group_size=group_size, head=head, nbytes=rest,
-                  variants=tile_variants(formats))
+    p = make_plan(a, "the model", device, ctx, kv_dtype=kv_dtype, group_size=group_size, head=head, nbytes=rest)
     return p.usable - p.total
 
 

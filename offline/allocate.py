@@ -6,10 +6,15 @@ exceed the budget. ``allocate`` solves it by dynamic programming over the budget
 steps: each linear's cost above its cheapest format is rounded *up* to whole steps, so any allocation the
 program accepts fits the budget in exact bytes; what the rounding leaves unspent is then offered, exactly,
 to the single changes that lower the error most per byte. Ties go to the cheaper format.
+
+Where a choice also needs code the runtime compiles once for all the items that use it (a tile variant of
+the integer kernels: ``mixed.tile_variant``), ``allocate_with_kernels`` charges each kind beyond the first
+once, by solving the knapsack for every set of kinds with their bytes taken from the budget.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -81,3 +86,33 @@ def _spend_rest(picked: list[int], c, e, budget: int) -> list[int]:
         _, i, k = best
         used += int(c[i][k] - c[i][picked[i]])
         picked[i] = k
+
+
+def allocate_with_kernels(costs: list[list[int]], errors: list[list[float]], kinds: list[list], budget: int,
+                          kind_cost: int, bins: int = BINS) -> list[int]:
+    """``allocate`` where choice j of item i also needs the kind ``kinds[i][j]`` (None: nothing), and every kind
+    the chosen choices need beyond the first costs ``kind_cost`` bytes once. Exact (up to the steps): each
+    set of kinds that leaves every item a choice is solved with its extra kinds' bytes taken from the
+    budget, and the least summed error wins; on equal error, the fewer kinds."""
+    universe = sorted({k for ks in kinds for k in ks if k is not None})
+    best, need = None, None
+    for r in range(len(universe) + 1):
+        for subset in itertools.combinations(universe, r):
+            allowed = set(subset) | {None}
+            index = [[j for j, k in enumerate(ks) if k in allowed] for ks in kinds]
+            if not all(index):
+                continue
+            extra = max(r - 1, 0) * kind_cost
+            try:
+                sub = allocate([[costs[i][j] for j in ix] for i, ix in enumerate(index)],
+                               [[errors[i][j] for j in ix] for i, ix in enumerate(index)], budget - extra, bins)
+            except Impossible as e:
+                need = e.need + extra if need is None else min(need, e.need + extra)
+                continue
+            picked = [ix[j] for ix, j in zip(index, sub)]
+            err = sum(errors[i][j] for i, j in enumerate(picked))
+            if best is None or err < best[0]:
+                best = (err, picked)
+    if best is None:
+        raise Impossible(need if need is not None else 0, budget)
+    return best[1]

@@ -302,10 +302,10 @@ def _allocate(args, src, blocks, calib: dict, qa, progress):
     import dataclasses
 
     from edge_awq.errors import InputError
-    from edge_awq.mixed import candidates, linear_names, mix_summary, predominant
-    from edge_awq.plan import device_or_memory, linear_budget, size
+    from edge_awq.mixed import candidates, linear_names, mix_summary, predominant, tile_variant, tile_variants
+    from edge_awq.plan import KERNEL_VARIANT_BYTES, device_or_memory, linear_budget, size
 
-    from edge_awq.offline.allocate import Impossible, allocate
+    from edge_awq.offline.allocate import Impossible, allocate, allocate_with_kernels
     from edge_awq.offline.sensitivity import WEIGHTING, Sensitivity, measure, settings_of
     from edge_awq.offline.torch_ops import TorchOps
 
@@ -337,7 +337,11 @@ def _allocate(args, src, blocks, calib: dict, qa, progress):
     costs = [[f.nbytes(out_f, in_f) for f in fs] for (_, out_f, in_f), fs in zip(names, options)]
     errors = [[table.weighted(prefix, str(f)) for f in fs] for (prefix, _, _), fs in zip(names, options)]
     try:
-        picked = allocate(costs, errors, budget)
+        if args.budget is not None:
+            picked = allocate(costs, errors, budget)
+        else:  # the plan's runtime holds one tile variant's kernels: each further one comes out of the budget
+            kinds = [[tile_variant(f) for f in fs] for fs in options]
+            picked = allocate_with_kernels(costs, errors, kinds, budget, KERNEL_VARIANT_BYTES)
     except Impossible as e:
         what = f"--budget {args.budget}" if args.budget is not None else f"--fit {args.fit} at --ctx {args.ctx}"
         raise InputError(f"{what}: the decoder's linears need at least {8 * e.need / a.linear_params:.3f} bits per "
@@ -351,5 +355,6 @@ def _allocate(args, src, blocks, calib: dict, qa, progress):
     allocation = {**asked, "budget_bytes": budget, "bytes": used, "bits_per_weight": 8 * used / a.linear_params,
                   "predicted_error": float(sum(e[j] for e, j in zip(errors, picked))), "weighting": WEIGHTING,
                   "mix": {k: round(v, 4) for k, v in mix_summary(formats, a).items()},
+                  "tile_variants": tile_variants(formats.values()),
                   "sensitivity": "measured" if measured else str(args.sensitivity), "seconds": seconds}
     return dataclasses.replace(qa, formats=formats, bits=top.bits), allocation
