@@ -9,6 +9,7 @@ and the calibration activations are in memory at any time.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from edge_awq.pack import pack_linear, unpack_linear
 from edge_awq.offline.clip import apply_clip, search_clip
 from edge_awq.offline.fake_quant import fake_quantize
 from edge_awq.offline.heap import trim
-from edge_awq.offline.search import ScaleResult, apply_scales, linear_error, output_error, search_scales
+from edge_awq.offline.search import ChunkedError, ScaleResult, apply_scales, linear_error, output_error, search_scales
 from edge_awq.offline.torch_ops import CastOps, NormMemo, RecordingOps
 
 
@@ -102,17 +103,34 @@ def judge_for(group, x_in, x_mid, feats, ctx, ops) -> Callable[[LayerWeights], t
 
 
 def loss_for(group, lw, x_in, x_mid, feats, ctx, ops, gram: bool = True,
-             dtype: str = "float32", gram_dtype=torch.float64) -> Callable[[LayerWeights], float]:
+             dtype: str = "float32", gram_dtype=torch.float64, chunked: bool = True) -> Callable[[LayerWeights], float]:
     """A trial's judged error: a group judged on its linears alone from their input's Gram matrix
-    (``linear_error``), unless gram is False; a sub-block by running it (``output_error``), its matrix
-    products in dtype ("bfloat16": ``CastOps``; the reference through the same arithmetic)."""
+    (``linear_error``), unless gram is False; a sub-block by running it, a chunk of calibration blocks at a
+    time (``ChunkedError``, which the search bounds; ``chunk_blocks`` sets the size), or on every block at once
+    (``output_error``) where chunked is False; its matrix products in dtype ("bfloat16": ``CastOps``; the
+    reference through the same arithmetic)."""
     x = feats[group.linears[0]]
     if group.inspect is None and gram and x.numel() // x.shape[-1] >= x.shape[-1]:
         return linear_error(group.linears, lw, x, gram_dtype)  # (the Gram matrix pays where tokens outnumber inputs)
     if dtype != "float32":
         ops = CastOps(ops, getattr(torch, dtype))
-    judge = judge_for(group, x_in, x_mid, feats, ctx, ops)
-    return output_error(judge, judge(lw))
+    if not chunked:
+        judge = judge_for(group, x_in, x_mid, feats, ctx, ops)
+        return output_error(judge, judge(lw))
+    n, step = x_in.shape[0], chunk_blocks(ctx.args, x_in.shape[-2])
+    judges = []
+    for lo in range(0, n, step):  # views made once: a chunk's norm is remembered by its input's identity
+        part = slice(lo, min(lo + step, n))
+        judges.append(judge_for(group, x_in[part], x_mid[part], {k: v[part] for k, v in feats.items()}, ctx, ops))
+    return ChunkedError(judges, lw)
+
+
+def chunk_blocks(args, seqlen: int, work: float = 2.0**28) -> int:
+    """Calibration blocks per chunk of a judged sub-block: one, unless a block is so little work (a model as
+    narrow as stories260K) that per-call overheads would outweigh what stopping early saves; work is about
+    the multiply-adds of a chunk's MLP."""
+    per_block = seqlen * args.dim * max(args.dim, args.hidden_dim)
+    return max(1, math.ceil(work / per_block))
 
 
 def search_subset(x, n_blocks: int):

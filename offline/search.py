@@ -28,7 +28,7 @@ class ScaleResult:
     linears: tuple[str, ...]
     ratio: float  # the chosen α
     loss: float  # MSE of the judged output at α
-    loss_unscaled: float  # MSE with s = 1 (plain rounding)
+    loss_unscaled: float | None  # MSE with s = 1 (plain rounding); None where the bounded search stopped it early
     scales: list[float]
 
 
@@ -86,6 +86,39 @@ def output_error(judge: Callable[[LayerWeights], torch.Tensor], reference: torch
     return loss
 
 
+class ChunkedError:
+    """The judged sub-block's error as a sum over chunks of calibration blocks, so that a search can bound it.
+
+    judges[i](trial) is the judged output on chunk i (the sub-block run on those blocks alone: attention never
+    crosses a block). A chunk's value is its sum of squared differences from the reference, in float64; the
+    loss is their exactly rounded sum (``math.fsum``, whatever order the chunks came in) over the number of
+    values, the same mean squared error as ``output_error`` up to float32 rounding. Each partial sum is a lower
+    bound of the whole: ``search_scales`` stops a candidate as soon as its partial sum passes the best total.
+    Running a chunk at a time also keeps the sub-block's temporaries to one chunk's size.
+    """
+
+    def __init__(self, judges: list[Callable[[LayerWeights], torch.Tensor]], reference: LayerWeights):
+        self.judges = judges
+        self.references = [judge(reference) for judge in judges]
+        self.n_values = sum(r.numel() for r in self.references)
+        self.evaluated = 0  # chunks run so far (the bounded search's work, for the tests and the profile)
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.judges)
+
+    def chunk(self, trial: LayerWeights, i: int) -> float:
+        self.evaluated += 1
+        d = self.judges[i](trial).sub_(self.references[i])
+        return float(d.mul_(d).sum(dtype=torch.float64))
+
+    def total(self, chunks: list[float]) -> float:
+        return math.fsum(chunks) / self.n_values
+
+    def __call__(self, trial: LayerWeights) -> float:
+        return self.total([self.chunk(trial, i) for i in range(self.n_chunks)])
+
+
 def gram(x: torch.Tensor, rows: int = 4096) -> torch.Tensor:
     """XᵀX in float64 of x (..., in), accumulated over blocks of rows (in, in)."""
     flat = x.reshape(-1, x.shape[-1])
@@ -122,25 +155,60 @@ def search_scales(
     bits: int, group_size: int, n_grid: int = 20, duo: bool = False, formats: dict | None = None,
 ) -> ScaleResult:
     """Grid-search α for one group. x_in (..., in) is the linears' (shared) input; loss(trial layer) its judged
-    output's error (``output_error`` or ``linear_error``); formats: each linear's own (``scaled_trial``)."""
+    output's error (``output_error``, ``linear_error``, or a ``ChunkedError``: then the bounded search of
+    ``_least_chunked``, which finds the same α without finishing every candidate); formats: each linear's own
+    (``scaled_trial``). The least loss wins; of equal ones, the smallest α."""
     x_mean = activation_mean(x_in)
     sizes = [formats[n].group_size for n in group.linears] if formats else group_size
     w_mean = weight_mean([getattr(lw, n).weight for n in group.linears], sizes) if duo else None
-    best = (math.inf, 0.0, None)
-    losses = {}
-    for i in range(n_grid):
-        ratio = i / n_grid
-        s = candidate_scales(x_mean, w_mean, ratio)
-        trial_loss = loss(scaled_trial(lw, group.linears, s, bits, group_size, formats))
-        trim()  # the trial's temporaries go back to the system before the next (heap.py)
-        losses[ratio] = trial_loss
-        if trial_loss < best[0]:
-            best = (trial_loss, ratio, s)
-    if w_mean is None:
-        unscaled = losses[0.0]  # α = 0 is s = 1
+    scales = [candidate_scales(x_mean, w_mean, i / n_grid) for i in range(n_grid)]
+
+    def trial(s: torch.Tensor) -> LayerWeights:
+        return scaled_trial(lw, group.linears, s, bits, group_size, formats)
+
+    if isinstance(loss, ChunkedError) and loss.n_chunks > 1:
+        losses = _least_chunked(loss, [lambda s=s: trial(s) for s in scales])
     else:
-        unscaled = loss(scaled_trial(lw, group.linears, torch.ones_like(x_mean), bits, group_size, formats))
-    return ScaleResult(group.prev, group.linears, best[1], best[0], unscaled, best[2].tolist())
+        losses = []
+        for s in scales:
+            losses.append(loss(trial(s)))
+            trim()  # the trial's temporaries go back to the system before the next (heap.py)
+    best = min(range(n_grid), key=lambda i: (losses[i], i))
+    if w_mean is None:
+        unscaled = losses[0]  # α = 0 is s = 1
+    else:
+        unscaled = loss(trial(torch.ones_like(x_mean)))
+    unscaled = None if math.isinf(unscaled) else unscaled
+    return ScaleResult(group.prev, group.linears, best / n_grid, losses[best], unscaled, scales[best].tolist())
+
+
+def _least_chunked(loss: ChunkedError, trials: list[Callable[[], LayerWeights]]) -> list[float]:
+    """Each candidate's loss, or inf for one proved not to be the least: a branch and bound over chunks.
+
+    Every candidate runs on the first chunk; then, in the order of that first value, each runs on the rest
+    until its partial sum passes the least complete total so far. A chunk's value is a sum of squares (never
+    negative), and an exactly rounded sum of fewer of them is never above that of all of them: a stopped
+    candidate's loss is above the least one, so the least total, and its α, are those of running every
+    candidate on every chunk. What it saves depends on how far the candidates' losses lie from the least.
+    """
+    first = []
+    for make in trials:
+        first.append(loss.chunk(make(), 0))
+        trim()
+    losses = [math.inf] * len(trials)
+    best = math.inf
+    for c in sorted(range(len(trials)), key=lambda c: (first[c], c)):
+        t, chunks = trials[c](), [first[c]]
+        for i in range(1, loss.n_chunks):
+            if loss.total(chunks) > best:
+                break
+            chunks.append(loss.chunk(t, i))
+        else:
+            losses[c] = loss.total(chunks)
+            best = min(best, losses[c])
+        del t
+        trim()
+    return losses
 
 
 def apply_scales(lw: LayerWeights, group: ScaleGroup, s: torch.Tensor, in_place: bool = False) -> LayerWeights:

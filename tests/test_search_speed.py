@@ -1,9 +1,10 @@
 """The scale search's exact speed-ups: a group judged on its linears alone scored from one Gram matrix,
-the norm before a judged sub-block computed once. Each is held to the direct computation it replaces,
+the norm before a judged sub-block computed once, a sub-block's candidates bounded chunk by chunk. Each is held to the direct computation it replaces,
 on real layers of stories260K and SmolLM2: the same losses (within float rounding), the same choices,
 and, end to end, the same file."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ from edge_awq.formats.load import inv_freq, read_layer  # noqa: E402
 from edge_awq.model import SCALE_GROUPS, ModelWeights, attention, block, mlp  # noqa: E402
 from edge_awq.offline import layerwise  # noqa: E402
 from edge_awq.offline.layerwise import loss_for, record_inputs, to_torch  # noqa: E402
-from edge_awq.offline.search import candidate_scales, gram, linear_error, scaled_trial, search_scales  # noqa: E402
+from edge_awq.offline.search import (ChunkedError, _least_chunked, candidate_scales, gram, linear_error,  # noqa: E402
+                                    scaled_trial, search_scales)
 from edge_awq.offline.torch_ops import NormMemo, TorchOps  # noqa: E402
 
 ops = TorchOps()
@@ -109,10 +111,98 @@ def test_export_file_equals_the_direct_searchs(stories_path, tmp_path, monkeypat
         fast, direct = tmp_path / f"fast{bits}.eawq", tmp_path / f"direct{bits}.eawq"
         quantize(stories_path, calib, fast, bits=bits, group_size="channel", n_samples=8, seqlen=256)
         with monkeypatch.context() as m:
-            m.setattr(layerwise, "loss_for", lambda *a, **k: loss_for(*a, **{**k, "gram": False}))
+            m.setattr(layerwise, "loss_for", lambda *a, **k: loss_for(*a, **{**k, "gram": False, "chunked": False}))
             m.setattr(layerwise, "NormMemo", lambda inner: inner)
             quantize(stories_path, calib, direct, bits=bits, group_size="channel", n_samples=8, seqlen=256)
         assert fast.read_bytes() == direct.read_bytes()
+
+
+class TableError(ChunkedError):
+    """A ChunkedError whose chunk values come from a table (candidate, chunk), the trial being the candidate."""
+
+    def __init__(self, table):
+        self.table, self.n_values, self.evaluated, self.judges = table, 1, 0, [None] * table.shape[1]
+
+    def chunk(self, trial, i):
+        self.evaluated += 1
+        return float(self.table[trial, i])
+
+
+def test_bounded_search_finds_the_least_total_of_random_tables():
+    """_least_chunked against the totals of every chunk: the same least loss at the same candidate (ties
+    to the first), every loss it returns exact, and those it left unfinished above the least. Tables with
+    close candidates, far ones, exact ties and zero chunks; the work done is below running everything."""
+    rng = np.random.default_rng(0)
+    saved = []
+    for seed in range(300):
+        n_cand, n_chunks = int(rng.integers(2, 21)), int(rng.integers(2, 17))
+        level = rng.uniform(1, 3, n_cand) ** rng.choice([1, 4])  # close candidates, or spread ones
+        table = rng.gamma(2.0, 1.0, (n_cand, n_chunks)) * level[:, None]
+        table[rng.random(table.shape) < 0.1] = 0.0
+        if seed % 3 == 0:
+            table[int(rng.integers(n_cand))] = table[int(np.argmin(table.sum(1)))]  # an exact tie for the least
+        totals = [math.fsum(row) for row in table]
+        loss = TableError(table)
+        got = _least_chunked(loss, [lambda c=c: c for c in range(n_cand)])
+        best = min(range(n_cand), key=lambda c: (totals[c], c))
+        assert min(range(n_cand), key=lambda c: (got[c], c)) == best
+        assert all(g == t or (g == math.inf and t > totals[best]) for g, t in zip(got, totals))
+        assert loss.evaluated <= n_cand * n_chunks
+        saved.append(1 - loss.evaluated / (n_cand * n_chunks))
+    assert np.mean(saved) > 0.1
+
+
+@pytest.mark.parametrize("model", ["stories260K", "SmolLM2"])
+def test_bounded_search_chooses_as_every_candidate_in_full(real_layers, model, monkeypatch):
+    """The sub-block groups (attention, MLP) of a real layer, one chunk a block, 4 and 3 bits: the bounded
+    search's α and scales are those of the direct search on every block at once, its loss within float32
+    rounding of the direct one and equal to running every chunk of the winner; it skipped work."""
+    lw, x, ctx = real_layers[model]
+    monkeypatch.setattr(layerwise, "chunk_blocks", lambda *a: 1)
+    gs = 4 if model == "stories260K" else 64
+    with torch.inference_mode():
+        feats, x_mid, _ = record_inputs(lw, x, ctx, ops)
+        skipped = 0
+        for g in (g for g in SCALE_GROUPS if g.when(ctx.args) and g.inspect is not None):
+            for bits in (4, 3):
+                bounded = loss_for(g, lw, x, x_mid, feats, ctx, ops)
+                assert isinstance(bounded, ChunkedError) and bounded.n_chunks == x.shape[0]
+                direct = loss_for(g, lw, x, x_mid, feats, ctx, ops, chunked=False)
+                a = search_scales(g, lw, feats[g.linears[0]], bounded, bits, gs)
+                b = search_scales(g, lw, feats[g.linears[0]], direct, bits, gs)
+                assert (a.ratio, a.scales) == (b.ratio, b.scales)
+                assert a.loss == pytest.approx(b.loss, rel=1e-5)
+                s = torch.tensor(a.scales)
+                assert bounded(scaled_trial(lw, g.linears, s, bits, gs)) == a.loss
+                skipped += 20 * bounded.n_chunks - (bounded.evaluated - bounded.n_chunks)
+        assert skipped > 0
+
+
+def test_chunks_are_whole_blocks_sized_by_the_work():
+    from edge_awq.offline.layerwise import chunk_blocks
+
+    class A:
+        dim, hidden_dim = 576, 1536
+
+    assert chunk_blocks(A, 512) == 1  # SmolLM2: a block is work enough
+    A.dim, A.hidden_dim = 64, 172
+    assert chunk_blocks(A, 512) == 48  # stories260K: blocks gathered until a chunk is
+    assert chunk_blocks(A, 512) * 512 * 64 * 172 >= 2**28 > (chunk_blocks(A, 512) - 1) * 512 * 64 * 172
+
+
+def test_export_file_equals_the_unbounded_search(stories_path, tmp_path, monkeypatch):
+    """End to end, stories260K with one chunk a block (so that candidates are stopped early): the file of the
+    bounded search is byte-identical to that of the search running every candidate on every block at once."""
+    from edge_awq.offline import quantize
+
+    files = {}
+    for name, chunked in (("bounded", True), ("full", False)):
+        files[name] = tmp_path / f"{name}.eawq"
+        with monkeypatch.context() as m:
+            m.setattr(layerwise, "chunk_blocks", lambda *a: 1)
+            m.setattr(layerwise, "loss_for", lambda *a, _c=chunked, **k: loss_for(*a, **{**k, "chunked": _c}))
+            quantize(stories_path, SHAKESPEARE, files[name], bits=3, group_size="channel", n_samples=8, seqlen=256)
+    assert files["bounded"].read_bytes() == files["full"].read_bytes()
 
 
 def test_search_subset_takes_evenly_spaced_blocks():
@@ -173,7 +263,7 @@ def test_fast_search_on_cuda_scores_and_chooses_as_the_direct_one(real_layers):
         feats, x_mid, _ = record_inputs(lw, x, ctx, ops)
         for g in (g for g in SCALE_GROUPS if g.when(ctx.args)):
             fast = loss_for(g, lw, x, x_mid, feats, ctx, ops)
-            direct = loss_for(g, lw, x, x_mid, feats, ctx, ops, gram=False)
+            direct = loss_for(g, lw, x, x_mid, feats, ctx, ops, gram=False, chunked=False)
             a = search_scales(g, lw, feats[g.linears[0]], fast, 4, 64)
             b = search_scales(g, lw, feats[g.linears[0]], direct, 4, 64)
             assert a.ratio == b.ratio and a.loss == pytest.approx(b.loss, rel=1e-4)
