@@ -198,6 +198,8 @@ def _least_chunked(loss: ChunkedError, trials: list[Callable[[], LayerWeights]])
     losses = [math.inf] * len(trials)
     best = math.inf
     for c in sorted(range(len(trials)), key=lambda c: (first[c], c)):
+        if loss.total([first[c]]) > best:
+            continue  # stopped by its first chunk alone: no trial made again
         t, chunks = trials[c](), [first[c]]
         for i in range(1, loss.n_chunks):
             if loss.total(chunks) > best:
