@@ -84,10 +84,58 @@ def to_torch(lw: LayerWeights, device) -> LayerWeights:
 
 
 def record_inputs(lw: LayerWeights, x, ctx: ModelWeights, ops):
-    """Inputs of each linear by name, the attention output and the layer output, all FP."""
-    rec = RecordingOps(ops, {id(getattr(lw, n)): n for n in LINEARS})
-    x_mid = attention(lw, x, 0, None, 0, ctx, rec)
-    return rec.inputs, x_mid, mlp(lw, x_mid, ctx, rec)
+    """Inputs of each linear by name, the attention output and the layer output, all FP. Run a chunk of
+    calibration blocks at a time (``chunk_blocks``; each product and norm works row by row and attention within
+    a block, so the tensors are those of one pass over every block, with a chunk's temporaries); linears that
+    share an input (q, k, v; gate, up) share one recorded tensor."""
+    names = {id(getattr(lw, n)): n for n in LINEARS}
+    feats: dict[str, torch.Tensor] = {}
+    x_mid = x_out = None
+    for part in chunks(x, ctx):
+        rec = RecordingOps(ops, names)
+        mid = attention(lw, x[part], 0, None, 0, ctx, rec)
+        out = mlp(lw, mid, ctx, rec)
+        if x_out is None:
+            x_mid, x_out = _whole(mid, x.shape[0]), _whole(out, x.shape[0])
+            shared = {}
+            for n, v in rec.inputs.items():
+                feats[n] = shared.setdefault(id(v), _whole(v, x.shape[0]))
+        x_mid[part], x_out[part] = mid, out
+        for n, v in rec.inputs.items():
+            feats[n][part] = v
+    return feats, x_mid, x_out
+
+
+def chunks(x, ctx: ModelWeights) -> list[slice]:
+    """x's leading (calibration block) axis in chunks of ``chunk_blocks``."""
+    n, step = x.shape[0], chunk_blocks(ctx.args, x.shape[-2])
+    return [slice(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+
+def _whole(part: torch.Tensor, n: int) -> torch.Tensor:
+    return part.new_empty((n, *part.shape[1:]))
+
+
+def block_by_chunks(lw: LayerWeights, x, ctx: ModelWeights, ops) -> torch.Tensor:
+    """``block`` over every calibration block, a chunk at a time (the same tensor, a chunk's temporaries)."""
+    out = None
+    for part in chunks(x, ctx):
+        y = block(lw, x[part], 0, None, 0, ctx, ops)
+        out = _whole(y, x.shape[0]) if out is None else out
+        out[part] = y
+    return out
+
+
+def block_error(lw: LayerWeights, x, reference, ctx: ModelWeights, ops) -> float:
+    """The mean squared difference of lw's layer output from reference, a chunk at a time (the output itself
+    never whole), summed in float64."""
+    total = sum(_squares(block(lw, x[part], 0, None, 0, ctx, ops).sub_(reference[part])) for part in chunks(x, ctx))
+    return total / reference.numel()
+
+
+def _squares(d: torch.Tensor) -> float:
+    """The sum of squares of d (a fresh tensor, squared in place), in float64."""
+    return float(d.mul_(d).sum(dtype=torch.float64))
 
 
 def judge_for(group, x_in, x_mid, feats, ctx, ops) -> Callable[[LayerWeights], torch.Tensor]:
@@ -169,7 +217,7 @@ def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerRepo
     fmts = qa.layer_formats(rep.index, lw)
     feats, x_mid, fp_out = record_inputs(lw, x_in, ctx, ops)
     t = _timed(rep, "stats", t)
-    rep.loss_rtn = float((block(rtn_layer(lw, fmts), x_in, 0, None, 0, ctx, ops) - fp_out).pow(2).mean())
+    rep.loss_rtn = block_error(rtn_layer(lw, fmts), x_in, fp_out, ctx, ops)
     t = _timed(rep, "propagate", t)
     on_phase(rep.index, "scale search")
     found = []
@@ -234,9 +282,9 @@ def quantize_layer(lw_fp: LayerWeights, x_in, index: int, ctx, qa: QuantArgs, op
     del dequant
     on_phase(index, "propagate")
     if fp_out is None:
-        fp_out = block(lw_fp, x_in, 0, None, 0, ctx, ops)
-    x_out = block(lw_q, x_in, 0, None, 0, ctx, ops)
-    rep.loss = float((x_out - fp_out).pow(2).mean())
+        fp_out = block_by_chunks(lw_fp, x_in, ctx, ops)
+    x_out = block_by_chunks(lw_q, x_in, ctx, ops)
+    rep.loss = sum(_squares(x_out[part] - fp_out[part]) for part in chunks(x_in, ctx)) / fp_out.numel()
     if qa.method == "rtn":
         rep.loss_rtn = rep.loss
     _timed(rep, "propagate", t)
