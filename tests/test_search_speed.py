@@ -190,6 +190,31 @@ def test_chunks_are_whole_blocks_sized_by_the_work():
     assert chunk_blocks(A, 512) * 512 * 64 * 172 >= 2**28 > (chunk_blocks(A, 512) - 1) * 512 * 64 * 172
 
 
+@pytest.mark.parametrize("model", ["stories260K", "SmolLM2"])
+def test_layer_passes_by_chunks_equal_one_pass(real_layers, model, monkeypatch):
+    """The FP pass that records the linears' inputs, and the layer's output, a block at a time: the tensors of
+    one pass over every block (within float32 rounding; bit for bit where the BLAS rounds a row the same
+    whatever the row count, as on the machines measured), shared inputs shared; the loss summed by chunks."""
+    from edge_awq.model import LINEARS
+    from edge_awq.offline.torch_ops import RecordingOps
+
+    lw, x, ctx = real_layers[model]
+    monkeypatch.setattr(layerwise, "chunk_blocks", lambda *a: 1)
+    with torch.inference_mode():
+        feats, x_mid, out = record_inputs(lw, x, ctx, ops)
+        rec = RecordingOps(ops, {id(getattr(lw, n)): n for n in LINEARS})
+        want_mid = attention(lw, x, 0, None, 0, ctx, rec)
+        want_out = mlp(lw, want_mid, ctx, rec)
+        assert len(layerwise.chunks(x, ctx)) == x.shape[0] > 1
+        for got, want in [(x_mid, want_mid), (out, want_out), *((feats[n], rec.inputs[n]) for n in LINEARS)]:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert feats["wq"] is feats["wk"] is feats["wv"] and feats["w1"] is feats["w3"] and feats["wq"] is not feats["w1"]
+        torch.testing.assert_close(layerwise.block_by_chunks(lw, x, ctx, ops), want_out, rtol=1e-6, atol=1e-6)
+        other = want_out * 1.01
+        direct = float((want_out - other).double().pow(2).mean())
+        assert layerwise.block_error(lw, x, other, ctx, ops) == pytest.approx(direct, rel=1e-5)
+
+
 def test_export_file_equals_the_unbounded_search(stories_path, tmp_path, monkeypatch):
     """End to end, stories260K with one chunk a block (so that candidates are stopped early): the file of the
     bounded search is byte-identical to that of the search running every candidate on every block at once."""
