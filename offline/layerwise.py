@@ -165,11 +165,9 @@ def loss_for(group, lw, x_in, x_mid, feats, ctx, ops, gram: bool = True,
     if not chunked:
         judge = judge_for(group, x_in, x_mid, feats, ctx, ops)
         return output_error(judge, judge(lw))
-    n, step = x_in.shape[0], chunk_blocks(ctx.args, x_in.shape[-2])
-    judges = []
-    for lo in range(0, n, step):  # views made once: a chunk's norm is remembered by its input's identity
-        part = slice(lo, min(lo + step, n))
-        judges.append(judge_for(group, x_in[part], x_mid[part], {k: v[part] for k, v in feats.items()}, ctx, ops))
+    # views made once: a chunk's norm is remembered by its input's identity
+    judges = [judge_for(group, x_in[part], x_mid[part], {k: v[part] for k, v in feats.items()}, ctx, ops)
+              for part in chunks(x_in, ctx)]
     return ChunkedError(judges, lw)
 
 
