@@ -156,7 +156,7 @@ def main():
             ev = scored(out)
             rows.append({"variant": v, "bits": bits, **ev, "bits_per_weight": exp["bits_per_weight"],
                          "export_seconds": exp["seconds"]["total"], "group_size": exp["group_size"],
-                         "export_phases": exp["seconds"]})
+                         "export_phases": exp["seconds"], "alphas": [lay["alphas"] for lay in exp["layers"]]})
             saved.write_text(json.dumps(rows, indent=1))
     order = {v: i for i, v in enumerate(["FP", *VARIANTS])}
     rows.sort(key=lambda r: (r["variant"] != "FP", r.get("bits_per_weight") or 0, order.get(r["variant"], 99)))
