@@ -42,6 +42,7 @@ class QuantArgs:
     # approximations of the scale search (docs/export-speed.md); the defaults are the exact search
     search_blocks: int = 0  # judge candidates on this many of the calibration blocks, evenly spaced (0: all)
     search_dtype: str = "float32"  # "bfloat16": the judged sub-blocks run in bfloat16
+    search_refine: int = 0  # with search_blocks: the best this many on the subset judged again on every block
     # mixed precision: "layers.{i}.{name}" -> LinearFormat for every decoder linear (None: all at bits, group_size)
     formats: dict | None = None
 
@@ -58,7 +59,7 @@ class QuantArgs:
         """The metadata's settings; an approximation is named only when one was used (an exact export's file
         is the same as before the approximations existed)."""
         d = {**dataclasses.asdict(self), "zero_point": True}
-        for k, exact in (("search_blocks", 0), ("search_dtype", "float32"), ("formats", None)):
+        for k, exact in (("search_blocks", 0), ("search_dtype", "float32"), ("search_refine", 0), ("formats", None)):
             if d[k] == exact:
                 del d[k]
         if self.formats:
@@ -151,12 +152,14 @@ def judge_for(group, x_in, x_mid, feats, ctx, ops) -> Callable[[LayerWeights], t
 
 
 def loss_for(group, lw, x_in, x_mid, feats, ctx, ops, gram: bool = True,
-             dtype: str = "float32", gram_dtype=torch.float64, chunked: bool = True) -> Callable[[LayerWeights], float]:
+             dtype: str = "float32", gram_dtype=torch.float64, chunked: bool = True,
+             x_out=None) -> Callable[[LayerWeights], float]:
     """A trial's judged error: a group judged on its linears alone from their input's Gram matrix
     (``linear_error``), unless gram is False; a sub-block by running it, a chunk of calibration blocks at a
     time (``ChunkedError``, which the search bounds; ``chunk_blocks`` sets the size), or on every block at once
     (``output_error``) where chunked is False; its matrix products in dtype ("bfloat16": ``CastOps``; the
-    reference through the same arithmetic)."""
+    reference through the same arithmetic). x_out: the FP layer's output on x_in from ``record_inputs``
+    (x_mid being the attention's): in float32 the chunked references are taken from these, not run again."""
     x = feats[group.linears[0]]
     if group.inspect is None and gram and x.numel() // x.shape[-1] >= x.shape[-1]:
         return linear_error(group.linears, lw, x, gram_dtype)  # (the Gram matrix pays where tokens outnumber inputs)
@@ -166,9 +169,11 @@ def loss_for(group, lw, x_in, x_mid, feats, ctx, ops, gram: bool = True,
         judge = judge_for(group, x_in, x_mid, feats, ctx, ops)
         return output_error(judge, judge(lw))
     # views made once: a chunk's norm is remembered by its input's identity
+    parts = chunks(x_in, ctx)
     judges = [judge_for(group, x_in[part], x_mid[part], {k: v[part] for k, v in feats.items()}, ctx, ops)
-              for part in chunks(x_in, ctx)]
-    return ChunkedError(judges, lw)
+              for part in parts]
+    recorded = {"attention": x_mid, "mlp": x_out}.get(group.inspect) if dtype == "float32" else None
+    return ChunkedError(judges, lw, None if recorded is None else [recorded[part] for part in parts])
 
 
 def chunk_blocks(args, seqlen: int, work: float = 2.0**28) -> int:
@@ -215,22 +220,31 @@ def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerRepo
     fmts = qa.layer_formats(rep.index, lw)
     feats, x_mid, fp_out = record_inputs(lw, x_in, ctx, ops)
     t = _timed(rep, "stats", t)
-    rep.loss_rtn = block_error(rtn_layer(lw, fmts), x_in, fp_out, ctx, ops)
+    # what the candidates are judged on: every block, or (--search-blocks) a subset taken once for all groups
+    judged_in, judged_mid, judged_out = (search_subset(v, qa.search_blocks) for v in (x_in, x_mid, fp_out))
+    # plain rounding's error, for the report only: on the judged blocks (with a subset, an estimate)
+    rep.loss_rtn = block_error(rtn_layer(lw, fmts), judged_in, judged_out, ctx, ops)
     t = _timed(rep, "propagate", t)
     on_phase(rep.index, "scale search")
     found = []
     groups = [g for g in SCALE_GROUPS if g.when(ctx.args)]
-    # what the candidates are judged on: every block, or (--search-blocks) a subset taken once for all groups
-    judged_in, judged_mid = search_subset(x_in, qa.search_blocks), search_subset(x_mid, qa.search_blocks)
     judged = {}
     for g in groups:  # a group's linears share one input: one subset each
         shared = search_subset(feats[g.linears[0]], qa.search_blocks)
         judged.update({n: shared for n in g.linears})
+    screened = qa.search_refine > 0 and judged_in.shape[0] < x_in.shape[0]
     for g in groups:
         f = fmts[g.linears[0]]
-        loss = loss_for(g, lw, judged_in, judged_mid, judged, ctx, ops, dtype=qa.search_dtype)
+        loss = loss_for(g, lw, judged_in, judged_mid, judged, ctx, ops, dtype=qa.search_dtype, x_out=judged_out)
+        refine = None
+        if screened:  # the best few on the subset judged again on every block, in float32 (--search-refine)
+            final = loss_for(g, lw, x_in, x_mid, feats, ctx, ops, x_out=fp_out)
+            if isinstance(final, ChunkedError):
+                refine = (final, qa.search_refine)
+            else:
+                loss = final  # judged from a Gram matrix: every block costs little more than a subset
         res = search_scales(g, lw, feats[g.linears[0]], loss, f.bits, f.group_size, qa.n_grid, qa.duo_scaling,
-                            fmts if qa.formats else None)
+                            fmts if qa.formats else None, refine)
         rep.scales.append(res)
         found.append((g, torch.tensor(res.scales, dtype=torch.float32, device=x_in.device)))
     for g, s in found:

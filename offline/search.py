@@ -97,9 +97,12 @@ class ChunkedError:
     Running a chunk at a time also keeps the sub-block's temporaries to one chunk's size.
     """
 
-    def __init__(self, judges: list[Callable[[LayerWeights], torch.Tensor]], reference: LayerWeights):
+    def __init__(self, judges: list[Callable[[LayerWeights], torch.Tensor]], reference: LayerWeights,
+                 outputs: list[torch.Tensor] | None = None):
+        """outputs: each chunk's judged output of reference where the caller has it already (made by the same
+        arithmetic: ``layerwise.record_inputs`` ran the same sub-blocks on the same chunks), else computed."""
         self.judges = judges
-        self.references = [judge(reference) for judge in judges]
+        self.references = outputs if outputs is not None else [judge(reference) for judge in judges]
         self.n_values = sum(r.numel() for r in self.references)
         self.evaluated = 0  # chunks run so far (the bounded search's work, for the tests and the profile)
 
@@ -153,11 +156,16 @@ def linear_error(names: tuple[str, ...], lw: LayerWeights, x_in: torch.Tensor,
 def search_scales(
     group: ScaleGroup, lw: LayerWeights, x_in: torch.Tensor, loss: Callable[[LayerWeights], float],
     bits: int, group_size: int, n_grid: int = 20, duo: bool = False, formats: dict | None = None,
+    refine: tuple[Callable[[LayerWeights], float], int] | None = None,
 ) -> ScaleResult:
     """Grid-search α for one group. x_in (..., in) is the linears' (shared) input; loss(trial layer) its judged
     output's error (``output_error``, ``linear_error``, or a ``ChunkedError``: then the bounded search of
     ``_least_chunked``, which finds the same α without finishing every candidate); formats: each linear's own
-    (``scaled_trial``). The least loss wins; of equal ones, the smallest α."""
+    (``scaled_trial``). The least loss wins; of equal ones, the smallest α.
+
+    refine: (final loss, k), a screened search: loss only ranks the candidates (an approximation: a subset of
+    the calibration blocks, bfloat16), and the k it ranks best are judged again by the final loss (every block,
+    float32), which chooses among them. The result's losses are the final ones (inf for those not refined)."""
     x_mean = activation_mean(x_in)
     sizes = [formats[n].group_size for n in group.linears] if formats else group_size
     w_mean = weight_mean([getattr(lw, n).weight for n in group.linears], sizes) if duo else None
@@ -166,13 +174,17 @@ def search_scales(
     def trial(s: torch.Tensor) -> LayerWeights:
         return scaled_trial(lw, group.linears, s, bits, group_size, formats)
 
-    if isinstance(loss, ChunkedError) and loss.n_chunks > 1:
-        losses = _least_chunked(loss, [lambda s=s: trial(s) for s in scales])
+    trials = [lambda s=s: trial(s) for s in scales]
+    if refine is None:
+        losses = _losses(loss, trials)
     else:
-        losses = []
-        for s in scales:
-            losses.append(loss(trial(s)))
-            trim()  # the trial's temporaries go back to the system before the next (heap.py)
+        final, k = refine
+        screened = _losses(loss, trials, keep=k)
+        top = sorted(range(n_grid), key=lambda i: (screened[i], i))[:k]
+        losses = [math.inf] * n_grid
+        for i, value in zip(top, _losses(final, [trials[i] for i in top])):
+            losses[i] = value
+        loss = final
     best = min(range(n_grid), key=lambda i: (losses[i], i))
     if w_mean is None:
         unscaled = losses[0]  # α = 0 is s = 1
@@ -182,32 +194,47 @@ def search_scales(
     return ScaleResult(group.prev, group.linears, best / n_grid, losses[best], unscaled, scales[best].tolist())
 
 
-def _least_chunked(loss: ChunkedError, trials: list[Callable[[], LayerWeights]]) -> list[float]:
-    """Each candidate's loss, or inf for one proved not to be the least: a branch and bound over chunks.
+def _losses(loss: Callable[[LayerWeights], float], trials: list[Callable[[], LayerWeights]],
+            keep: int = 1) -> list[float]:
+    """Each trial's loss; with a ``ChunkedError`` of several chunks, inf for those proved not among the keep
+    least (``_least_chunked``)."""
+    if isinstance(loss, ChunkedError) and loss.n_chunks > 1:
+        return _least_chunked(loss, trials, keep)
+    losses = []
+    for make in trials:
+        losses.append(loss(make()))
+        trim()  # the trial's temporaries go back to the system before the next (heap.py)
+    return losses
+
+
+def _least_chunked(loss: ChunkedError, trials: list[Callable[[], LayerWeights]], keep: int = 1) -> list[float]:
+    """Each candidate's loss, or inf for one proved not to be among the keep least: a branch and bound over
+    chunks.
 
     Every candidate runs on the first chunk; then, in the order of that first value, each runs on the rest
-    until its partial sum passes the least complete total so far. A chunk's value is a sum of squares (never
-    negative), and an exactly rounded sum of fewer of them is never above that of all of them: a stopped
-    candidate's loss is above the least one, so the least total, and its α, are those of running every
-    candidate on every chunk. What it saves depends on how far the candidates' losses lie from the least.
+    until its partial sum passes the keep-th least complete total so far. A chunk's value is a sum of squares
+    (never negative), and an exactly rounded sum of fewer of them is never above that of all of them: a
+    stopped candidate's loss is above keep others, so the keep least totals, and their α, are those of running
+    every candidate on every chunk. What it saves depends on how far the candidates' losses lie from the least.
     """
     first = []
     for make in trials:
         first.append(loss.chunk(make(), 0))
         trim()
     losses = [math.inf] * len(trials)
-    best = math.inf
+    done: list[float] = []
     for c in sorted(range(len(trials)), key=lambda c: (first[c], c)):
-        if loss.total([first[c]]) > best:
+        bound = sorted(done)[keep - 1] if len(done) >= keep else math.inf
+        if loss.total([first[c]]) > bound:
             continue  # stopped by its first chunk alone: no trial made again
         t, chunks = trials[c](), [first[c]]
         for i in range(1, loss.n_chunks):
-            if loss.total(chunks) > best:
+            if loss.total(chunks) > bound:
                 break
             chunks.append(loss.chunk(t, i))
         else:
             losses[c] = loss.total(chunks)
-            best = min(best, losses[c])
+            done.append(losses[c])
         del t
         trim()
     return losses

@@ -16,8 +16,8 @@ from edge_awq.formats.load import inv_freq, read_layer  # noqa: E402
 from edge_awq.model import SCALE_GROUPS, ModelWeights, attention, block, mlp  # noqa: E402
 from edge_awq.offline import layerwise  # noqa: E402
 from edge_awq.offline.layerwise import loss_for, record_inputs, to_torch  # noqa: E402
-from edge_awq.offline.search import (ChunkedError, _least_chunked, candidate_scales, gram, linear_error,  # noqa: E402
-                                    scaled_trial, search_scales)
+from edge_awq.offline.search import (ChunkedError, _least_chunked, activation_mean, candidate_scales,  # noqa: E402
+                                    gram, linear_error, scaled_trial, search_scales)
 from edge_awq.offline.torch_ops import NormMemo, TorchOps  # noqa: E402
 
 ops = TorchOps()
@@ -152,6 +152,80 @@ def test_bounded_search_finds_the_least_total_of_random_tables():
     assert np.mean(saved) > 0.1
 
 
+def test_bounded_search_keeps_the_k_least_of_random_tables():
+    """_least_chunked asked for the k least (the screened search's shortlist): those k, ranked by (total,
+    candidate), have their exact totals; every other candidate is exact or inf, and an inf one's total is above
+    the k-th least. k = 1 is the plain bounded search; k = every candidate stops nothing."""
+    rng = np.random.default_rng(1)
+    for seed in range(200):
+        n_cand, n_chunks = int(rng.integers(2, 21)), int(rng.integers(2, 17))
+        table = rng.gamma(2.0, 1.0, (n_cand, n_chunks)) * rng.uniform(1, 3, n_cand)[:, None] ** rng.choice([1, 4])
+        if seed % 3 == 0:
+            table[int(rng.integers(n_cand))] = table[int(np.argmin(table.sum(1)))]
+        totals = [math.fsum(row) for row in table]
+        ranked = sorted(range(n_cand), key=lambda c: (totals[c], c))
+        for k in (1, 2, 3, n_cand):
+            got = _least_chunked(TableError(table), [lambda c=c: c for c in range(n_cand)], keep=k)
+            assert sorted(range(n_cand), key=lambda c: (got[c], c))[:k] == ranked[:k]
+            assert all(got[c] == totals[c] for c in ranked[:k])
+            kth = totals[ranked[min(k, n_cand) - 1]]
+            assert all(g == t or (g == math.inf and t > kth) for g, t in zip(got, totals))
+        assert _least_chunked(TableError(table), [lambda c=c: c for c in range(n_cand)], keep=n_cand) == totals
+
+
+@pytest.mark.parametrize("model", ["stories260K", "SmolLM2"])
+def test_recorded_outputs_are_the_references_bit_for_bit(real_layers, model, monkeypatch):
+    """The judged sub-blocks' FP outputs kept by ``record_inputs`` stand for the references the bounded
+    search would compute (one candidate's pass saved per group): the same bits, chunk by chunk."""
+    lw, x, ctx = real_layers[model]
+    monkeypatch.setattr(layerwise, "chunk_blocks", lambda *a: 1)
+    with torch.inference_mode():
+        feats, x_mid, x_out = record_inputs(lw, x, ctx, ops)
+        for g in (g for g in SCALE_GROUPS if g.when(ctx.args) and g.inspect is not None):
+            given = loss_for(g, lw, x, x_mid, feats, ctx, ops, x_out=x_out)
+            computed = loss_for(g, lw, x, x_mid, feats, ctx, ops)
+            assert len(given.references) == x.shape[0] > 1
+            for a, b in zip(given.references, computed.references):
+                assert torch.equal(a, b)
+            # in bfloat16 the references go through the same bfloat16 products as the candidates: computed
+            cast = loss_for(g, lw, x, x_mid, feats, ctx, ops, x_out=x_out, dtype="bfloat16").references[0]
+            assert not torch.equal(cast, given.references[0])
+
+
+@pytest.mark.parametrize("model", ["stories260K", "SmolLM2"])
+def test_screened_search_chooses_among_the_subsets_best_on_every_block(real_layers, model, monkeypatch):
+    """--search-refine: the candidates ranked on a subset of the blocks (in bfloat16), the best k judged on
+    every block in float32. With k = every candidate it is the exact search; with k = 2 its choice is the one
+    of the two the exact losses rank first, its loss that exact loss; the work on every block is at most k
+    candidates' (each chunk of the full judge run at most 2 times, not 20)."""
+    from edge_awq.offline.layerwise import search_subset
+
+    lw, x, ctx = real_layers[model]
+    monkeypatch.setattr(layerwise, "chunk_blocks", lambda *a: 1)
+    gs = 4 if model == "stories260K" else 64
+    with torch.inference_mode():
+        feats, x_mid, x_out = record_inputs(lw, x, ctx, ops)
+        sub = {k: search_subset(v, 2) for k, v in feats.items()}
+        for g in (g for g in SCALE_GROUPS if g.when(ctx.args) and g.inspect is not None):
+            x_g = feats[g.linears[0]]
+            screen = lambda: loss_for(g, lw, search_subset(x, 2), search_subset(x_mid, 2), sub, ctx, ops,  # noqa: E731
+                                      dtype="bfloat16")
+            full = lambda: loss_for(g, lw, x, x_mid, feats, ctx, ops, x_out=x_out)  # noqa: E731
+            exact = search_scales(g, lw, x_g, full(), 3, gs)
+            every = search_scales(g, lw, x_g, screen(), 3, gs, refine=(full(), 20))
+            assert (every.ratio, every.scales, every.loss) == (exact.ratio, exact.scales, exact.loss)
+            ranks, final = screen(), full()
+            scores = [ranks(scaled_trial(lw, g.linears, candidate_scales(activation_mean(x_g), None, i / 20), 3, gs))
+                      for i in range(20)]
+            two = sorted(range(20), key=lambda i: (scores[i], i))[:2]
+            got = search_scales(g, lw, x_g, screen(), 3, gs, refine=(final, 2))
+            exact_of = {i: full()(scaled_trial(lw, g.linears, candidate_scales(activation_mean(x_g), None, i / 20), 3, gs))
+                        for i in two}
+            want = min(two, key=lambda i: (exact_of[i], i))
+            assert got.ratio == want / 20 and got.loss == exact_of[want]
+            assert final.evaluated <= 2 * final.n_chunks
+
+
 @pytest.mark.parametrize("model", ["stories260K", "SmolLM2"])
 def test_bounded_search_chooses_as_every_candidate_in_full(real_layers, model, monkeypatch):
     """The sub-block groups (attention, MLP) of a real layer, one chunk a block, 4 and 3 bits: the bounded
@@ -263,15 +337,27 @@ def test_approximations_are_named_and_cost_little(stories_path, tmp_path):
 
     text = TINYSTORIES.read_text(encoding="utf-8")[:20_000]
     ppl, q = {}, {}
-    for name, extra in (("exact", {}), ("approx", {"search_blocks": 4, "search_dtype": "bfloat16"})):
+    for name, extra in (("exact", {}), ("approx", {"search_blocks": 4, "search_dtype": "bfloat16"}),
+                        ("screened", {"search_blocks": 4, "search_dtype": "bfloat16", "search_refine": 2})):
         out = tmp_path / f"{name}.eawq"
         quantize(stories_path, SHAKESPEARE, out, group_size="channel", n_samples=16, seqlen=256, **extra)
         with load(out, backend="reference", verify="never") as llm:
             ppl[name] = llm.perplexity(text, ctx=256).perplexity
         q[name] = EawqSource(out).quantization
     assert ppl["approx"] == pytest.approx(ppl["exact"], rel=0.02)
-    assert "search_blocks" not in q["exact"] and "search_dtype" not in q["exact"]
+    assert ppl["screened"] == pytest.approx(ppl["exact"], rel=0.02)
+    assert not {"search_blocks", "search_dtype", "search_refine"} & set(q["exact"])
     assert q["approx"]["search_blocks"] == 4 and q["approx"]["search_dtype"] == "bfloat16"
+    assert "search_refine" not in q["approx"] and q["screened"]["search_refine"] == 2
+
+
+def test_refine_without_a_subset_is_refused_in_one_line(stories_path, tmp_path):
+    from tests.conftest import assert_one_line_error, export
+
+    out = tmp_path / "x.eawq"
+    r = export(stories_path, out, "--n-samples", 2, "--seqlen", 64, "--search-refine", "2")
+    assert_one_line_error(r, "--search-blocks")
+    assert not out.exists()
 
 
 @pytest.mark.cuda
