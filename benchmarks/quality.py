@@ -35,12 +35,14 @@ VARIANTS = {
     "awq-blocks4": ["--method", "awq", "--search-blocks", "4"],
     "awq-blocks16": ["--method", "awq", "--search-blocks", "16"],
     "awq-blocks16-bf16": ["--method", "awq", "--search-blocks", "16", "--search-dtype", "bfloat16"],
+    "awq-screened": ["--method", "awq", "--search-blocks", "16", "--search-dtype", "bfloat16", "--search-refine", "2"],
 }
 LABELS = {"rtn": "RTN", "awq-scale": "AWQ scale only", "awq": "AWQ scale+clip", "awq-duo": "AWQ scale+clip, duo",
           "awq-documents": "AWQ scale+clip, calibration documents",
           "awq-bf16": "AWQ scale+clip, search in bfloat16", "awq-blocks4": "AWQ scale+clip, judged on 4 blocks",
           "awq-blocks16": "AWQ scale+clip, judged on 16 blocks",
-          "awq-blocks16-bf16": "AWQ scale+clip, judged on 16 blocks in bfloat16"}
+          "awq-blocks16-bf16": "AWQ scale+clip, judged on 16 blocks in bfloat16",
+          "awq-screened": "AWQ scale+clip, ranked on 16 blocks in bfloat16, best 2 judged on all"}
 
 
 def mixed_flags(variant: str) -> list[str] | None:
