@@ -44,8 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="an approximation: the judged sub-blocks' matrix products in bfloat16 (default float32: exact)")
     p.add_argument("--search-refine", type=flags.int_range(0, 64, "--search-refine"), default=0, metavar="K",
-                   help="with --search-blocks: the K candidates best on the subset are judged again on every block, "
-                        "in float32, which chooses among them (default 0: the subset chooses)")
+                   help="with --search-blocks: the attention's and the MLP's K candidates best on the subset are "
+                        "judged again on every block, in float32, which chooses among them (default 0: the subset "
+                        "chooses)")
     p.add_argument("--budget", type=flags.bits_per_weight, default=None, metavar="BITS_PER_WEIGHT",
                    help="mixed precision: choose a format per linear (3 or 4 bits in groups of 128/64/32, 5, 6 or 8 bits) for the least "
                         "measured error within this many bits per decoder weight (codes, scales and zero points)")

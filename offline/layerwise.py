@@ -237,12 +237,11 @@ def search_layer(lw: LayerWeights, x_in, ctx, qa: QuantArgs, ops, rep: LayerRepo
         f = fmts[g.linears[0]]
         loss = loss_for(g, lw, judged_in, judged_mid, judged, ctx, ops, dtype=qa.search_dtype, x_out=judged_out)
         refine = None
-        if screened:  # the best few on the subset judged again on every block, in float32 (--search-refine)
-            final = loss_for(g, lw, x_in, x_mid, feats, ctx, ops, x_out=fp_out)
-            if isinstance(final, ChunkedError):
-                refine = (final, qa.search_refine)
-            else:
-                loss = final  # judged from a Gram matrix: every block costs little more than a subset
+        if screened and g.inspect is not None:
+            # a judged sub-block's best few on the subset run again on every block, in float32 (--search-refine);
+            # a group judged on its linears alone keeps the subset's Gram matrix (all blocks' would cost more
+            # than the whole refinement: 2 x 65,536 x 1,536² float64 multiply-adds a layer for SmolLM2's down)
+            refine = (loss_for(g, lw, x_in, x_mid, feats, ctx, ops, x_out=fp_out), qa.search_refine)
         res = search_scales(g, lw, feats[g.linears[0]], loss, f.bits, f.group_size, qa.n_grid, qa.duo_scaling,
                             fmts if qa.formats else None, refine)
         rep.scales.append(res)
