@@ -27,7 +27,8 @@ from pathlib import Path
 VARIANTS = {
     "rtn": ["--method", "rtn"],
     "awq-scale": ["--method", "awq", "--no-clip"],
-    "awq": ["--method", "awq"],
+    "awq": ["--method", "awq"],  # the default search (screened above 16 blocks)
+    "awq-exact": ["--method", "awq", "--exact"],
     "awq-duo": ["--method", "awq", "--duo-scaling"],
     "awq-documents": ["--method", "awq", "--calib-sampling", "documents"],
     # the search's approximations (docs/export-speed.md)
@@ -37,7 +38,8 @@ VARIANTS = {
     "awq-blocks16-bf16": ["--method", "awq", "--search-blocks", "16", "--search-dtype", "bfloat16"],
     "awq-screened": ["--method", "awq", "--search-blocks", "16", "--search-dtype", "bfloat16", "--search-refine", "2"],
 }
-LABELS = {"rtn": "RTN", "awq-scale": "AWQ scale only", "awq": "AWQ scale+clip", "awq-duo": "AWQ scale+clip, duo",
+LABELS = {"rtn": "RTN", "awq-scale": "AWQ scale only", "awq": "AWQ scale+clip", "awq-exact": "AWQ scale+clip, exact search",
+          "awq-duo": "AWQ scale+clip, duo",
           "awq-documents": "AWQ scale+clip, calibration documents",
           "awq-bf16": "AWQ scale+clip, search in bfloat16", "awq-blocks4": "AWQ scale+clip, judged on 4 blocks",
           "awq-blocks16": "AWQ scale+clip, judged on 16 blocks",

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from edge_awq.commands import flags
 
+SEARCH = ("search_blocks", "search_dtype", "search_refine")  # the scale search's approximations
+
 log = logging.getLogger(__name__)
 
 DEFAULT_HEAD = "int8"  # measured: SmolLM2 decode +17 % tokens/s, wikitext2 perplexity unchanged (README "Speed")
@@ -38,15 +40,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(split at blank lines) shuffled with a fixed seed, those within --seqlen concatenated")
     p.add_argument("--duo-scaling", action="store_true", help="scale by activation and weight statistics")
     p.add_argument("--no-clip", action="store_true", help="skip the clip search")
-    p.add_argument("--search-blocks", type=flags.int_range(0, 1 << 20, "--search-blocks"), default=0,
+    p.add_argument("--exact", action="store_true",
+                   help="the exact scale search, every candidate judged on every calibration block in float32 "
+                        "(the default on a CPU with bfloat16 in hardware, above 16 blocks, is --search-blocks 16 "
+                        "--search-dtype bfloat16; elsewhere it is exact)")
+    p.add_argument("--search-blocks", type=flags.int_range(0, 1 << 20, "--search-blocks"), default=None,
                    help="an approximation: judge the scale candidates on this many of the calibration blocks, evenly "
-                        "spaced (statistics still use all; default 0: all, the exact search)")
-    p.add_argument("--search-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="an approximation: the judged sub-blocks' matrix products in bfloat16 (default float32: exact)")
-    p.add_argument("--search-refine", type=flags.int_range(0, 64, "--search-refine"), default=0, metavar="K",
+                        "spaced (statistics still use all; 0: all)")
+    p.add_argument("--search-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="an approximation: the judged sub-blocks' matrix products in bfloat16 (float32: exact)")
+    p.add_argument("--search-refine", type=flags.int_range(0, 64, "--search-refine"), default=None, metavar="K",
                    help="with --search-blocks: the attention's and the MLP's K candidates best on the subset are "
-                        "judged again on every block, in float32, which chooses among them (default 0: the subset "
-                        "chooses)")
+                        "judged again on every block, in float32, which chooses among them (0: the subset chooses)")
     p.add_argument("--budget", type=flags.bits_per_weight, default=None, metavar="BITS_PER_WEIGHT",
                    help="mixed precision: choose a format per linear (3 or 4 bits in groups of 128/64/32, 5, 6 or 8 bits) for the least "
                         "measured error within this many bits per decoder weight (codes, scales and zero points)")
@@ -71,6 +76,9 @@ def _check_args(args) -> None:
     from edge_awq.formats.interop import target_of
 
     target_of(args.format, args.output)  # the output's name, and that it does not exist yet
+    given = [f"--{k.replace('_', '-')}" for k in SEARCH if getattr(args, k) is not None]
+    if args.exact and given:
+        raise InputError(f"--exact is the search without approximations: drop {' and '.join(given)}, or --exact")
     if args.search_refine and not args.search_blocks:
         raise InputError("--search-refine K re-judges the best K of a --search-blocks subset: give --search-blocks too")
     if args.budget is not None and args.fit is not None:
@@ -148,8 +156,8 @@ def run(args: argparse.Namespace) -> int:
                         group_size=args.group_size, method=args.method, n_samples=args.n_samples, seqlen=args.seqlen,
                         calib_sampling=args.calib_sampling,
                         duo_scaling=args.duo_scaling, clip=not args.no_clip, search_blocks=args.search_blocks,
-                        search_dtype=args.search_dtype, search_refine=args.search_refine, device=args.device,
-                        head=args.head,
+                        search_dtype=args.search_dtype, search_refine=args.search_refine, exact=args.exact,
+                        device=args.device, head=args.head,
                         tokenizer=args.tokenizer, requantize=args.requantize, budget=args.budget, fit=args.fit,
                         ctx=args.ctx, kv_dtype=args.kv_dtype, sensitivity=args.sensitivity, progress=progress,
                         note=said)
@@ -160,8 +168,8 @@ def run(args: argparse.Namespace) -> int:
 def quantize(source, calib_text, out, *, format: str = "eawq", bits: int = 4, group_size: int | str = 128,
              method: str = "awq", n_samples: int = 128, seqlen: int = 512, calib_sampling: str = "even",
              duo_scaling: bool = False,
-             clip: bool = True, search_blocks: int = 0, search_dtype: str = "float32", search_refine: int = 0,
-             device: str = "cpu",
+             clip: bool = True, search_blocks: int | None = None, search_dtype: str | None = None,
+             search_refine: int | None = None, exact: bool = False, device: str = "cpu",
              head: str = DEFAULT_HEAD, tokenizer=None, requantize: bool = False, budget: float | None = None,
              fit: str | None = None, ctx: int = 2048, kv_dtype: str = "fp16", sensitivity=None,
              progress=None, note=None) -> dict:
@@ -170,11 +178,13 @@ def quantize(source, calib_text, out, *, format: str = "eawq", bits: int = 4, gr
     source: anything ``edge_awq.load`` opens; calib_text: a UTF-8 text file; out: an .eawq file, or a directory
     for format "awq-gemm" or "compressed-tensors". bits 4 or 3; group_size an int dividing every linear, "auto"
     or "channel"; method "awq" or "rtn"; n_samples blocks of seqlen calibration tokens, sampled "even" or as
-    "documents" (``calibrate.py``); head "fp16", "int8"
-    or "w4"; search_blocks, search_dtype and search_refine the search's approximations (``--search-blocks``,
-    ``--search-dtype``, ``--search-refine``; the defaults are exact); device "cpu" or "cuda" (torch's). An already-quantized source is converted as stored unless
-    requantize. Mixed precision (.eawq only): budget in bits per decoder weight, or fit a device profile or memory
-    size (with ctx and kv_dtype, as ``edge-awq plan`` counts them); sensitivity a file keeping the measured table. progress: an object with ``start(n_layers, method)``, ``phase(layer, name)`` and
+    "documents" (``calibrate.py``); head "fp16", "int8" or "w4". search_blocks, search_dtype and search_refine
+    are the search's approximations (``--search-blocks``, ``--search-dtype``, ``--search-refine``): those not
+    given are exact where any is given or exact is true, else all three are the default
+    (``layerwise.default_search``). device "cpu" or "cuda" (torch's). An already-quantized source is converted
+    as stored unless requantize. Mixed precision (.eawq only): budget in bits per decoder weight, or fit a
+    device profile or memory size (with ctx and kv_dtype, as ``edge-awq plan`` counts them); sensitivity a file
+    keeping the measured table. progress: an object with ``start(n_layers, method)``, ``phase(layer, name)`` and
     ``layer_done(report)`` (``offline.report.Progress`` draws a bar); note(message): what the caller should be
     told. The summary: output, bytes, bits_per_weight, seconds per phase, per-layer losses, and ``text``.
     """
@@ -184,7 +194,8 @@ def quantize(source, calib_text, out, *, format: str = "eawq", bits: int = 4, gr
                               group_size=group_size, method=method, n_samples=n_samples, seqlen=seqlen,
                               calib_sampling=calib_sampling,
                               duo_scaling=duo_scaling, no_clip=not clip, search_blocks=search_blocks,
-                              search_dtype=search_dtype, search_refine=search_refine, device=device, head=head, tokenizer=tokenizer, budget=budget,
+                              search_dtype=search_dtype, search_refine=search_refine, exact=exact, device=device,
+                              head=head, tokenizer=tokenizer, budget=budget,
                               fit=fit, ctx=ctx, kv_dtype=kv_dtype,
                               sensitivity=None if sensitivity is None else Path(sensitivity))
     _check_args(args)
@@ -255,8 +266,7 @@ def _export_eawq(args, src, output: Path, t_start: float, progress) -> dict:
 
     mixed = args.budget is not None or args.fit is not None
     qa = QuantArgs(args.bits, head_group(src.args) if mixed else resolve_group_size(src.args, args.group_size), args.method,
-                   args.duo_scaling, not args.no_clip, search_blocks=args.search_blocks, search_dtype=args.search_dtype,
-                   search_refine=args.search_refine)
+                   args.duo_scaling, not args.no_clip, **_search(args))
     tok = src.tokenizer()
     t0 = time.perf_counter()
     blocks, calib = calibration_blocks(args.calib, tok, args.n_samples, args.seqlen, args.calib_sampling)
@@ -293,6 +303,16 @@ def _export_eawq(args, src, output: Path, t_start: float, progress) -> dict:
             meta["quantization"]["allocation"] = {k: v for k, v in allocation.items() if k != "seconds"}
         writer.close(meta)
     return summary(output, a, qa, reports, t_calib, time.perf_counter() - t_start, allocation)
+
+
+def _search(args) -> dict:
+    """The search's settings: those given (the others exact), the exact ones (--exact), or the default."""
+    from edge_awq.offline.layerwise import EXACT_SEARCH, default_search
+
+    given = {k: getattr(args, k) for k in SEARCH if getattr(args, k) is not None}
+    if args.exact or given:
+        return {**EXACT_SEARCH, **given}
+    return default_search(args.n_samples, args.device)
 
 
 def _linear_specs(qa):

@@ -117,3 +117,18 @@ class CastOps:
 
     def __getattr__(self, op):
         return getattr(self.inner, op)
+
+
+def native_bfloat16(device: str = "cpu") -> bool:
+    """Whether device multiplies bfloat16 in hardware (AVX-512 BF16 or AMX on x86, the BF16 extension on Arm,
+    a GPU that has it): elsewhere torch emulates it, slower than float32."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    import platform
+
+    if platform.machine() in ("aarch64", "arm64"):
+        from edge_awq.backends.host import cpu_info
+
+        return "bf16" in cpu_info().get("Features", "").split()
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(p()) for p in probes if p is not None)

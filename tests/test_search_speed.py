@@ -378,3 +378,58 @@ def test_fast_search_on_cuda_scores_and_chooses_as_the_direct_one(real_layers):
             a = search_scales(g, lw, feats[g.linears[0]], fast, 4, 64)
             b = search_scales(g, lw, feats[g.linears[0]], direct, 4, 64)
             assert a.ratio == b.ratio and a.loss == pytest.approx(b.loss, rel=1e-4)
+
+
+def test_default_search_is_the_bfloat16_subset_where_the_cpu_has_it(monkeypatch):
+    """``export``'s default: above 16 blocks on a CPU with bfloat16 in hardware, the candidates judged on 16
+    blocks in bfloat16; the exact search at 16 or fewer, on a CPU without it, and on a GPU; --exact or any
+    search flag given leaves the others exact."""
+    import argparse
+
+    from edge_awq.offline import export, torch_ops
+    from edge_awq.offline.layerwise import EXACT_SEARCH, default_search
+
+    assert EXACT_SEARCH == {"search_blocks": 0, "search_dtype": "float32", "search_refine": 0}
+    monkeypatch.setattr(torch_ops, "native_bfloat16", lambda device="cpu": True)
+    approx = {"search_blocks": 16, "search_dtype": "bfloat16", "search_refine": 0}
+    assert default_search(128) == default_search(17) == approx
+    assert default_search(16) == default_search(128, "cuda") == EXACT_SEARCH
+    ns = lambda **k: argparse.Namespace(**{"exact": False, "n_samples": 128, "device": "cpu",  # noqa: E731
+                                           **dict.fromkeys(export.SEARCH), **k})
+    assert export._search(ns()) == approx
+    assert export._search(ns(exact=True)) == EXACT_SEARCH
+    assert export._search(ns(search_dtype="bfloat16")) == {**EXACT_SEARCH, "search_dtype": "bfloat16"}
+    assert export._search(ns(n_samples=8)) == EXACT_SEARCH
+    monkeypatch.setattr(torch_ops, "native_bfloat16", lambda device="cpu": False)
+    assert default_search(128) == export._search(ns()) == EXACT_SEARCH
+
+
+@pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"), reason="x86's probes")
+def test_native_bfloat16_follows_the_cpu(monkeypatch):
+    """x86: AVX-512 BF16 or AMX, as torch reports them; CUDA asks the device."""
+    from edge_awq.offline import torch_ops
+
+    for bf16, amx in ((True, False), (False, True), (False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda _v=bf16: _v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda _v=amx: _v, raising=False)
+        assert torch_ops.native_bfloat16() is (bf16 or amx)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert torch_ops.native_bfloat16("cuda") is True
+
+
+def test_default_export_names_its_search_and_exact_refuses_approximations(stories_path, tmp_path):
+    """Above 16 blocks the default export's metadata names the search it ran (the bfloat16 subset where the CPU
+    has it, else nothing: exact); --exact with an approximation is refused in one line."""
+    from edge_awq.formats.eawq import EawqSource
+    from edge_awq.offline.layerwise import default_search
+    from tests.conftest import assert_one_line_error, export
+
+    out = tmp_path / "default.eawq"
+    r = export(stories_path, out, "--group-size", "channel", "--n-samples", 24, "--seqlen", 64)
+    assert r.returncode == 0, r.stderr
+    q, want = EawqSource(out).quantization, default_search(24)
+    assert q.get("search_blocks", 0) == want["search_blocks"] and q.get("search_dtype", "float32") == want["search_dtype"]
+    bad = tmp_path / "bad.eawq"
+    r = export(stories_path, bad, "--n-samples", 24, "--seqlen", 64, "--exact", "--search-blocks", "4")
+    assert_one_line_error(r, "--exact")
+    assert not bad.exists()
