@@ -3,7 +3,7 @@
     python benchmarks/quality.py MODEL --calib TEXT --text EVAL [--also-text EVAL2] [--max-tokens N]
         [--group-size G] [--n-samples 128] [--seqlen 512] [--bits 4 3]
         [--variants rtn awq-scale awq awq-duo awq-bf16 ... budget:4.5 fit:355MiB ...]
-        [--duo-scaling] [--gguf NAME=FILE ...] [--reuse] --out DIR
+        [--duo-scaling] [--gguf NAME=FILE ...] [--export-flags FLAGS] [--eval-flags FLAGS] [--reuse] --out DIR
 
 Each variant is exported with ``edge-awq export`` and scored with ``edge-awq eval``
 (same protocol as the FP model). ``--gguf`` adds rows for GGUF files quantized by
@@ -108,6 +108,8 @@ def main():
     ap.add_argument("--also-text", default=None, help="a second text every row is scored on")
     ap.add_argument("--eval-flags", default="", metavar="FLAGS",
                     help="passed to every edge-awq eval, as one string (--eval-flags='--backend numba')")
+    ap.add_argument("--export-flags", default="", metavar="FLAGS",
+                    help="passed to every edge-awq export of a variant, as one string (--export-flags='--exact')")
     ap.add_argument("--duo-scaling", action="store_true", help="the mixed-precision variants with duo scaling")
     ap.add_argument("--head", default="fp16", help="output head of every export (default fp16: the layers compared)")
     ap.add_argument("--gguf", nargs="+", default=[], metavar="NAME=FILE", help="rows for GGUF files made elsewhere")
@@ -116,7 +118,7 @@ def main():
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     limit = ["--max-tokens", a.max_tokens] if a.max_tokens else []
-    a.eval_flags = a.eval_flags.split()
+    a.eval_flags, a.export_flags = a.eval_flags.split(), a.export_flags.split()
     saved = a.out / "quality.json"
     rows = json.loads(saved.read_text()) if a.reuse and saved.exists() else []
     have = {(r["variant"], r["bits"]) for r in rows}
@@ -156,7 +158,7 @@ def main():
             out = a.out / f"{v}-w{bits}.eawq"
             exp = edge_awq("export", a.model, "--calib", a.calib, "-o", out, "--bits", bits, "--group-size",
                            a.group_size, "--n-samples", a.n_samples, "--seqlen", a.seqlen, "--head", a.head,
-                           *VARIANTS[v])
+                           *VARIANTS[v], *a.export_flags)
             ev = scored(out)
             rows.append({"variant": v, "bits": bits, **ev, "bits_per_weight": exp["bits_per_weight"],
                          "export_seconds": exp["seconds"]["total"], "group_size": exp["group_size"],

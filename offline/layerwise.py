@@ -73,7 +73,7 @@ EXACT_SEARCH = {"search_blocks": 0, "search_dtype": "float32", "search_refine": 
 def default_search(n_samples: int, device: str = "cpu") -> dict:
     """The scale search ``export`` runs unless told otherwise (docs/export-speed.md). On a CPU that multiplies
     bfloat16 in hardware, with more than 16 calibration blocks: the candidates judged on 16 of them, evenly
-    spaced, in bfloat16 (SmolLM2 at 128 blocks: 10 minutes instead of 44 on two cores, perplexity +0.5 % at
+    spaced, in bfloat16 (SmolLM2 at 128 blocks: 11 minutes instead of 44 on two cores, perplexity +0.5 % at
     4 bits and -7 % at 3 bits against the exact search). Elsewhere the exact search: on a GPU it is fast, on a
     CPU without bfloat16 the float32 subset missed the 0.5 % a default may cost (+1.2 % at 4 bits), and with
     16 blocks or fewer there is nothing to leave out."""

@@ -65,6 +65,8 @@ def summary(path: Path, a, qa, reports, t_calib: float, t_total: float, allocati
                      f"{allocation['bytes']:,} used; summed relative error {allocation['predicted_error']:.4g} "
                      f"(sensitivity {allocation['sensitivity']})")
     lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()) + f"; total {t_total:.1f}s")
+    if qa.method == "awq" and qa.search_blocks:
+        lines.append(f"(RTN MSE measured on the {qa.search_blocks} judged calibration blocks, output MSE on all)")
     lines.append("layer  output MSE   RTN MSE    ratio   " + ("α per scale group" if qa.method == "awq" else ""))
     for r in reports:
         alphas = " ".join(f"{s.prev}:{s.ratio:.2f}" for s in r.scales)
