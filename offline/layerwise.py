@@ -59,7 +59,7 @@ class QuantArgs:
         """The metadata's settings; an approximation is named only when one was used (an exact export's file
         is the same as before the approximations existed)."""
         d = {**dataclasses.asdict(self), "zero_point": True}
-        for k, exact in (("search_blocks", 0), ("search_dtype", "float32"), ("search_refine", 0), ("formats", None)):
+        for k, exact in {**EXACT_SEARCH, "formats": None}.items():
             if d[k] == exact:
                 del d[k]
         if self.formats:
@@ -67,7 +67,7 @@ class QuantArgs:
         return d
 
 
-EXACT_SEARCH = {"search_blocks": 0, "search_dtype": "float32", "search_refine": 0}
+EXACT_SEARCH = {f.name: f.default for f in dataclasses.fields(QuantArgs) if f.name.startswith("search_")}
 
 
 def default_search(n_samples: int, device: str = "cpu") -> dict:
