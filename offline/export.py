@@ -4,6 +4,7 @@ directory layouts transformers and vLLM load (``--format awq-gemm|compressed-ten
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -266,11 +267,13 @@ def _export_eawq(args, src, output: Path, t_start: float, progress) -> dict:
 
     mixed = args.budget is not None or args.fit is not None
     qa = QuantArgs(args.bits, head_group(src.args) if mixed else resolve_group_size(src.args, args.group_size), args.method,
-                   args.duo_scaling, not args.no_clip, **_search(args))
+                   args.duo_scaling, not args.no_clip)
     tok = src.tokenizer()
     t0 = time.perf_counter()
     blocks, calib = calibration_blocks(args.calib, tok, args.n_samples, args.seqlen, args.calib_sampling)
     t_calib = time.perf_counter() - t0
+    # the search is chosen for the blocks the text gave, which a short text makes fewer than --n-samples
+    qa = dataclasses.replace(qa, **_search(args, len(blocks)))
     allocation = None
     if mixed:
         qa, allocation = _allocate(args, src, blocks, calib, qa, progress)
@@ -302,17 +305,18 @@ def _export_eawq(args, src, output: Path, t_start: float, progress) -> dict:
         if allocation is not None:
             meta["quantization"]["allocation"] = {k: v for k, v in allocation.items() if k != "seconds"}
         writer.close(meta)
-    return summary(output, a, qa, reports, t_calib, time.perf_counter() - t_start, allocation)
+    return summary(output, a, qa, reports, t_calib, time.perf_counter() - t_start, allocation, len(blocks))
 
 
-def _search(args) -> dict:
-    """The search's settings: those given (the others exact), the exact ones (--exact), or the default."""
+def _search(args, n_blocks: int) -> dict:
+    """The search's settings: those given (the others exact), the exact ones (--exact), or the default for
+    n_blocks calibration blocks."""
     from edge_awq.offline.layerwise import EXACT_SEARCH, default_search
 
     given = {k: getattr(args, k) for k in SEARCH if getattr(args, k) is not None}
     if args.exact or given:
         return {**EXACT_SEARCH, **given}
-    return default_search(args.n_samples, args.device)
+    return default_search(n_blocks, args.device)
 
 
 def _linear_specs(qa):

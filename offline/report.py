@@ -42,9 +42,10 @@ class Progress:
         self._bar.update(self._task, advance=1, last=f"layer {rep.index}: loss {rep.loss:.3g} (rtn {rep.loss_rtn:.3g})")
 
 
-def summary(path: Path, a, qa, reports, t_calib: float, t_total: float, allocation: dict | None = None) -> dict:
+def summary(path: Path, a, qa, reports, t_calib: float, t_total: float, allocation: dict | None = None,
+            n_blocks: int = 0) -> dict:
     """A dict of the export's figures, with a human-readable ``text``; allocation: a mixed-precision
-    export's choice (``export._allocate``)."""
+    export's choice (``export._allocate``); n_blocks: the calibration blocks the layers ran on."""
     phases = {"calibrate": t_calib, **(allocation or {}).get("seconds", {})}
     for r in reports:
         for k, v in r.seconds.items():
@@ -65,7 +66,7 @@ def summary(path: Path, a, qa, reports, t_calib: float, t_total: float, allocati
                      f"{allocation['bytes']:,} used; summed relative error {allocation['predicted_error']:.4g} "
                      f"(sensitivity {allocation['sensitivity']})")
     lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()) + f"; total {t_total:.1f}s")
-    if qa.method == "awq" and qa.search_blocks:
+    if qa.method == "awq" and 0 < qa.search_blocks < n_blocks:  # with a subset (search_subset takes all at n)
         lines.append(f"(RTN MSE measured on the {qa.search_blocks} judged calibration blocks, output MSE on all)")
     lines.append("layer  output MSE   RTN MSE    ratio   " + ("α per scale group" if qa.method == "awq" else ""))
     for r in reports:

@@ -396,12 +396,14 @@ def test_default_search_is_the_bfloat16_subset_where_the_cpu_has_it(monkeypatch)
     assert default_search(16) == default_search(128, "cuda") == EXACT_SEARCH
     ns = lambda **k: argparse.Namespace(**{"exact": False, "n_samples": 128, "device": "cpu",  # noqa: E731
                                            **dict.fromkeys(export.SEARCH), **k})
-    assert export._search(ns()) == approx
-    assert export._search(ns(exact=True)) == EXACT_SEARCH
-    assert export._search(ns(search_dtype="bfloat16")) == {**EXACT_SEARCH, "search_dtype": "bfloat16"}
-    assert export._search(ns(n_samples=8)) == EXACT_SEARCH
+    assert export._search(ns(), 128) == approx
+    assert export._search(ns(exact=True), 128) == EXACT_SEARCH
+    assert export._search(ns(search_dtype="bfloat16"), 128) == {**EXACT_SEARCH, "search_dtype": "bfloat16"}
+    assert export._search(ns(n_samples=8), 8) == EXACT_SEARCH
+    # the blocks the calibration text gave decide, not the number asked for
+    assert export._search(ns(), 12) == EXACT_SEARCH
     monkeypatch.setattr(torch_ops, "native_bfloat16", lambda device="cpu": False)
-    assert default_search(128) == export._search(ns()) == EXACT_SEARCH
+    assert default_search(128) == export._search(ns(), 128) == EXACT_SEARCH
 
 
 @pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"), reason="x86's probes")
@@ -433,3 +435,25 @@ def test_default_export_names_its_search_and_exact_refuses_approximations(storie
     r = export(stories_path, bad, "--n-samples", 24, "--seqlen", 64, "--exact", "--search-blocks", "4")
     assert_one_line_error(r, "--exact")
     assert not bad.exists()
+
+
+def test_short_calibration_text_gets_the_exact_default(stories_path, tmp_path, monkeypatch):
+    """A text that holds 16 blocks or fewer gets the exact search by default even where --n-samples asks for
+    more and the CPU has bfloat16: its metadata names no approximation, and the summary claims no subset."""
+    from edge_awq.formats.eawq import EawqSource
+    from edge_awq.offline import quantize, torch_ops
+
+    monkeypatch.setattr(torch_ops, "native_bfloat16", lambda device="cpu": True)
+    calib = tmp_path / "short.txt"
+    calib.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:1_000], encoding="utf-8")
+    out = tmp_path / "short.eawq"
+    info = quantize(stories_path, calib, out, group_size="channel", n_samples=128, seqlen=64)
+    q = EawqSource(out).quantization
+    assert 0 < q["calibration"]["n_samples"] <= 16
+    assert not {"search_blocks", "search_dtype", "search_refine"} & set(q)
+    assert "judged calibration blocks" not in info["text"]
+    # and with a text long enough, the same call takes the bfloat16 subset
+    long_out = tmp_path / "long.eawq"
+    info = quantize(stories_path, SHAKESPEARE, long_out, group_size="channel", n_samples=24, seqlen=64)
+    assert EawqSource(long_out).quantization["search_dtype"] == "bfloat16"
+    assert "RTN MSE measured on the 16 judged calibration blocks" in info["text"]
