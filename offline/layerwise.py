@@ -70,14 +70,14 @@ class QuantArgs:
 EXACT_SEARCH = {f.name: f.default for f in dataclasses.fields(QuantArgs) if f.name.startswith("search_")}
 
 
-def default_search(n_samples: int, device: str = "cpu") -> dict:
+def default_search(n_blocks: int, device: str = "cpu") -> dict:
     """The scale search ``export`` runs unless told otherwise (docs/export-speed.md). On a CPU that multiplies
     bfloat16 in hardware, with more than 16 calibration blocks: the candidates judged on 16 of them, evenly
     spaced, in bfloat16 (SmolLM2 at 128 blocks: 11 minutes instead of 44 on two cores, perplexity +0.5 % at
     4 bits and -7 % at 3 bits against the exact search). Elsewhere the exact search: on a GPU it is fast, on a
     CPU without bfloat16 the float32 subset missed the 0.5 % a default may cost (+1.2 % at 4 bits), and with
     16 blocks or fewer there is nothing to leave out."""
-    if n_samples <= 16 or torch.device(device).type != "cpu":
+    if n_blocks <= 16 or torch.device(device).type != "cpu":
         return dict(EXACT_SEARCH)
     from edge_awq.offline.torch_ops import native_bfloat16
 
