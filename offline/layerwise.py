@@ -195,10 +195,12 @@ def loss_for(group, lw, x_in, x_mid, feats, ctx, ops, gram: bool = True,
     return ChunkedError(judges, lw, None if recorded is None else [recorded[part] for part in parts])
 
 
-def chunk_blocks(args, seqlen: int, work: float = 2.0**28) -> int:
+def chunk_blocks(args, seqlen: int, work: float = 2.0**25) -> int:
     """Calibration blocks per chunk of a judged sub-block: one, unless a block is so little work (a model as
     narrow as stories260K) that per-call overheads would outweigh what stopping early saves; work is about
-    the multiply-adds of a chunk's MLP."""
+    the multiply-adds of a chunk's MLP. 2^25 gathers 6 blocks for stories260K: a chunk's tensors stay in
+    the caches (its MLP's hidden activations are 2 MB), which 48 blocks' did not (its 128-block exact search:
+    41 s at 6 blocks a chunk, 42 at 2, 50 at 1, 61 at 48; docs/export-speed.md)."""
     per_block = seqlen * args.dim * max(args.dim, args.hidden_dim)
     return max(1, math.ceil(work / per_block))
 
