@@ -11,13 +11,14 @@ step is what the process holds while it runs, so the step where the peak falls n
 """
 
 import functools
-import os
 import sys
 import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edge_awq.offline.heap import resident  # noqa: E402
 
 STEPS = {
     "edge_awq.offline.layerwise": ("to_torch", "read_layer", "record_inputs", "search_layer", "search_scales",
@@ -33,15 +34,10 @@ class Sampler:
     def __init__(self):
         self.stack = ["main"]
         self.stretches = []  # [step, highest, last, start time]
-        self.page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
 
     def run(self):
         while True:
-            r, step = self.rss(), "/".join(self.stack[-3:])
+            r, step = resident(), "/".join(self.stack[-3:])
             if not self.stretches or self.stretches[-1][0] != step:
                 self.stretches.append([step, r, r, time.perf_counter()])
             last = self.stretches[-1]

@@ -305,7 +305,8 @@ def _export_eawq(args, src, output: Path, t_start: float, progress) -> dict:
         if allocation is not None:
             meta["quantization"]["allocation"] = {k: v for k, v in allocation.items() if k != "seconds"}
         writer.close(meta)
-    return summary(output, a, qa, reports, t_calib, time.perf_counter() - t_start, allocation, len(blocks))
+    return summary(output, a, qa, reports, t_calib, time.perf_counter() - t_start, allocation,
+                   n_blocks=len(blocks))
 
 
 def _search(args, n_blocks: int) -> dict:

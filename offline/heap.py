@@ -9,9 +9,10 @@ within a step is kept and its high-water mark does not carry into the next.
 
 A return has a price: the next step faults its temporaries in again, page by page. Where a step's
 temporaries are small (SmolLM2's scale-search candidates: about 60 MB), that was 0.9 million page faults
-and about 3 s of system time a layer at 16 blocks, for nothing: the next candidate reuses the same holes. So ``trim`` returns pages only once the
-process's resident memory has grown by more than ``SLACK`` since the last return (or since it was last
-lower): what the heap may hold beyond what is in use stays under about that much. Elsewhere (another libc,
+and about 3 s of system time a layer at 16 blocks, for nothing: the next candidate reuses the same holes.
+So ``trim`` returns pages only once the process's resident memory has grown by more than ``SLACK`` since
+the last return (or since it was last lower): what the heap may hold beyond what is in use stays under
+about that much. Elsewhere (another libc,
 another system) it does nothing.
 """
 

@@ -42,8 +42,8 @@ class Progress:
         self._bar.update(self._task, advance=1, last=f"layer {rep.index}: loss {rep.loss:.3g} (rtn {rep.loss_rtn:.3g})")
 
 
-def summary(path: Path, a, qa, reports, t_calib: float, t_total: float, allocation: dict | None = None,
-            n_blocks: int = 0) -> dict:
+def summary(path: Path, a, qa, reports, t_calib: float, t_total: float, allocation: dict | None = None, *,
+            n_blocks: int) -> dict:
     """A dict of the export's figures, with a human-readable ``text``; allocation: a mixed-precision
     export's choice (``export._allocate``); n_blocks: the calibration blocks the layers ran on."""
     phases = {"calibrate": t_calib, **(allocation or {}).get("seconds", {})}
