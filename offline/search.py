@@ -16,6 +16,7 @@ import torch
 
 from edge_awq.model import Dense, LayerWeights, ScaleGroup
 
+from edge_awq.offline import fake_quant
 from edge_awq.offline.fake_quant import fake_quantize
 from edge_awq.offline.heap import trim
 
@@ -60,16 +61,34 @@ def candidate_scales(x_mean, w_mean, ratio: float) -> torch.Tensor:
 
 
 def scaled_trial(lw: LayerWeights, names: tuple[str, ...], s: torch.Tensor, bits: int, group_size: int,
-                 formats: dict | None = None) -> LayerWeights:
+                 formats: dict | None = None, scratch: dict | None = None) -> LayerWeights:
     """lw with each named linear's weight replaced by Q(W·s)/s; formats: name -> its own ``LinearFormat``
-    (a mixed-precision layer), else every one at bits and group_size."""
+    (a mixed-precision layer), else every one at bits and group_size.
+
+    scratch: a dict the caller keeps from one trial to the next. A linear large enough to be rounded in
+    place (over ``fake_quant.CHUNK`` values) then gets W·s written into the same buffer every time
+    (``scaled_into``): the returned trial's weight is that buffer, valid until the next trial made with the
+    same scratch. Without it every trial's W·s is a fresh allocation, which glibc maps and unmaps: at 8B
+    width 235 MB a linear whose pages the kernel zeroes and faults in, candidate after candidate."""
     trial = {}
     for n in names:
         d = getattr(lw, n)
         b, gs = (formats[n].bits, formats[n].group_size) if formats else (bits, group_size)
-        # W·s is a fresh tensor: rounded and divided in place (no second copy of a large linear)
-        trial[n] = Dense(fake_quantize(d.weight * s, b, gs, in_place=True).div_(s), d.bias)
+        # W·s is a tensor of the trial's own: rounded and divided in place (no second copy of a large linear)
+        scaled = d.weight * s if scratch is None else scaled_into(scratch, n, d.weight, s)
+        trial[n] = Dense(fake_quantize(scaled, b, gs, in_place=True).div_(s), d.bias)
     return dataclasses.replace(lw, **trial)
+
+
+def scaled_into(scratch: dict, name: str, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """w·s, in scratch[name] (made on first use) where w is large enough to be rounded in place, else fresh.
+    The same product either way (``torch.mul`` with ``out=``)."""
+    if w.numel() <= fake_quant.CHUNK or w.dtype != torch.float32 or not w.is_contiguous():
+        return w * s
+    buf = scratch.get(name)
+    if buf is None or buf.shape != w.shape:
+        buf = scratch[name] = torch.empty_like(w)
+    return torch.mul(w, s, out=buf)
 
 
 def output_error(judge: Callable[[LayerWeights], torch.Tensor], reference: torch.Tensor) -> Callable[[LayerWeights], float]:
@@ -171,8 +190,10 @@ def search_scales(
     w_mean = weight_mean([getattr(lw, n).weight for n in group.linears], sizes) if duo else None
     scales = [candidate_scales(x_mean, w_mean, i / n_grid) for i in range(n_grid)]
 
+    scratch: dict = {}  # one trial at a time: each reuses the last one's buffers (``scaled_trial``)
+
     def trial(s: torch.Tensor) -> LayerWeights:
-        return scaled_trial(lw, group.linears, s, bits, group_size, formats)
+        return scaled_trial(lw, group.linears, s, bits, group_size, formats, scratch)
 
     trials = [lambda s=s: trial(s) for s in scales]
     if refine is None:

@@ -41,7 +41,7 @@ from edge_awq.offline.clip import apply_clip, search_clip
 from edge_awq.offline.fake_quant import fake_quantize
 from edge_awq.offline.heap import trim
 from edge_awq.offline.layerwise import judge_for, loss_for, record_inputs, to_torch
-from edge_awq.offline.search import search_scales
+from edge_awq.offline.search import scaled_into, search_scales
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ def layer_errors(lw, x_in, ctx, qa, ops) -> tuple[dict[str, dict[str, float]], f
             searched = _rows(lw, g.linears)
             loss = loss_for(dataclasses.replace(g, inspect=None), searched, x_in, x_mid, feats, ctx, ops,
                             gram_dtype=torch.float32)
+        scratch: dict = {}  # one trial at a time: W·s in one buffer per shape (``search.scaled_into``)
         for f in candidates(x.shape[-1]):
             s = torch.ones(x.shape[-1], dtype=torch.float32, device=x.device)
             if qa.method == "awq" and g.prev:
@@ -168,7 +169,8 @@ def layer_errors(lw, x_in, ctx, qa, ops) -> tuple[dict[str, dict[str, float]], f
                 s = torch.tensor(res.scales, dtype=torch.float32, device=x.device)
             for n in g.linears:
                 d = getattr(lw, n)
-                w = d.weight * s  # fresh: clipped, rounded and divided in place (one copy of a linear at a time)
+                # clipped, rounded and divided in place (one copy of a linear at a time)
+                w = scaled_into(scratch, tuple(d.weight.shape), d.weight, s)
                 if qa.method == "awq" and qa.clip and n not in NO_CLIP:
                     w = apply_clip(w, search_clip(w, x / s, f.bits, f.group_size, qa.n_grid), f.group_size,
                                    in_place=True)

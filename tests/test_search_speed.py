@@ -457,3 +457,45 @@ def test_short_calibration_text_gets_the_exact_default(stories_path, tmp_path, m
     info = quantize(stories_path, SHAKESPEARE, long_out, group_size="channel", n_samples=24, seqlen=64)
     assert EawqSource(long_out).quantization["search_dtype"] == "bfloat16"
     assert "RTN MSE measured on the 16 judged calibration blocks" in info["text"]
+
+
+def test_scratch_trials_reuse_one_buffer_for_the_same_weights(real_layers, monkeypatch):
+    """A linear large enough to be rounded in place (here: every one, CHUNK made small) gets each trial's W·s
+    in the same buffer: the same weights, bit for bit, as a trial of its own, and the buffer is the one the
+    next trial overwrites (the contract ``search_scales`` keeps: one trial at a time)."""
+    from edge_awq.offline import fake_quant
+
+    lw, x, _ = real_layers["SmolLM2"]
+    names = ("w1", "w3")
+    x_mean = activation_mean(x)
+    s1, s2 = candidate_scales(x_mean, None, 0.3), candidate_scales(x_mean, None, 0.7)
+    want1, want2 = scaled_trial(lw, names, s1, 4, 64), scaled_trial(lw, names, s2, 4, 64)
+    monkeypatch.setattr(fake_quant, "CHUNK", 4096)
+    scratch = {}
+    t1 = scaled_trial(lw, names, s1, 4, 64, scratch=scratch)
+    assert set(scratch) == set(names)
+    for n in names:
+        assert torch.equal(getattr(t1, n).weight, getattr(want1, n).weight)
+    ptrs = {n: getattr(t1, n).weight.data_ptr() for n in names}
+    t2 = scaled_trial(lw, names, s2, 4, 64, scratch=scratch)
+    for n in names:
+        assert getattr(t2, n).weight.data_ptr() == ptrs[n] == scratch[n].data_ptr()
+        assert torch.equal(getattr(t2, n).weight, getattr(want2, n).weight)
+        assert not torch.equal(getattr(want1, n).weight, getattr(want2, n).weight)
+    assert torch.equal(lw.w1.weight, real_layers["SmolLM2"][0].w1.weight)  # the layer's own weights untouched
+
+
+@pytest.mark.parametrize("budget", [None, "4.5"])
+def test_export_file_is_the_same_with_scratch_buffers(stories_path, tmp_path, monkeypatch, budget):
+    """End to end, stories260K: with every linear 'large' (CHUNK made small, so the trials reuse their
+    buffers in the scale search and in the sensitivity pass) the file is byte-identical to the default's."""
+    from edge_awq.offline import fake_quant, quantize
+
+    files = []
+    for chunk in (fake_quant.CHUNK, 256):
+        monkeypatch.setattr(fake_quant, "CHUNK", chunk)
+        out = tmp_path / f"c{chunk}.eawq"
+        quantize(stories_path, SHAKESPEARE, out, group_size="channel", n_samples=4, seqlen=128,
+                 budget=None if budget is None else float(budget))
+        files.append(out.read_bytes())
+    assert files[0] == files[1]
