@@ -148,13 +148,26 @@ def test_formats_naming_one_format_quantize_as_that_format(stories_layer, duo):
     assert (c["wq"].bits, c["wq"].group_size) == (4, 64)
 
 
-def test_fake_quantize_in_chunks_is_the_same():
-    """A linear larger than fake_quant.CHUNK is rounded a chunk of rows at a time: the same values."""
+def test_fake_quantize_in_chunks_and_in_place_is_the_same(monkeypatch):
+    """A linear larger than fake_quant.CHUNK is rounded a chunk of rows at a time: the same values as in one
+    chunk. in_place rounds the caller's float32 tensor itself (and returns it); without it w is left alone."""
     from edge_awq.offline import fake_quant
 
     w = torch.randn(fake_quant.CHUNK // 512 + 3, 1024, generator=torch.Generator().manual_seed(0))
+    keep = w.clone()
     for bits, gs in ((4, 64), (3, 128), (8, 1024)):
-        assert torch.equal(fake_quant.fake_quantize(w, bits, gs), fake_quant._fake_quantize(w, bits, gs))
+        chunked = fake_quant.fake_quantize(w, bits, gs)
+        with monkeypatch.context() as m:
+            m.setattr(fake_quant, "CHUNK", w.numel())
+            whole = fake_quant.fake_quantize(w, bits, gs)
+        assert torch.equal(w, keep) and not torch.equal(chunked, w)
+        assert torch.equal(chunked, whole)
+        own = w.clone()
+        assert fake_quant.fake_quantize(own, bits, gs, in_place=True).data_ptr() == own.data_ptr()
+        assert torch.equal(own, chunked)
+    half = w[:64].half()  # not float32: rounded in a copy even with in_place
+    assert torch.equal(fake_quant.fake_quantize(half, 4, 64, in_place=True), fake_quant.fake_quantize(half.float(), 4, 64))
+    assert torch.equal(half, w[:64].half())
 
 
 def test_in_place_search_gives_the_same_layer_and_leaves_the_default_callers_weights_alone(stories_layer):
