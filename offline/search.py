@@ -80,14 +80,15 @@ def scaled_trial(lw: LayerWeights, names: tuple[str, ...], s: torch.Tensor, bits
     return dataclasses.replace(lw, **trial)
 
 
-def scaled_into(scratch: dict, name: str, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """w·s, in scratch[name] (made on first use) where w is large enough to be rounded in place, else fresh.
-    The same product either way (``torch.mul`` with ``out=``)."""
-    if w.numel() <= fake_quant.CHUNK or w.dtype != torch.float32 or not w.is_contiguous():
+def scaled_into(scratch: dict, name, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """w·s, in scratch[name] (a float32 buffer of w's shape, made on first use) where w is large enough to be
+    rounded in place, else fresh. The same product either way (``torch.mul`` with ``out=``), whatever w's
+    layout: the sensitivity pass searches on every k-th row of a linear, a view."""
+    if w.numel() <= fake_quant.CHUNK or w.dtype != torch.float32:
         return w * s
     buf = scratch.get(name)
     if buf is None or buf.shape != w.shape:
-        buf = scratch[name] = torch.empty_like(w)
+        buf = scratch[name] = torch.empty(w.shape, dtype=torch.float32, device=w.device)
     return torch.mul(w, s, out=buf)
 
 

@@ -463,6 +463,7 @@ def test_scratch_trials_reuse_one_buffer_for_the_same_weights(real_layers, monke
     """A linear large enough to be rounded in place (here: every one, CHUNK made small) gets each trial's W·s
     in the same buffer: the same weights, bit for bit, as a trial of its own, and the buffer is the one the
     next trial overwrites (the contract ``search_scales`` keeps: one trial at a time)."""
+    from edge_awq.model import Dense
     from edge_awq.offline import fake_quant
 
     lw, x, _ = real_layers["SmolLM2"]
@@ -483,6 +484,13 @@ def test_scratch_trials_reuse_one_buffer_for_the_same_weights(real_layers, monke
         assert torch.equal(getattr(t2, n).weight, getattr(want2, n).weight)
         assert not torch.equal(getattr(want1, n).weight, getattr(want2, n).weight)
     assert torch.equal(lw.w1.weight, real_layers["SmolLM2"][0].w1.weight)  # the layer's own weights untouched
+    # a view of every other row (the sensitivity pass's cut linears): in the buffer too, the same weights
+    cut = dataclasses.replace(lw, w1=Dense(lw.w1.weight[::2]), w3=Dense(lw.w3.weight[::2]))
+    assert not cut.w1.weight.is_contiguous()
+    t3 = scaled_trial(cut, names, s1, 4, 64, scratch=scratch)
+    for n in names:
+        assert getattr(t3, n).weight.data_ptr() == scratch[n].data_ptr()
+        assert torch.equal(getattr(t3, n).weight, getattr(scaled_trial(cut, names, s1, 4, 64), n).weight)
 
 
 @pytest.mark.parametrize("budget", [None, "4.5"])
