@@ -29,7 +29,8 @@ def group_errors(w: torch.Tensor, x: torch.Tensor, limits: torch.Tensor, bits: i
     w (rows, 1, G, gs), x (1, n, G, gs), limits (rows, 1, G, 1), reference (rows, n, G) -> (rows, G).
     """
     q = fake_quantize(torch.clamp(w, -limits, limits), bits, group_size, in_place=True)  # the clamp is fresh
-    return (partial_dots(x, q) - reference).pow(2).mean(dim=1)
+    d = partial_dots(x, q).sub_(reference)  # fresh too: the difference and its square in place, the same values
+    return d.mul_(d).mean(dim=1)
 
 
 def partial_dots(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -96,6 +96,26 @@ def test_clip_never_raises_group_error_above_rtn(stories_layer):
         assert float(clipped.abs().max()) <= float(w.abs().max())
 
 
+@pytest.mark.parametrize("rows,gs", [(64, 4), (64, 172), (7, 2)])
+def test_group_errors_in_place_are_the_plain_formula_bit_for_bit(stories_layer, rows, gs):
+    """The clip search's error per (row, group), its difference and square taken in place: the same bits as
+    (partial dots − reference)² averaged over the tokens, on a real linear and its real input."""
+    from edge_awq.offline.clip import partial_dots
+
+    lw, x, ctx = stories_layer
+    feats, _, _ = record_inputs(lw, x, ctx, ops)
+    w = lw.w2.weight[:rows]
+    G = w.shape[1] // gs
+    xs = sample_tokens(feats["w2"], 512).reshape(1, -1, G, gs)
+    wg = w.reshape(-1, 1, G, gs)
+    reference = partial_dots(xs, wg)
+    limits = wg.abs().amax(-1, keepdim=True) * 0.8
+    want = (partial_dots(xs, fake_quantize(torch.clamp(wg, -limits, limits), 4, gs)) - reference).pow(2).mean(dim=1)
+    got = group_errors(wg, xs, limits, 4, gs, reference)
+    assert got.shape == (rows, G) and torch.all(want > 0)
+    assert torch.equal(got, want)
+
+
 def test_awq_beats_rtn_on_layer_output(stories_layer):
     lw, x, ctx = stories_layer
     for qa in (QuantArgs(4, 4), QuantArgs(3, "channel"), QuantArgs(4, "channel", duo_scaling=True)):
