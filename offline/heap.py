@@ -1,11 +1,13 @@
 """Giving the C heap's free pages back to the system between the searches' steps.
 
-The searches make many temporaries of a few to tens of MB (a chunk of a rounded linear, a clip search's
-partial products). glibc serves sizes under its mmap threshold — which rises to 32 MB once larger blocks
-have been freed — from its heaps, and pages freed in the middle of a heap stay resident: at 70B width
-the exporter's resident memory rose GBs above what it held (docs/export-memory.md). ``trim`` asks glibc to
-return every free page (``malloc_trim(0)``); the searches call it after each step, so the heap's reuse
-within a step is kept and its high-water mark does not carry into the next.
+The searches make many temporaries of a few to tens of MB (a clip search's partial products, a judged
+sub-block's activations; a trial's rounded weights are made in place, in buffers kept from trial to
+trial: ``fake_quant``, ``search.scaled_into``). glibc serves sizes under its mmap threshold — which rises
+to 32 MB once larger blocks have been freed — from its heaps, and pages freed in the middle of a heap
+stay resident: at 70B width the exporter's resident memory rose GBs above what it held
+(docs/export-memory.md). ``trim`` asks glibc to return every free page (``malloc_trim(0)``); the searches
+call it after each step, so the heap's reuse within a step is kept and its high-water mark does not carry
+into the next.
 
 A return has a price: the next step faults its temporaries in again, page by page. Where a step's
 temporaries are small (SmolLM2's scale-search candidates: about 60 MB), that was 0.9 million page faults
