@@ -16,7 +16,6 @@ import torch
 
 from edge_awq.model import Dense, LayerWeights, ScaleGroup
 
-from edge_awq.offline import fake_quant
 from edge_awq.offline.fake_quant import fake_quantize
 from edge_awq.offline.heap import trim
 
@@ -65,11 +64,11 @@ def scaled_trial(lw: LayerWeights, names: tuple[str, ...], s: torch.Tensor, bits
     """lw with each named linear's weight replaced by Q(W·s)/s; formats: name -> its own ``LinearFormat``
     (a mixed-precision layer), else every one at bits and group_size.
 
-    scratch: a dict the caller keeps from one trial to the next. A linear large enough to be rounded in
-    place (over ``fake_quant.CHUNK`` values) then gets W·s written into the same buffer every time
-    (``scaled_into``): the returned trial's weight is that buffer, valid until the next trial made with the
-    same scratch. Without it every trial's W·s is a fresh allocation, which glibc maps and unmaps: at 8B
-    width 235 MB a linear whose pages the kernel zeroes and faults in, candidate after candidate."""
+    scratch: a dict the caller keeps from one trial to the next. Each linear's W·s is then written into the
+    same buffer every time (``scaled_into``) and rounded there: the returned trial's weight is that buffer,
+    valid until the next trial made with the same scratch. Without it every trial's W·s is a fresh
+    allocation, which glibc maps and unmaps once it is over 32 MB: at 8B width 235 MB a linear whose pages
+    the kernel zeroes and faults in, candidate after candidate."""
     trial = {}
     for n in names:
         d = getattr(lw, n)
@@ -81,11 +80,9 @@ def scaled_trial(lw: LayerWeights, names: tuple[str, ...], s: torch.Tensor, bits
 
 
 def scaled_into(scratch: dict, name, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """w·s, in scratch[name] (a float32 buffer of w's shape, made on first use) where w is large enough to be
-    rounded in place, else fresh. The same product either way (``torch.mul`` with ``out=``), whatever w's
-    layout: the sensitivity pass searches on every k-th row of a linear, a view."""
-    if w.numel() <= fake_quant.CHUNK or w.dtype != torch.float32:
-        return w * s
+    """w·s in scratch[name], a float32 buffer of w's shape made on first use: the same product as ``w * s``
+    (``torch.mul`` with ``out=``), whatever w's layout (the sensitivity pass searches on every k-th row of a
+    linear, a view)."""
     buf = scratch.get(name)
     if buf is None or buf.shape != w.shape:
         buf = scratch[name] = torch.empty(w.shape, dtype=torch.float32, device=w.device)

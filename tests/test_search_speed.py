@@ -459,19 +459,17 @@ def test_short_calibration_text_gets_the_exact_default(stories_path, tmp_path, m
     assert "RTN MSE measured on the 16 judged calibration blocks" in info["text"]
 
 
-def test_scratch_trials_reuse_one_buffer_for_the_same_weights(real_layers, monkeypatch):
-    """A linear large enough to be rounded in place (here: every one, CHUNK made small) gets each trial's W·s
-    in the same buffer: the same weights, bit for bit, as a trial of its own, and the buffer is the one the
-    next trial overwrites (the contract ``search_scales`` keeps: one trial at a time)."""
+def test_scratch_trials_reuse_one_buffer_for_the_same_weights(real_layers):
+    """With a scratch, each trial's W·s of a linear goes into the same buffer: the same weights, bit for bit,
+    as a trial of its own, and the buffer is the one the next trial overwrites (the contract
+    ``search_scales`` keeps: one trial at a time)."""
     from edge_awq.model import Dense
-    from edge_awq.offline import fake_quant
 
     lw, x, _ = real_layers["SmolLM2"]
     names = ("w1", "w3")
     x_mean = activation_mean(x)
     s1, s2 = candidate_scales(x_mean, None, 0.3), candidate_scales(x_mean, None, 0.7)
     want1, want2 = scaled_trial(lw, names, s1, 4, 64), scaled_trial(lw, names, s2, 4, 64)
-    monkeypatch.setattr(fake_quant, "CHUNK", 4096)
     scratch = {}
     t1 = scaled_trial(lw, names, s1, 4, 64, scratch=scratch)
     assert set(scratch) == set(names)
@@ -495,15 +493,18 @@ def test_scratch_trials_reuse_one_buffer_for_the_same_weights(real_layers, monke
 
 @pytest.mark.parametrize("budget", [None, "4.5"])
 def test_export_file_is_the_same_with_scratch_buffers(stories_path, tmp_path, monkeypatch, budget):
-    """End to end, stories260K: with every linear 'large' (CHUNK made small, so the trials reuse their
-    buffers in the scale search and in the sensitivity pass) the file is byte-identical to the default's."""
-    from edge_awq.offline import fake_quant, quantize
+    """End to end, stories260K: the trials' W·s in buffers kept from trial to trial (the scale search and the
+    sensitivity pass) against a fresh tensor for every trial: byte-identical files."""
+    from edge_awq.offline import quantize, search, sensitivity
 
     files = []
-    for chunk in (fake_quant.CHUNK, 256):
-        monkeypatch.setattr(fake_quant, "CHUNK", chunk)
-        out = tmp_path / f"c{chunk}.eawq"
-        quantize(stories_path, SHAKESPEARE, out, group_size="channel", n_samples=4, seqlen=128,
-                 budget=None if budget is None else float(budget))
+    for fresh in (False, True):
+        with monkeypatch.context() as m:
+            if fresh:
+                for mod in (search, sensitivity):
+                    m.setattr(mod, "scaled_into", lambda scratch, name, w, s: w * s)
+            out = tmp_path / f"fresh{fresh}.eawq"
+            quantize(stories_path, SHAKESPEARE, out, group_size="channel", n_samples=4, seqlen=128,
+                     budget=None if budget is None else float(budget))
         files.append(out.read_bytes())
     assert files[0] == files[1]
