@@ -5,7 +5,9 @@
 Runs the layers before --layer unquantized (FP) to get its real input, then ``search_layer`` on that
 layer with ``torch.profiler``, each scale group and the clip search under its own label. Prints the
 seconds per phase and group, and the operators that took the most time (self CPU), with their input
-shapes and dtypes. The breakdown behind docs/export-speed.md.
+shapes and dtypes, and the layer's time split three ways: matrix products, the attention kernel, and the
+rest (norms, RoPE, SiLU, the losses, the candidates' rounding, bookkeeping). The breakdown behind
+docs/export-speed.md.
 """
 
 import argparse
@@ -31,6 +33,23 @@ def labelled(fn, label):
         with record_function(label(*a, **k)):
             return fn(*a, **k)
     return wrapped
+
+
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+WRAPPERS = ("aten::matmul", "aten::linear", "aten::einsum", "aten::scaled_dot_product_attention")
+
+
+def split(events) -> dict[str, float]:
+    """Self CPU seconds of the profiled ops: matrix products, the attention kernel, the rest (labels and the
+    wrappers that only call the first two are left out)."""
+    parts = {"matrix products": 0.0, "attention kernel": 0.0, "the rest": 0.0}
+    for e in events:
+        if e.key.startswith(("scale ", "clip ")) or e.key in WRAPPERS:
+            continue
+        part = ("matrix products" if e.key in PRODUCTS else
+                "attention kernel" if "scaled_dot_product" in e.key else "the rest")
+        parts[part] += e.self_cpu_time_total / 1e6
+    return parts
 
 
 def main():
@@ -70,6 +89,8 @@ def main():
     print("| label | seconds |\n|---|---|")
     for e in sorted((e for e in events if e.key.startswith(("scale ", "clip "))), key=lambda e: -e.cpu_time_total):
         print(f"| {e.key} | {e.cpu_time_total / 1e6:.2f} |")
+    parts = split(events)
+    print("split: " + ", ".join(f"{k} {v:.2f} s ({v / sum(parts.values()):.0%})" for k, v in parts.items()))
     print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=a.top,
                                                              max_name_column_width=40, max_shapes_column_width=60))
 
