@@ -117,9 +117,13 @@ def stories_weights(stories_path):
     return src, load_weights(src)
 
 
+# the architecture the CUDA tests build for: Jetson Orin's sm_87 here and in CI; .ci/gpu sets the GPU's own
+CUDA_ARCH = os.environ.get("EDGE_AWQ_CUDA_ARCH", "87")
+
+
 @pytest.fixture(scope="session")
 def cuda_build(tmp_path_factory):
-    """(install prefix, build log) of libedge_awq_cuda.so for sm_87, built as `edge-awq build-native` does."""
+    """(install prefix, build log) of libedge_awq_cuda.so for CUDA_ARCH, built as `edge-awq build-native` does."""
     import shutil
 
     from edge_awq.backends.native import build, source_root
@@ -127,7 +131,7 @@ def cuda_build(tmp_path_factory):
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not on PATH: the CUDA build is checked where the toolkit is installed")
     d = tmp_path_factory.mktemp("native")
-    log = build(source_root(), d / "build", d / "prefix", "87")
+    log = build(source_root(), d / "build", d / "prefix", CUDA_ARCH)
     return d / "prefix", log
 
 

@@ -1,5 +1,5 @@
-"""native/: the CUDA library builds clean for sm_87, and its arithmetic (the CPU build of the
-shared header) equals the numpy reference on random and real weights and awkward shapes."""
+"""native/: the CUDA library builds clean for sm_87 (or EDGE_AWQ_CUDA_ARCH's), and its arithmetic (the CPU
+build of the shared header) equals the numpy reference on random and real weights and awkward shapes."""
 
 import re
 import shutil
@@ -14,6 +14,7 @@ from edge_awq.backends.reference import ReferenceBackend
 from edge_awq.model import Dense, KVCache
 from edge_awq.backends.native import CPU_ARITH_LIB, CUDA_LIB, build, source_root
 from edge_awq.pack import pack_linear
+from tests.conftest import CUDA_ARCH
 
 cffi = pytest.importorskip("cffi")
 ROOT = source_root()
@@ -41,14 +42,14 @@ def _functions(header: Path) -> list[str]:
 def test_cuda_library_builds_without_warnings_or_spills(cuda_build):
     prefix, log = cuda_build
     assert (prefix / "lib" / CUDA_LIB).is_file() and (prefix / "include" / "edge_awq_cuda.h").is_file()
-    kernels = re.findall(r"Compiling entry function '(\w+)' for 'sm_87'", log)
+    kernels = re.findall(rf"Compiling entry function '(\w+)' for 'sm_{CUDA_ARCH}'", log)
     assert len(kernels) >= 9, log[-2000:]
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     assert spills and all(s == ("0", "0") for s in spills), spills
     assert "warning" not in log.lower()
 
 
-def test_cuda_library_holds_sm87_code(cuda_build):
+def test_cuda_library_holds_code_for_its_architecture_only(cuda_build):
     cuobjdump = shutil.which("cuobjdump") or next(Path(sys.prefix).glob("lib/python*/site-packages/nvidia/*/bin/cuobjdump"), None)
     if cuobjdump is None:
         pytest.skip("cuobjdump not installed: pip install nvidia-cuda-cuobjdump")
@@ -56,7 +57,7 @@ def test_cuda_library_holds_sm87_code(cuda_build):
 
     out = subprocess.run([str(cuobjdump), "--list-elf", str(cuda_build[0] / "lib" / CUDA_LIB)],
                          capture_output=True, text=True, check=True).stdout
-    assert "sm_87" in out and not re.search(r"sm_(?!87)\d+", out), out
+    assert f"sm_{CUDA_ARCH}" in out and not re.search(rf"sm_(?!{CUDA_ARCH})\d+", out), out
 
 
 def test_every_abi_function_resolves(cuda_build):
@@ -231,11 +232,12 @@ def test_rmsnorm_silu_and_rope_match_reference(arith):
     assert _rel(out, ref.silu_mul(g.astype(np.float32), u.astype(np.float32))) <= 1e-5
     inv_freq = (10000.0 ** (-np.arange(0, 64, 2) / 64)).astype(np.float32)
     q = rng.standard_normal((5, 3, 64)).astype(np.float16)
-    for interleaved in (False, True):
-        y = np.empty((5, 3, 64), np.float32)
-        lib.eawq_cpu_rope(ffi.from_buffer("uint16_t[]", _h(q)), ffi.from_buffer("float[]", y), 5, 3, 64, 1000,
-                          ffi.from_buffer("float[]", inv_freq), interleaved)
-        assert _rel(y, ref.rope(q.astype(np.float32), 1000, inv_freq, interleaved)) <= 1e-3
+    for pos in (0, 1000, 1_000_000):  # far positions too: the angle is reduced in double, not taken in float
+        for interleaved in (False, True):
+            y = np.empty((5, 3, 64), np.float32)
+            lib.eawq_cpu_rope(ffi.from_buffer("uint16_t[]", _h(q)), ffi.from_buffer("float[]", y), 5, 3, 64, pos,
+                              ffi.from_buffer("float[]", inv_freq), interleaved)
+            assert _rel(y, ref.rope(q.astype(np.float32), pos, inv_freq, interleaved)) <= 1e-5, (pos, interleaved)
 
 
 @pytest.mark.parametrize("T,pos,n_heads,n_kv", [(1, 0, 4, 4), (1, 300, 9, 3), (7, 0, 9, 3), (5, 250, 8, 2)])

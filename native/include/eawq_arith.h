@@ -227,11 +227,21 @@ EAWQ_HD float eawq_swiglu(float g, float u)
 }
 
 /* Rotate the pair (x0, x1) by pos * inv_freq. */
+/* The angle pos * inv_freq is taken in double and reduced to [-1, 1] half turns before any sine: exact to
+ * float precision at any position (a float angle loses its fraction as positions grow: at 10^6, a sixteenth
+ * of a radian), and the sine and cosine never take their large-argument path, whose reduction table would
+ * put a stack frame in local memory in every kernel that inlines this (ptxas's -warn-lmem-usage, at sm_90).
+ * The device's sincospif and the host's sinf/cosf of the same reduced float agree to an ulp or two. */
 EAWQ_HD void eawq_rope_pair(float *x0, float *x1, int pos, float inv_freq)
 {
-    float s, c, a = (float)pos * inv_freq, r0, r1;
-    s = sinf(a);
-    c = cosf(a);
+    double turns = (double)pos * (double)inv_freq * 0.31830988618379067154; /* the angle over pi */
+    float h = (float)(turns - 2.0 * rint(0.5 * turns)), s, c, r0, r1;     /* in [-1, 1] half turns */
+#ifdef __CUDA_ARCH__
+    sincospif(h, &s, &c);
+#else
+    s = sinf(h * 3.14159265358979323846f);
+    c = cosf(h * 3.14159265358979323846f);
+#endif
     r0 = *x0 * c - *x1 * s;
     r1 = *x0 * s + *x1 * c;
     *x0 = r0;
