@@ -226,12 +226,12 @@ EAWQ_HD float eawq_swiglu(float g, float u)
     return g * (0.5f * (1.0f + tanhf(0.5f * g))) * u;
 }
 
-/* Rotate the pair (x0, x1) by pos * inv_freq. */
-/* The angle pos * inv_freq is taken in double and reduced to [-1, 1] half turns before any sine: exact to
- * float precision at any position (a float angle loses its fraction as positions grow: at 10^6, a sixteenth
- * of a radian), and the sine and cosine never take their large-argument path, whose reduction table would
- * put a stack frame in local memory in every kernel that inlines this (ptxas's -warn-lmem-usage, at sm_90).
- * The device's sincospif and the host's sinf/cosf of the same reduced float agree to an ulp or two. */
+/* Rotate the pair (x0, x1) by pos * inv_freq. The angle is taken in double and reduced to [-1, 1] half
+ * turns before any sine: exact to float precision at any position (a float angle loses its fraction as
+ * positions grow: at 10^6, a sixteenth of a radian), and the sine and cosine never take their large-argument
+ * path, whose reduction table would put a stack frame in local memory in every kernel that inlines this
+ * (ptxas's -warn-lmem-usage, at sm_90). The device's sincospif and the host's sinf/cosf of the same reduced
+ * float agree to an ulp or two. */
 EAWQ_HD void eawq_rope_pair(float *x0, float *x1, int pos, float inv_freq)
 {
     double turns = (double)pos * (double)inv_freq * 0.31830988618379067154; /* the angle over pi */
