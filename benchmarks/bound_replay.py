@@ -35,39 +35,32 @@ from edge_awq.offline.torch_ops import TorchOps
 
 
 class Recorded:
-    """The bounded search's view of a ``ChunkedError`` whose chunk values are already known."""
+    """The bounded search's view of a ``ChunkedError`` whose chunk values are already known; ``ran`` marks the
+    (candidate, chunk) pairs the search asked for."""
 
-    def __init__(self, values: np.ndarray, n_values: int):
-        self.values, self.n_values, self.evaluated = values, n_values, 0
+    def __init__(self, values: np.ndarray):
+        self.values = values
+        self.ran = np.zeros(values.shape, dtype=bool)
 
     @property
     def n_chunks(self) -> int:
         return self.values.shape[1]
 
     def chunk(self, candidate: int, i: int) -> float:
-        self.evaluated += 1
+        self.ran[candidate, i] = True
         return float(self.values[candidate, i])
 
     def total(self, chunks: list[float]) -> float:
-        return math.fsum(chunks) / self.n_values
+        return math.fsum(chunks)
 
 
 def search_share(per_block: np.ndarray, chunk: int) -> float:
     """The share of candidate-blocks the export's bound runs, with chunk blocks a chunk."""
     n = per_block.shape[1]
     bounds = list(range(0, n, chunk)) + [n]
-    values = np.stack([per_block[:, lo:hi].sum(1) for lo, hi in zip(bounds, bounds[1:])], axis=1)
-    sizes = np.diff(bounds)
-    rec = Recorded(values, 1)
-    ran = np.zeros(values.shape, dtype=bool)
-
-    def chunk_fn(c, i, _orig=rec.chunk):
-        ran[c, i] = True
-        return _orig(c, i)
-
-    rec.chunk = chunk_fn
-    _least_chunked(rec, [lambda c=c: c for c in range(len(values))])
-    return float((ran * sizes).sum() / per_block.size)
+    rec = Recorded(np.stack([per_block[:, lo:hi].sum(1) for lo, hi in zip(bounds, bounds[1:])], axis=1))
+    _least_chunked(rec, [lambda c=c: c for c in range(len(per_block))])
+    return float((rec.ran * np.diff(bounds)).sum() / per_block.size)
 
 
 def oracle_share(per_block: np.ndarray) -> float:
