@@ -27,7 +27,7 @@ from edge_awq.offline.clip import apply_clip, search_clip
 from edge_awq.offline.fake_quant import fake_quantize
 from edge_awq.offline.heap import trim
 from edge_awq.offline.search import ChunkedError, ScaleResult, apply_scales, linear_error, output_error, search_scales
-from edge_awq.offline.torch_ops import CastOps, NormMemo, RecordingOps
+from edge_awq.offline.torch_ops import BlockAttention, CastOps, NormMemo, RecordingOps
 
 
 
@@ -170,6 +170,12 @@ def judge_for(group, x_in, x_mid, feats, ctx, ops) -> Callable[[LayerWeights], t
     return lambda t: torch.cat([ops.linear(feats[n], getattr(t, n)) for n in group.linears], dim=-1)
 
 
+# the widest heads whose judged attention the search runs through the numba kernel for whole blocks
+# (``BlockAttention``): at 8 wide 2.8 x torch's flash kernel, at 16 1.2 x (docs/export-speed.md); wider heads
+# keep torch's kernel, whose products then have a head's width to work with
+BLOCK_ATTENTION_HEAD_DIM = 16
+
+
 def loss_for(group, lw, x_in, x_mid, feats, ctx, ops, gram: bool = True,
              dtype: str = "float32", gram_dtype=torch.float64, chunked: bool = True,
              x_out=None) -> Callable[[LayerWeights], float]:
@@ -177,13 +183,20 @@ def loss_for(group, lw, x_in, x_mid, feats, ctx, ops, gram: bool = True,
     (``linear_error``), unless gram is False; a sub-block by running it, a chunk of calibration blocks at a
     time (``ChunkedError``, which the search bounds; ``chunk_blocks`` sets the size), or on every block at once
     (``output_error``) where chunked is False; its matrix products in dtype ("bfloat16": ``CastOps``; the
-    reference through the same arithmetic). x_out: the FP layer's output on x_in from ``record_inputs``
-    (x_mid being the attention's): in float32 the chunked references are taken from these, not run again."""
+    reference through the same arithmetic); on a CPU, with heads at most ``BLOCK_ATTENTION_HEAD_DIM`` wide, the
+    attention sub-block's attention through the numba kernel for whole blocks (``BlockAttention``; its
+    reference too). x_out: the FP layer's output on x_in from
+    ``record_inputs`` (x_mid being the attention's): where the judged sub-block runs torch's float32 arithmetic,
+    the chunked references are taken from these, not run again."""
     x = feats[group.linears[0]]
     if group.inspect is None and gram and x.numel() // x.shape[-1] >= x.shape[-1]:
         return linear_error(group.linears, lw, x, gram_dtype)  # (the Gram matrix pays where tokens outnumber inputs)
     if dtype != "float32":
         ops = CastOps(ops, getattr(torch, dtype))
+    block_attention = (group.inspect == "attention" and x_in.device.type == "cpu"
+                       and ctx.args.head_dim <= BLOCK_ATTENTION_HEAD_DIM)
+    if block_attention:
+        ops = BlockAttention(ops)
     if not chunked:
         judge = judge_for(group, x_in, x_mid, feats, ctx, ops)
         return output_error(judge, judge(lw))
@@ -191,7 +204,8 @@ def loss_for(group, lw, x_in, x_mid, feats, ctx, ops, gram: bool = True,
     parts = chunks(x_in, ctx)
     judges = [judge_for(group, x_in[part], x_mid[part], {k: v[part] for k, v in feats.items()}, ctx, ops)
               for part in parts]
-    recorded = {"attention": x_mid, "mlp": x_out}.get(group.inspect) if dtype == "float32" else None
+    # the references through the candidates' own arithmetic: the FP pass's outputs where that is torch's float32
+    recorded = {"attention": x_mid, "mlp": x_out}.get(group.inspect) if dtype == "float32" and not block_attention else None
     return ChunkedError(judges, lw, None if recorded is None else [recorded[part] for part in parts])
 
 

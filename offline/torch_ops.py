@@ -96,6 +96,33 @@ class NormMemo:
         return getattr(self.inner, op)
 
 
+class BlockAttention:
+    """Wraps ops so that attention runs through the numba kernel for whole causal blocks
+    (``edge_awq.backends.numba.attention.causal_blocks``) instead of torch's flash kernel, on CPU float32
+    tensors. The scale search runs its judged attention sub-block through this where heads are narrow
+    (``layerwise.BLOCK_ATTENTION_HEAD_DIM``): with stories260K's 8-wide heads the flash kernel's inner products
+    are 8 long, it ran at 2.7 GFLOP/s and took most of that model's search (docs/export-speed.md). The
+    arithmetic is float32 in another order (the softmax's exponential within 4e-7): a candidate's loss moves
+    by float rounding, to which the search's choices are tested to be indifferent; the FP pass and the
+    propagation keep torch's kernel, so the statistics and the next layer's input do not change."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, inner.name
+
+    def attention(self, q, k, v, cache, layer: int, pos: int):
+        if cache is not None or pos != 0:
+            raise ValueError("offline attention runs whole blocks from position 0, without a cache")
+        from edge_awq.backends.numba.attention import causal_blocks
+
+        T, H, hd = q.shape[-3:]
+        flat = lambda t: t.detach().reshape(-1, *t.shape[-3:]).numpy()  # noqa: E731
+        out = causal_blocks(flat(q), flat(k), flat(v))
+        return torch.from_numpy(out).reshape(*q.shape[:-3], T, H * hd)
+
+    def __getattr__(self, op):
+        return getattr(self.inner, op)
+
+
 class CastOps:
     """Wraps ops so that the linears' matrix products run in a lower precision (bfloat16, where the CPU
     has it in hardware): input and weight cast, the product returned in float32. Norms, RoPE, attention,

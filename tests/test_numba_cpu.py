@@ -221,3 +221,42 @@ def test_linears_of_one_input_match_reference(T, outs):
     got, want = nb.linears(x, ws), ref.linears(x, ws)
     assert [g.shape for g in got] == [(T, o) for o in outs]
     assert all(rel_err(g, w) <= 1e-3 for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("B,T,H,n_kv,hd", [(1, 1, 4, 4, 8), (3, 7, 6, 2, 8), (2, 65, 9, 3, 64), (1, 130, 8, 1, 12),
+                                         (2, 64, 4, 2, 16), (1, 200, 3, 3, 6), (6, 512, 8, 4, 8)])
+def test_causal_blocks_match_the_reference_block_by_block(B, T, H, n_kv, hd):
+    """The offline search's attention over whole blocks: each block as the reference runs it from an empty
+    float32 cache (tiles of 64 queries and a tail, head dims with and without a multiple of eight, groups of
+    one to nine query heads; the last row is stories260K's chunk of six 512-token blocks)."""
+    from edge_awq.backends.numba.attention import causal_blocks
+    from edge_awq.config import ModelArgs
+
+    a = ModelArgs("llama", H * hd, 8, 1, H, n_kv, hd, 10, T)
+    q = rng.standard_normal((B, T, H, hd)).astype(np.float32) * 3
+    k, v = (rng.standard_normal((B, T, n_kv, hd)).astype(np.float32) for _ in range(2))
+    got = causal_blocks(q, k, v)
+    assert got.shape == (B, T, H * hd) and got.dtype == np.float32
+    for b in range(B):
+        want = ref.attention(q[b], k[b], v[b], KVCache.allocate(a, T, np.float32), 0, 0)
+        assert rel_err(got[b], want) <= 1e-5
+
+
+def test_causal_blocks_on_real_queries_and_keys(stories_weights, smollm2_weights):
+    """Real q, k, v (a layer's projections of embedded text, RoPE applied) of stories260K and SmolLM2."""
+    from edge_awq.backends.numba.attention import causal_blocks
+    from edge_awq.formats.load import inv_freq, read_layer
+
+    for src, w in (stories_weights, smollm2_weights):
+        a, lw, freq = w.args, read_layer(src, 1), inv_freq(src)
+        tokens = rng.integers(0, a.vocab_size, (2, 96))
+        x = np.asarray(src.get("tok_embeddings"), np.float32)[tokens]
+        h = ref.rmsnorm(x, np.asarray(lw.attn_norm, np.float32), a.norm_eps)
+        proj = {n: h @ np.asarray(getattr(lw, n).weight, np.float32).T for n in ("wq", "wk", "wv")}
+        q = proj["wq"].reshape(2, 96, a.n_heads, a.head_dim)
+        k, v = (proj[n].reshape(2, 96, a.n_kv_heads, a.head_dim) for n in ("wk", "wv"))
+        q, k = (np.stack([ref.rope(t[b], 0, freq, a.rope_interleaved) for b in range(2)]) for t in (q, k))
+        got = causal_blocks(q, k, v)
+        for b in range(2):
+            cache = KVCache.allocate(a, 96, np.float32)
+            assert rel_err(got[b], ref.attention(q[b], k[b], v[b], cache, 0, 0)) <= 1e-5

@@ -252,6 +252,37 @@ def test_bounded_search_chooses_as_every_candidate_in_full(real_layers, model, m
         assert skipped > 0
 
 
+@pytest.mark.parametrize("model", ["stories260K", "SmolLM2"])
+def test_block_attention_scores_and_chooses_as_torchs_kernel(real_layers, model, monkeypatch):
+    """The attention group judged through the numba kernel for whole blocks (``BlockAttention``, references
+    included) against torch's flash kernel with the recorded references: every candidate's loss within float
+    rounding of the other's, and the same α and scales at 4 and 3 bits, on real layers of both models
+    (SmolLM2's 64-wide heads keep torch's kernel in an export; here the kernel is made to take them)."""
+    lw, x, ctx = real_layers[model]
+    gs = 4 if model == "stories260K" else 64
+    g = next(g for g in SCALE_GROUPS if g.inspect == "attention")
+    with torch.inference_mode():
+        feats, x_mid, x_out = record_inputs(lw, x, ctx, ops)
+        default = loss_for(g, lw, x, x_mid, feats, ctx, ops, x_out=x_out)
+        first = default.references[0]  # the recorded output where torch's kernel judges, else the kernel's
+        assert torch.equal(first, x_mid[: first.shape[0]]) == (model == "SmolLM2")
+        monkeypatch.setattr(layerwise, "BLOCK_ATTENTION_HEAD_DIM", 64)
+        fast = loss_for(g, lw, x, x_mid, feats, ctx, ops, x_out=x_out)
+        with monkeypatch.context() as m:
+            m.setattr(layerwise, "BlockAttention", lambda inner: inner)
+            flash = loss_for(g, lw, x, x_mid, feats, ctx, ops, x_out=x_out)
+        for mine, recorded in zip(fast.references, flash.references):  # computed by the kernel, not recorded
+            assert not torch.equal(mine, recorded)
+            torch.testing.assert_close(mine, recorded, rtol=1e-5, atol=1e-5)
+        x_g = feats[g.linears[0]]
+        for bits in (4, 3):
+            for i in (0, 7, 19):
+                trial = scaled_trial(lw, g.linears, candidate_scales(activation_mean(x_g), None, i / 20), bits, gs)
+                assert fast(trial) == pytest.approx(flash(trial), rel=1e-4) and fast(trial) != flash(trial)
+            a, b = (search_scales(g, lw, x_g, loss, bits, gs) for loss in (fast, flash))
+            assert (a.ratio, a.scales) == (b.ratio, b.scales) and a.loss == pytest.approx(b.loss, rel=1e-4)
+
+
 def test_chunks_are_whole_blocks_sized_by_the_work():
     from edge_awq.offline.layerwise import chunk_blocks
 

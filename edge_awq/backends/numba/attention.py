@@ -47,6 +47,26 @@ def _job(job, n_tiles):
     return kv, tile
 
 
+@njit(cache=True, inline="always", fastmath=True, error_model="numpy")
+def _max(sc, n):
+    """max(sc[:n]) in sixteen running maxima, which vectorize: a single running max is a chain of dependent
+    compares that LLVM leaves scalar (it took a third of the whole-block kernel below at 8-wide heads).
+    A maximum is exact in any order: the same value."""
+    full = n - n % 16
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = np.float32(-np.inf)
+    m8 = m9 = m10 = m11 = m12 = m13 = m14 = m15 = np.float32(-np.inf)
+    for s in range(0, full, 16):
+        m0, m1, m2, m3 = max(m0, sc[s]), max(m1, sc[s + 1]), max(m2, sc[s + 2]), max(m3, sc[s + 3])
+        m4, m5, m6, m7 = max(m4, sc[s + 4]), max(m5, sc[s + 5]), max(m6, sc[s + 6]), max(m7, sc[s + 7])
+        m8, m9, m10, m11 = max(m8, sc[s + 8]), max(m9, sc[s + 9]), max(m10, sc[s + 10]), max(m11, sc[s + 11])
+        m12, m13, m14, m15 = max(m12, sc[s + 12]), max(m13, sc[s + 13]), max(m14, sc[s + 14]), max(m15, sc[s + 15])
+    top = max(max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7))),
+              max(max(max(m8, m9), max(m10, m11)), max(max(m12, m13), max(m14, m15))))
+    for s in range(full, n):
+        top = max(top, sc[s])
+    return top
+
+
 @njit(nogil=True, parallel=True, cache=True, fastmath=True, error_model="numpy")
 def _tiles(q, kt, vf, pos, tile, out):
     T, H, hd = q.shape
@@ -79,9 +99,7 @@ def _tiles(q, kt, vf, pos, tile, out):
                     kd = K[d]
                     for s in range(n):
                         sc[s] += qd * kd[s]
-                top = np.float32(-np.inf)
-                for s in range(n):
-                    top = max(top, sc[s])
+                top = _max(sc, n)
                 total = np.float32(0.0)
                 for s in range(n):
                     e = exp_f32(sc[s] - top)
@@ -123,3 +141,90 @@ def attention_tiles(q: np.ndarray, keys: np.ndarray, values: np.ndarray, pos: in
     else:
         _float_kv(keys, values, k_scale, v_scale, n, kt, vf)
     _tiles(np.ascontiguousarray(q, dtype=np.float32), kt, vf, pos, ATTENTION_TILE, out)
+
+
+PAD = 64  # keys a whole-block kernel's loops run in multiples of (four 16-lane vectors: no scalar remainder)
+
+
+@njit(cache=True, inline="always", fastmath=True, error_model="numpy")
+def _scores_pair(qa, qb, K, hd, scale, m, sa, sb):
+    """sa[:m], sb[:m] = the scaled dot products of queries qa and qb with keys K[:, :m]: each load of K serves
+    both."""
+    for s in range(m):
+        sa[s] = 0.0
+        sb[s] = 0.0
+    for d in range(0, hd - 3, 4):
+        a0, a1, a2, a3 = qa[d] * scale, qa[d + 1] * scale, qa[d + 2] * scale, qa[d + 3] * scale
+        b0, b1, b2, b3 = qb[d] * scale, qb[d + 1] * scale, qb[d + 2] * scale, qb[d + 3] * scale
+        k0, k1, k2, k3 = K[d], K[d + 1], K[d + 2], K[d + 3]
+        for s in range(m):
+            x0, x1, x2, x3 = k0[s], k1[s], k2[s], k3[s]
+            sa[s] += (a0 * x0 + a1 * x1) + (a2 * x2 + a3 * x3)
+            sb[s] += (b0 * x0 + b1 * x1) + (b2 * x2 + b3 * x3)
+    for d in range(hd - hd % 4, hd):
+        a, b, kd = qa[d] * scale, qb[d] * scale, K[d]
+        for s in range(m):
+            sa[s] += a * kd[s]
+            sb[s] += b * kd[s]
+
+
+@njit(cache=True, inline="always", fastmath=True, error_model="numpy")
+def _exp_weights(sc, n, m):
+    """sc[:n] becomes e**(sc - max), sc[n:m] zero; returns 1 / their sum."""
+    top = _max(sc, n)
+    total = np.float32(0.0)
+    for s in range(m):
+        e = exp_f32(sc[s] - top) if s < n else np.float32(0.0)
+        sc[s] = e
+        total += e
+    return np.float32(1.0) / total
+
+
+@njit(nogil=True, parallel=True, cache=True, fastmath=True, error_model="numpy")
+def _causal_blocks(q, kt, vt, tile, out):
+    """q, out (heads, T, hd), a query head's rows; kt, vt (kv heads, hd, T padded to a multiple of PAD, zeros
+    after T), a KV head's keys and values transposed; query head h reads KV head h // (heads // kv heads).
+    Query t sees keys 0..t. Queries go two at a time (t, t + 1), sharing each load of a key and a value, and
+    every loop along the keys runs to a multiple of PAD, the weights past a query's own keys zero."""
+    H, T, hd = q.shape
+    group = H // kt.shape[0]
+    n_tiles = -(-T // tile)
+    scale = np.float32(1.0 / np.sqrt(hd))
+    for job in prange(H * n_tiles):
+        h, ti = _job(job, n_tiles)
+        K, V = kt[h // group], vt[h // group]
+        sa = np.empty(kt.shape[2], np.float32)
+        sb = np.empty(kt.shape[2], np.float32)
+        t1 = min(T, ti * tile + tile)
+        for t in range(ti * tile, t1, 2):
+            tb = t + 1 if t + 1 < t1 else t  # a tile's odd last query pairs with itself
+            m = -(-(tb + 1) // PAD) * PAD
+            _scores_pair(q[h, t], q[h, tb], K, hd, scale, m, sa, sb)
+            ia = _exp_weights(sa, t + 1, m)
+            ib = _exp_weights(sb, tb + 1, m)
+            for d in range(hd):  # a dot product along the keys per output: the sums vectorize across them
+                vd = V[d]
+                acc_a = np.float32(0.0)
+                acc_b = np.float32(0.0)
+                for s in range(m):
+                    acc_a += sa[s] * vd[s]
+                    acc_b += sb[s] * vd[s]
+                out[h, t, d] = acc_a * ia
+                out[h, tb, d] = acc_b * ib
+
+
+def causal_blocks(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Causal GQA over whole blocks, no cache: q (B, T, H, hd), k and v (B, T, n_kv, hd), float32; returns
+    (B, T, H·hd) float32. Query t of a block sees keys 0..t of its own block. The offline scale search runs
+    its judged attention through this on narrow heads (``edge_awq.offline.torch_ops.BlockAttention``), where
+    torch's flash kernel, whose inner products are a head wide, runs slower (docs/export-speed.md)."""
+    B, T, H, hd = q.shape
+    n_kv, padded = k.shape[2], -(-T // PAD) * PAD
+    qh = np.ascontiguousarray(q.transpose(0, 2, 1, 3), dtype=np.float32).reshape(B * H, T, hd)
+    kt = np.zeros((B * n_kv, hd, padded), np.float32)
+    vt = np.zeros((B * n_kv, hd, padded), np.float32)
+    kt[..., :T] = k.transpose(0, 2, 3, 1).reshape(B * n_kv, hd, T)
+    vt[..., :T] = v.transpose(0, 2, 3, 1).reshape(B * n_kv, hd, T)
+    out = np.empty((B * H, T, hd), np.float32)
+    _causal_blocks(qh, kt, vt, ATTENTION_TILE, out)
+    return out.reshape(B, H, T, hd).transpose(0, 2, 1, 3).reshape(B, T, H * hd)
