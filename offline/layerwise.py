@@ -185,9 +185,9 @@ def loss_for(group, lw, x_in, x_mid, feats, ctx, ops, gram: bool = True,
     (``output_error``) where chunked is False; its matrix products in dtype ("bfloat16": ``CastOps``; the
     reference through the same arithmetic); on a CPU, with heads at most ``BLOCK_ATTENTION_HEAD_DIM`` wide, the
     attention sub-block's attention through the numba kernel for whole blocks (``BlockAttention``; its
-    reference too). x_out: the FP layer's output on x_in from
-    ``record_inputs`` (x_mid being the attention's): where the judged sub-block runs torch's float32 arithmetic,
-    the chunked references are taken from these, not run again."""
+    reference too). x_out: the FP layer's output on x_in from ``record_inputs`` (x_mid being the attention's):
+    where the judged sub-block runs torch's float32 arithmetic, the chunked references are taken from these,
+    not run again."""
     x = feats[group.linears[0]]
     if group.inspect is None and gram and x.numel() // x.shape[-1] >= x.shape[-1]:
         return linear_error(group.linears, lw, x, gram_dtype)  # (the Gram matrix pays where tokens outnumber inputs)
