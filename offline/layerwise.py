@@ -204,8 +204,9 @@ def loss_for(group, lw, x_in, x_mid, feats, ctx, ops, gram: bool = True,
     parts = chunks(x_in, ctx)
     judges = [judge_for(group, x_in[part], x_mid[part], {k: v[part] for k, v in feats.items()}, ctx, ops)
               for part in parts]
-    # the references through the candidates' own arithmetic: the FP pass's outputs where that is torch's float32
-    recorded = {"attention": x_mid, "mlp": x_out}.get(group.inspect) if dtype == "float32" and not block_attention else None
+    # the references through the candidates' own arithmetic: the FP pass's outputs where that is the same
+    as_fp_pass = dtype == "float32" and not block_attention
+    recorded = {"attention": x_mid, "mlp": x_out}.get(group.inspect) if as_fp_pass else None
     return ChunkedError(judges, lw, None if recorded is None else [recorded[part] for part in parts])
 
 
