@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from edge_awq.backends.numba.isa import target_cpu
 from edge_awq.formats.eawq import linear_arrays
 from edge_awq.formats.load import inv_freq, read_layer
 from edge_awq.mixed import LinearFormat
@@ -170,10 +171,19 @@ def judge_for(group, x_in, x_mid, feats, ctx, ops) -> Callable[[LayerWeights], t
     return lambda t: torch.cat([ops.linear(feats[n], getattr(t, n)) for n in group.linears], dim=-1)
 
 
-# the widest heads whose judged attention the search runs through the numba kernel for whole blocks
-# (``BlockAttention``): at 8 wide 2.8 x torch's flash kernel, at 16 1.2 x (docs/export-speed.md); wider heads
-# keep torch's kernel, whose products then have a head's width to work with
+# where the search runs its judged attention through the numba kernel for whole blocks (``BlockAttention``):
+# heads at most this wide, on the CPUs (LLVM's names) where the kernel was measured faster than torch's flash
+# kernel. Zen 4: 2.8 x at 8 wide, 1.2 x at 16. Emerald Rapids (Xeon, family 6 model 207): 0.7 x at 8 wide, its
+# flash kernel twice as fast as Zen 4's and LLVM's vectors there 256 bits (docs/export-speed.md). Wider heads and
+# other CPUs keep torch's kernel.
 BLOCK_ATTENTION_HEAD_DIM = 16
+BLOCK_ATTENTION_CPUS = ("znver4",)
+
+
+def block_attention(group, x_in, ctx) -> bool:
+    """Whether the judged attention of group runs through ``BlockAttention`` (above)."""
+    return (group.inspect == "attention" and x_in.device.type == "cpu"
+            and ctx.args.head_dim <= BLOCK_ATTENTION_HEAD_DIM and target_cpu() in BLOCK_ATTENTION_CPUS)
 
 
 def loss_for(group, lw, x_in, x_mid, feats, ctx, ops, gram: bool = True,
@@ -183,8 +193,8 @@ def loss_for(group, lw, x_in, x_mid, feats, ctx, ops, gram: bool = True,
     (``linear_error``), unless gram is False; a sub-block by running it, a chunk of calibration blocks at a
     time (``ChunkedError``, which the search bounds; ``chunk_blocks`` sets the size), or on every block at once
     (``output_error``) where chunked is False; its matrix products in dtype ("bfloat16": ``CastOps``; the
-    reference through the same arithmetic); on a CPU, with heads at most ``BLOCK_ATTENTION_HEAD_DIM`` wide, the
-    attention sub-block's attention through the numba kernel for whole blocks (``BlockAttention``; its
+    reference through the same arithmetic); where ``block_attention`` says (narrow heads, on the CPUs listed),
+    the attention sub-block's attention through the numba kernel for whole blocks (``BlockAttention``; its
     reference too). x_out: the FP layer's output on x_in from ``record_inputs`` (x_mid being the attention's):
     where the judged sub-block runs torch's float32 arithmetic, the chunked references are taken from these,
     not run again."""
@@ -193,9 +203,8 @@ def loss_for(group, lw, x_in, x_mid, feats, ctx, ops, gram: bool = True,
         return linear_error(group.linears, lw, x, gram_dtype)  # (the Gram matrix pays where tokens outnumber inputs)
     if dtype != "float32":
         ops = CastOps(ops, getattr(torch, dtype))
-    block_attention = (group.inspect == "attention" and x_in.device.type == "cpu"
-                       and ctx.args.head_dim <= BLOCK_ATTENTION_HEAD_DIM)
-    if block_attention:
+    kernel = block_attention(group, x_in, ctx)
+    if kernel:
         ops = BlockAttention(ops)
     if not chunked:
         judge = judge_for(group, x_in, x_mid, feats, ctx, ops)
@@ -205,7 +214,7 @@ def loss_for(group, lw, x_in, x_mid, feats, ctx, ops, gram: bool = True,
     judges = [judge_for(group, x_in[part], x_mid[part], {k: v[part] for k, v in feats.items()}, ctx, ops)
               for part in parts]
     # the references through the candidates' own arithmetic: the FP pass's outputs where that is the same
-    as_fp_pass = dtype == "float32" and not block_attention
+    as_fp_pass = dtype == "float32" and not kernel
     recorded = {"attention": x_mid, "mlp": x_out}.get(group.inspect) if as_fp_pass else None
     return ChunkedError(judges, lw, None if recorded is None else [recorded[part] for part in parts])
 

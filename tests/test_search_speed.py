@@ -257,7 +257,8 @@ def test_block_attention_scores_and_chooses_as_torchs_kernel(real_layers, model,
     """The attention group judged through the numba kernel for whole blocks (``BlockAttention``, references
     included) against torch's flash kernel with the recorded references: every candidate's loss within float
     rounding of the other's, and the same α and scales at 4 and 3 bits, on real layers of both models
-    (SmolLM2's 64-wide heads keep torch's kernel in an export; here the kernel is made to take them)."""
+    (SmolLM2's 64-wide heads, and any CPU not listed, keep torch's kernel in an export; here the kernel is made
+    to take them)."""
     lw, x, ctx = real_layers[model]
     gs = 4 if model == "stories260K" else 64
     g = next(g for g in SCALE_GROUPS if g.inspect == "attention")
@@ -265,8 +266,10 @@ def test_block_attention_scores_and_chooses_as_torchs_kernel(real_layers, model,
         feats, x_mid, x_out = record_inputs(lw, x, ctx, ops)
         default = loss_for(g, lw, x, x_mid, feats, ctx, ops, x_out=x_out)
         first = default.references[0]  # the recorded output where torch's kernel judges, else the kernel's
-        assert torch.equal(first, x_mid[: first.shape[0]]) == (model == "SmolLM2")
+        kernel_here = model == "stories260K" and layerwise.target_cpu() in layerwise.BLOCK_ATTENTION_CPUS
+        assert torch.equal(first, x_mid[: first.shape[0]]) != kernel_here
         monkeypatch.setattr(layerwise, "BLOCK_ATTENTION_HEAD_DIM", 64)
+        monkeypatch.setattr(layerwise, "BLOCK_ATTENTION_CPUS", (layerwise.target_cpu(),))
         fast = loss_for(g, lw, x, x_mid, feats, ctx, ops, x_out=x_out)
         with monkeypatch.context() as m:
             m.setattr(layerwise, "BlockAttention", lambda inner: inner)
@@ -282,6 +285,45 @@ def test_block_attention_scores_and_chooses_as_torchs_kernel(real_layers, model,
                 assert mine == pytest.approx(theirs, rel=1e-4) and mine != theirs
             a, b = (search_scales(g, lw, x_g, loss, bits, gs) for loss in (fast, flash))
             assert (a.ratio, a.scales) == (b.ratio, b.scales) and a.loss == pytest.approx(b.loss, rel=1e-4)
+
+
+def test_block_attention_runs_on_the_cpus_listed_and_leaves_the_file(stories_path, tmp_path, monkeypatch):
+    """The numba kernel judges the attention group only for narrow heads on the CPUs listed (by LLVM's name);
+    forced on this CPU, the stories260K export at 4 and 3 bits is byte-identical to torch's kernel's."""
+    from edge_awq.offline import quantize
+    from edge_awq.offline.torch_ops import BlockAttention
+
+    attn, mlp_group = (next(g for g in SCALE_GROUPS if g.inspect == kind) for kind in ("attention", "mlp"))
+
+    class Ctx:
+        class args:
+            head_dim = 8
+
+    x = torch.zeros(1)
+    for cpu, head_dim, group, want in [("znver4", 8, attn, True), ("znver4", 16, attn, True),
+                                       ("znver4", 64, attn, False), ("znver4", 8, mlp_group, False),
+                                       ("emeraldrapids", 8, attn, False), ("neoverse-v1", 8, attn, False)]:
+        monkeypatch.setattr(layerwise, "target_cpu", lambda _c=cpu: _c)
+        Ctx.args.head_dim = head_dim
+        assert layerwise.block_attention(group, x, Ctx) == want
+    monkeypatch.undo()
+
+    calls = []
+
+    def counted(inner):
+        calls.append(1)
+        return BlockAttention(inner)
+
+    monkeypatch.setattr(layerwise, "BlockAttention", counted)
+    for bits in (4, 3):
+        files = {}
+        for name, cpus in (("kernel", (layerwise.target_cpu(),)), ("torch", ())):
+            files[name] = tmp_path / f"{name}{bits}.eawq"
+            monkeypatch.setattr(layerwise, "BLOCK_ATTENTION_CPUS", cpus)
+            before = len(calls)
+            quantize(stories_path, SHAKESPEARE, files[name], bits=bits, group_size="channel", n_samples=8, seqlen=256)
+            assert (len(calls) > before) == (name == "kernel")
+        assert files["kernel"].read_bytes() == files["torch"].read_bytes()
 
 
 def test_chunks_are_whole_blocks_sized_by_the_work():

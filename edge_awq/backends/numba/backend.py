@@ -27,14 +27,11 @@ DEFAULT_ACTIVATIONS = "int8"  # measured (README "Speed"): +0.18 % perplexity de
 def _isa(activations: str) -> str:
     """The instruction set the packed linears' inner loops use: the integer kernels' (isa.py), or, for
     int16, what LLVM vectorizes for this CPU."""
-    from edge_awq.backends.numba.isa import ISA
+    from edge_awq.backends.numba.isa import ISA, target_cpu
 
     if activations == "int8" and ISA != "none":
         return ISA
-    import numba
-    from llvmlite import binding
-
-    return f"vectorized for {numba.config.CPU_NAME or binding.get_host_cpu_name()}"
+    return f"vectorized for {target_cpu()}"
 
 
 def _f32(a) -> np.ndarray:

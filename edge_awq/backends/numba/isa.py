@@ -38,6 +38,19 @@ def cpu_features() -> dict[str, bool]:
         return {}
 
 
+def target_cpu() -> str:
+    """The CPU LLVM compiles numba's kernels for, by LLVM's name (znver4, emeraldrapids, neoverse-v1, ...):
+    ``NUMBA_CPU_NAME`` where set, else the host's."""
+    if os.environ.get("NUMBA_CPU_NAME"):
+        return os.environ["NUMBA_CPU_NAME"]
+    try:
+        from llvmlite import binding
+
+        return binding.get_host_cpu_name()
+    except Exception:
+        return "generic"
+
+
 def detect(features: dict[str, bool], forced: str | None = None) -> str:
     """The best instruction set the features allow, or the forced one (which must be allowed, or be
     named for an emulated target: NUMBA_CPU_NAME set)."""
