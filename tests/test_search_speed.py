@@ -326,55 +326,6 @@ def test_block_attention_runs_on_the_cpus_listed_and_leaves_the_file(stories_pat
         assert files["kernel"].read_bytes() == files["torch"].read_bytes()
 
 
-@pytest.mark.parametrize("model", ["stories260K", "SmolLM2"])
-def test_clip_from_grams_scores_and_chooses_as_the_direct_search(real_layers, model, monkeypatch):
-    """The clip search scored from each group's Gram matrix against the direct partial products, on the real
-    inputs of every clipped linear: errors within float rounding, the same limits at 4 and 3 bits and at three
-    group sizes (per channel among them), and the same again with the rows in several batches."""
-    from edge_awq.model import LINEARS, NO_CLIP
-    from edge_awq.offline import clip
-
-    lw, x, ctx = real_layers[model]
-    with torch.inference_mode():
-        feats, _, _ = record_inputs(lw, x, ctx, ops)
-        for name in (n for n in LINEARS if n not in NO_CLIP):
-            w = getattr(lw, name).weight
-            for gs in (4 if model == "stories260K" else 64, 32, w.shape[1]):
-                if gs >= 512 or w.shape[1] % gs:
-                    continue  # groups wider than the tokens keep the direct scoring
-                G = w.shape[1] // gs
-                xs = clip.sample_tokens(feats[name], 512).reshape(1, -1, G, gs)
-                wg = w.reshape(-1, 1, G, gs)
-                limits = wg.abs().amax(-1, keepdim=True) * 0.85
-                direct = clip.group_errors(wg, xs, limits, 4, gs, clip.partial_dots(xs, wg))
-                from_grams = clip.gram_errors(wg, clip.group_grams(xs), xs.shape[1], limits, 4, gs)
-                assert from_grams.dtype == torch.float64 and not torch.equal(from_grams.float(), direct)
-                torch.testing.assert_close(from_grams.float(), direct, rtol=1e-4, atol=1e-12)
-                for bits in (4, 3):
-                    want = clip.search_clip(w, feats[name], bits, gs, gram=False)
-                    assert torch.equal(clip.search_clip(w, feats[name], bits, gs), want)
-                    with monkeypatch.context() as m:
-                        m.setattr(clip, "GRAM_BATCH", 7 * w.shape[1])  # seven rows a batch
-                        assert torch.equal(clip.search_clip(w, feats[name], bits, gs, gram=True), want)
-
-
-def test_clip_from_grams_leaves_the_file(stories_path, tmp_path, monkeypatch):
-    """End to end: stories260K exported with the clip search scored from Gram matrices and directly,
-    byte-identical files at 4 and 3 bits."""
-    from edge_awq.offline import clip, quantize
-
-    direct = lambda *a, **k: clip.search_clip(*a, **k, gram=False)  # noqa: E731
-    for bits in (4, 3):
-        files = {}
-        for name in ("grams", "direct"):
-            files[name] = tmp_path / f"{name}{bits}.eawq"
-            with monkeypatch.context() as m:
-                if name == "direct":
-                    m.setattr(layerwise, "search_clip", direct)
-                quantize(stories_path, SHAKESPEARE, files[name], bits=bits, group_size="channel", n_samples=8, seqlen=256)
-        assert files["grams"].read_bytes() == files["direct"].read_bytes()
-
-
 def test_chunks_are_whole_blocks_sized_by_the_work():
     from edge_awq.offline.layerwise import chunk_blocks
 
