@@ -100,8 +100,9 @@ class BlockAttention:
     """Wraps ops so that attention runs through the numba kernel for whole causal blocks
     (``edge_awq.backends.numba.attention.causal_blocks``) instead of torch's flash kernel, on CPU float32
     tensors. The scale search runs its judged attention sub-block through this where heads are narrow
-    (``layerwise.BLOCK_ATTENTION_HEAD_DIM``): with stories260K's 8-wide heads the flash kernel's inner products
-    are 8 long, it ran at 2.7 GFLOP/s and took most of that model's search (docs/export-speed.md). The
+    (``layerwise.BLOCK_ATTENTION_HEAD_DIM``), on the CPUs where it was measured faster than torch's kernel
+    (``layerwise.BLOCK_ATTENTION_CPUS``): with stories260K's 8-wide heads on a Zen 4 the flash kernel's inner
+    products are 8 long, it ran at 2.7 GFLOP/s and took most of that model's search (docs/export-speed.md). The
     arithmetic is float32 in another order (the softmax's exponential within 4e-7): a candidate's loss moves
     by float rounding, to which the search's choices are tested to be indifferent; the FP pass and the
     propagation keep torch's kernel, so the statistics and the next layer's input do not change."""

@@ -216,8 +216,9 @@ def _causal_blocks(q, kt, vt, tile, out):
 def causal_blocks(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Causal GQA over whole blocks, no cache: q (B, T, H, hd), k and v (B, T, n_kv, hd), float32; returns
     (B, T, H·hd) float32. Query t of a block sees keys 0..t of its own block. The offline scale search runs
-    its judged attention through this on narrow heads (``edge_awq.offline.torch_ops.BlockAttention``), where
-    torch's flash kernel, whose inner products are a head wide, runs slower (docs/export-speed.md)."""
+    its judged attention through this on narrow heads (``edge_awq.offline.torch_ops.BlockAttention``) on the
+    CPUs where torch's flash kernel, whose inner products are a head wide, was measured slower: a Zen 4, not an
+    Emerald Rapids Xeon (docs/export-speed.md)."""
     B, T, H, hd = q.shape
     n_kv, padded = k.shape[2], -(-T // PAD) * PAD
     qh = np.ascontiguousarray(q.transpose(0, 2, 1, 3), dtype=np.float32).reshape(B * H, T, hd)
