@@ -303,10 +303,10 @@ def test_block_attention_runs_on_the_cpus_listed_and_leaves_the_file(stories_pat
     for cpu, head_dim, group, want in [("znver4", 8, attn, True), ("znver4", 16, attn, True),
                                        ("znver4", 64, attn, False), ("znver4", 8, mlp_group, False),
                                        ("emeraldrapids", 8, attn, False), ("neoverse-v1", 8, attn, False)]:
-        monkeypatch.setattr(layerwise, "target_cpu", lambda _c=cpu: _c)
-        Ctx.args.head_dim = head_dim
-        assert layerwise.block_attention(group, x, Ctx) == want
-    monkeypatch.undo()
+        with monkeypatch.context() as m:
+            m.setattr(layerwise, "target_cpu", lambda _c=cpu: _c)
+            Ctx.args.head_dim = head_dim
+            assert layerwise.block_attention(group, x, Ctx) == want
 
     calls = []
 
