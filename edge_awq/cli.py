@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"edge-awq {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:  # a signal between a temporary's creation and its writer's with-block: no __exit__ removed it
+        atomic.remove_temporaries()
 
 
 if __name__ == "__main__":

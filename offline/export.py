@@ -225,18 +225,18 @@ def quantize(source, calib_text, out, *, format: str = "eawq", bits: int = 4, gr
 
 def _export_directory(args, src, t_start: float, progress) -> dict:
     """Quantize into a temporary .eawq beside the output, then write it in the asked layout."""
-    import os
-
+    from edge_awq.formats import atomic
     from edge_awq.formats.eawq import EawqSource
     from edge_awq.formats.interop import write_directory
 
-    tmp = args.output.with_name(f".{args.output.name}.tmp-{os.getpid()}.eawq")  # swept like the writers' own
+    tmp = atomic.temporary(args.output, ".eawq")  # swept like the writers' own
     float_head = argparse.Namespace(**{**vars(args), "head": "fp16"})  # neither layout carries a packed head
     try:
         info = _export_eawq(float_head, src, tmp, t_start, progress)
         write_directory(EawqSource(tmp), args.output, args.format)
     finally:
         tmp.unlink(missing_ok=True)
+        atomic.release(tmp)
     from edge_awq.formats.eawq import stored_bits_per_weight
     from edge_awq.formats.sources.hf import HFSource
 

@@ -242,6 +242,35 @@ def test_terminated_export_leaves_nothing_and_says_so(stories_path, tmp_path, si
     assert list(tmp_path.iterdir()) == []
 
 
+_SIGNAL_AFTER_CREATE = """
+import builtins, sys
+from edge_awq.formats import atomic, eawq, hf_writer
+
+def signalled(*a, **k):  # the signal lands just after the temporary was created, before any with-block
+    raise atomic.Terminated(15)
+
+if sys.argv[1] == "file":
+    eawq.open = lambda *a, **k: (builtins.open(*a, **k), signalled())[0]
+else:
+    hf_writer._cut = signalled  # called after the temporary directory was made
+from edge_awq.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("fmt", ["eawq", "compressed-tensors"])
+def test_signal_before_the_writer_is_entered_leaves_nothing(stories_path, tmp_path, fmt):
+    """A SIGTERM in the moment after the temporary appeared and before the writer's with-block (CI saw it once)
+    left the temporary: no __exit__ ran to remove it."""
+    out = tmp_path / ("x.eawq" if fmt == "eawq" else "x")
+    argv = _export_cmd(stories_path, out, "--method", "rtn", "--group-size", "channel", "--n-samples", 1,
+                       "--seqlen", 64, "--format", fmt)[3:]
+    r = subprocess.run([sys.executable, "-c", _SIGNAL_AFTER_CREATE, "file" if fmt == "eawq" else "dir", *argv],
+                       capture_output=True, text=True)
+    assert r.returncode == 128 + 15 and "SIGTERM" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_stale_temporary_of_a_killed_export_is_swept(stories_path, tmp_path):
     p = subprocess.Popen(_export_cmd(stories_path, tmp_path / "x.eawq", "--group-size", "channel", "--n-samples", 64),
                          stderr=subprocess.DEVNULL)

@@ -3,8 +3,12 @@ into an exception that every writer's cleanup sees.
 
 A writer (``format.EawqWriter``, ``hf_writer.HFDirWriter``) writes ``.NAME.tmp-PID`` beside NAME, fsyncs and
 renames. Its ``__exit__`` removes the temporary on any exception, including ``Terminated``, which
-``terminate_on_signals`` raises on SIGTERM and SIGHUP. A run killed outright (SIGKILL, power loss) leaves its
-temporary behind; the next writer to the same NAME removes those whose process is gone (``sweep_stale``).
+``terminate_on_signals`` raises on SIGTERM and SIGHUP. A signal can also land where no ``__exit__`` runs: after
+``open`` created the temporary but before the writer was built or its with-block entered. So every temporary name is
+recorded by ``temporary`` before the file exists and forgotten by ``release`` once renamed or removed; the CLI calls
+``remove_temporaries`` as it unwinds, which removes whatever is still recorded. A run killed outright (SIGKILL, power
+loss) leaves its temporary behind; the next writer to the same NAME removes those whose process is gone
+(``sweep_stale``).
 """
 
 from __future__ import annotations
@@ -43,9 +47,33 @@ def terminate_on_signals() -> None:
         signal.signal(sig, _raise)
 
 
-def temporary(path: Path) -> Path:
-    """This process's temporary name for path."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+_pending: set[Path] = set()  # temporaries named by this process and not yet renamed or removed
+
+
+def temporary(path: Path, suffix: str = "") -> Path:
+    """This process's temporary name for path, recorded until ``release``: create it only after this returns."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+    _pending.add(tmp)
+    return tmp
+
+
+def release(tmp: Path) -> None:
+    """tmp was renamed into place or removed by its writer: nothing is left to clean up."""
+    _pending.discard(tmp)
+
+
+def remove_temporaries() -> list[Path]:
+    """Remove every temporary still recorded (a run unwinding from a signal or an error); returns those that existed."""
+    removed = []
+    for tmp in sorted(_pending, key=lambda p: -len(p.parts)):  # a file inside a temporary directory first
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+        elif tmp.exists() or tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+        _pending.discard(tmp)
+    return removed
 
 
 def _alive(pid: int) -> bool:
@@ -100,6 +128,8 @@ def write_text(path: Path, text: str) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise write_error(path, e) from None
+    finally:
+        release(tmp)
 
 
 def write_error(path: Path, e: OSError) -> InputError:

@@ -66,6 +66,7 @@ class EawqWriter:
         try:
             self._f = open(self._tmp, "wb")
         except OSError as e:
+            atomic.release(self._tmp)
             raise InputError(f"cannot write {self.path}: {e.strerror}; choose another output path") from None
         try:
             self._write(b"\0" * (8 + self._header_len))
@@ -109,6 +110,7 @@ class EawqWriter:
         except OSError as e:
             raise atomic.write_error(self.path, e) from None
         os.replace(self._tmp, self.path)
+        atomic.release(self._tmp)
         dir_fd = os.open(self.path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -123,6 +125,7 @@ class EawqWriter:
         except OSError:
             pass
         self._tmp.unlink(missing_ok=True)
+        atomic.release(self._tmp)
 
     def __enter__(self):
         return self

@@ -78,6 +78,7 @@ class HFDirWriter:
         try:
             self._tmp.mkdir(parents=False)
         except OSError as e:
+            atomic.release(self._tmp)
             raise InputError(f"cannot write {self.path}: {e.strerror}; choose another output path") from None
         self._specs = [(name, np.dtype(dt), tuple(int(d) for d in shape)) for name, dt, shape in specs]
         self._shards = _cut(self._specs, max_shard_bytes)
@@ -151,6 +152,7 @@ class HFDirWriter:
         except OSError as e:
             raise atomic.write_error(self.path, e) from None
         os.replace(self._tmp, self.path)
+        atomic.release(self._tmp)
         _fsync(self.path.parent)
         return self.path
 
@@ -161,6 +163,7 @@ class HFDirWriter:
         except OSError:  # the disk is still full: the directory goes all the same
             pass
         shutil.rmtree(self._tmp, ignore_errors=True)
+        atomic.release(self._tmp)
 
     def __enter__(self):
         return self
