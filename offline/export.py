@@ -235,8 +235,7 @@ def _export_directory(args, src, t_start: float, progress) -> dict:
         info = _export_eawq(float_head, src, tmp, t_start, progress)
         write_directory(EawqSource(tmp), args.output, args.format)
     finally:
-        tmp.unlink(missing_ok=True)
-        atomic.release(tmp)
+        atomic.remove(tmp)
     from edge_awq.formats.eawq import stored_bits_per_weight
     from edge_awq.formats.sources.hf import HFSource
 

@@ -62,18 +62,16 @@ def release(tmp: Path) -> None:
     _pending.discard(tmp)
 
 
-def remove_temporaries() -> list[Path]:
-    """Remove every temporary still recorded (a run unwinding from a signal or an error); returns those that existed."""
-    removed = []
-    for tmp in sorted(_pending, key=lambda p: -len(p.parts)):  # a file inside a temporary directory first
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp)
-        elif tmp.exists() or tmp.is_symlink():
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-        _pending.discard(tmp)
-    return removed
+def remove(tmp: Path) -> None:
+    """Remove a temporary (a file or a directory, if it exists) and forget it."""
+    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    release(tmp)
+
+
+def remove_temporaries() -> None:
+    """Remove every temporary still recorded (a run unwinding from a signal or an error)."""
+    for tmp in list(_pending):
+        remove(tmp)
 
 
 def _alive(pid: int) -> bool:
@@ -97,7 +95,7 @@ def sweep_stale(path: Path) -> list[Path]:
     for p in entries:
         m = pattern.match(p.name)
         if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            remove(p)
             log.warning("removed %s, left by an earlier run that was stopped before it finished", p)
             removed.append(p)
     return removed
@@ -126,10 +124,9 @@ def write_text(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        remove(tmp)
         raise write_error(path, e) from None
-    finally:
-        release(tmp)
+    release(tmp)
 
 
 def write_error(path: Path, e: OSError) -> InputError:

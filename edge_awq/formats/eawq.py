@@ -124,8 +124,7 @@ class EawqWriter:
             self._f.close()
         except OSError:
             pass
-        self._tmp.unlink(missing_ok=True)
-        atomic.release(self._tmp)
+        atomic.remove(self._tmp)
 
     def __enter__(self):
         return self

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -162,8 +161,7 @@ class HFDirWriter:
                 self._file.close()
         except OSError:  # the disk is still full: the directory goes all the same
             pass
-        shutil.rmtree(self._tmp, ignore_errors=True)
-        atomic.release(self._tmp)
+        atomic.remove(self._tmp)
 
     def __enter__(self):
         return self
