@@ -1,5 +1,6 @@
 """Shared fixtures: the real models and texts of ../shared, never downloaded."""
 
+import atexit
 import importlib.util
 import json
 import os
@@ -176,8 +177,11 @@ def autoawq():
     return mods
 
 
-# Files the tests check are remembered in a cache of their own, not the developer's (edge_awq.formats.integrity).
-os.environ.setdefault("EDGE_AWQ_CACHE", tempfile.mkdtemp(prefix="edge-awq-test-cache-"))
+# Files the tests check are remembered in a cache of their own, not the developer's (edge_awq.formats.integrity),
+# made for this run and removed after it.
+if "EDGE_AWQ_CACHE" not in os.environ:
+    os.environ["EDGE_AWQ_CACHE"] = _TEST_CACHE = tempfile.mkdtemp(prefix="edge-awq-test-cache-")
+    atexit.register(shutil.rmtree, _TEST_CACHE, ignore_errors=True)
 # Nothing is downloaded at run time: transformers and huggingface_hub never ask the Hub (no waiting on a
 # network that a runner may drop rather than refuse).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
