@@ -113,11 +113,7 @@ def _lowest_priority() -> None:
     (autogroup), a task's nice value only weighs within its session: the group's own nice is set too. Without
     it the emulation took half the machine, and torch's two threads on the other half ran the export tests
     ten times slower (test_search_speed.py: 54 s alone, 640 s beside the emulation)."""
-    os.nice(19)
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # inherited by the emulated checks
-    except (AttributeError, OSError):
-        pass
+    os.nice(19)  # inherited by the emulated checks
     try:
         Path("/proc/self/autogroup").write_text("19")
     except OSError:  # no autogroup here: the nice value above is enough
