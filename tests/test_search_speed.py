@@ -101,6 +101,27 @@ def test_norm_computed_once_gives_the_same_bits(real_layers, model):
         assert len(memo._memo) == 2  # one norm of each input, computed once
 
 
+@pytest.mark.parametrize("model", ["stories260K", "SmolLM2"])
+def test_silu_mul_in_place_gives_the_same_bits(real_layers, model):
+    """The MLP's SiLU and product written into the gate's storage: the same bits as two new tensors, on the
+    real layer's gate and up and on shapes whose lengths leave a vector kernel's scalar tail."""
+    import torch.nn.functional as F
+
+    lw, x, ctx = real_layers[model]
+    with torch.inference_mode():
+        _, x_mid, _ = record_inputs(lw, x, ctx, ops)
+        h = ops.rmsnorm(x_mid, lw.ffn_norm, ctx.args.norm_eps)
+        pairs = [ops.linears(h, (lw.w1, lw.w3))]
+        gen = torch.Generator().manual_seed(3)
+        pairs += [(torch.randn(shape, generator=gen) * 6, torch.randn(shape, generator=gen))
+                  for shape in ((3, 37, 173), (1, 1, 17), (5, 4099))]
+        for gate, up in pairs:
+            expected = F.silu(gate) * up
+            got = ops.silu_mul(gate.clone(), up)
+            assert got.dtype == expected.dtype and torch.equal(got, expected)
+            assert not torch.equal(got, gate)  # gate is read, not returned unchanged
+
+
 def test_export_file_equals_the_direct_searchs(stories_path, tmp_path, monkeypatch):
     """End to end: stories260K exported with the fast search and with the direct one (the search before the
     change): byte-identical files, 4 and 3 bits."""
