@@ -55,7 +55,7 @@ class TorchOps:
     def silu_mul(self, gate, up):
         """SiLU(gate) · up in gate's storage: gate is a linear's fresh output that nothing else reads. The same
         element-wise kernels as ``F.silu(gate) * up``, bit for bit, without two new (T, hidden) tensors a call,
-        whose pages the search faulted in again for every candidate (SmolLM2's MLP: 1.5 of 2.6 ms saved)."""
+        whose pages the search faulted in again for every candidate (SmolLM2's MLP, a block: 1.2-1.6 ms → 0.5-0.6)."""
         return F.silu(gate, inplace=True).mul_(up)
 
 
