@@ -166,7 +166,7 @@ def mlp(lw: LayerWeights, x, w: ModelWeights, ops):
     """SwiGLU feed-forward sub-block with its residual: x (..., T, dim) -> (..., T, dim)."""
     h = ops.rmsnorm(x, lw.ffn_norm, w.args.norm_eps)
     gate, up = ops.linears(h, (lw.w1, lw.w3))
-    return x + ops.linear(ops.silu_mul(gate, up), lw.w2)
+    return x + ops.linear(ops.silu_mul(gate, up), lw.w2)  # silu_mul may write into gate (the torch ops do)
 
 
 def block(lw: LayerWeights, x, pos: int, cache: KVCache | None, layer: int, w: ModelWeights, ops):
